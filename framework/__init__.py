@@ -1,0 +1,41 @@
+"""torch-teleport: teleport neural networks along the loss level set of a batch.
+
+The core defines the interfaces (:class:`Projector`, :class:`NullSpace`,
+:class:`Objective`, :class:`Schedule`), the plugin hooks and the engine
+(:class:`Teleporter`); every concrete projector, objective, null space,
+schedule, model and dataset is a plugin.
+"""
+
+from .hookspecs import hookimpl
+from .null_space import CoreBasis, NullSpace
+from .objective import Batch, Evaluation, Objective
+from .projector import Projector, Site
+from .registry import Registry, UnknownPluginError, build_registry, default_registry
+from .report import LayerReport, TeleportReport
+from .schedule import Schedule, TeleportPlan
+
+# The engine and trainer import the interfaces above; keep them last.
+from .engine import Teleporter  # noqa: E402
+from .training import TeleportTrainer  # noqa: E402
+
+__all__ = [
+    "Batch",
+    "CoreBasis",
+    "Evaluation",
+    "LayerReport",
+    "NullSpace",
+    "Objective",
+    "Projector",
+    "Registry",
+    "Schedule",
+    "Site",
+    "TeleportPlan",
+    "TeleportReport",
+    "TeleportTrainer",
+    "Teleporter",
+    "UnknownPluginError",
+    "build_registry",
+    "default_registry",
+    "hookimpl",
+]
+__version__ = "0.1.0"

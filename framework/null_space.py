@@ -1,0 +1,142 @@
+"""The null-space interface: from a representation matrix to a basis of its core space.
+
+A :class:`NullSpace` decides how many leading singular directions of a
+layer's representation form the *core* space (the span the update must
+avoid); :class:`CoreBasis` applies the projection ``G - G B B^T``.
+
+The spectrum is computed in float64 (a float32 basis would leave a residue
+of ``eps * cond(R)`` of every update in the core space), by the cheapest
+route for the shape:
+
+* thin SVD of ``R`` (``d x N``) when there are fewer than twice as many
+  samples as input dimensions;
+* otherwise the eigendecomposition of the ``d x d`` Gram matrix ``R R^T``;
+  in float64 it resolves singular values down to ``1e-8 sigma_max``, below
+  float32 resolution.
+
+No dense ``d x d`` projector is ever formed; when the Gram route yields the
+whole eigenbasis and the null space is the smaller side, the projection is
+applied through the null-space vectors instead (``G N N^T``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+GRAM_ROUTE_RATIO = 2
+"""Use the Gram route when ``samples >= GRAM_ROUTE_RATIO * dims`` (float32 and below)."""
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """Singular directions of a batch of representations, strongest first."""
+
+    vectors: Tensor  # (groups, dims, m) orthonormal columns
+    squared: Tensor  # (groups, m) squared singular values, descending
+    complete: bool  # vectors span the whole input space (m == dims)
+    samples: int
+    dtype: torch.dtype = torch.float64  # of the representation: sets the rank tolerance
+
+    @property
+    def dims(self) -> int:
+        return self.vectors.shape[1]
+
+    def rank_tolerance(self) -> Tensor:
+        """Squared-singular-value threshold of the numerical rank, per group.
+
+        ``sigma_i`` counts when ``sigma_i > sigma_max * max(dims, samples) * eps``
+        (the NumPy ``matrix_rank`` convention) with ``eps`` of the
+        representation's dtype.
+        """
+        eps = torch.finfo(self.dtype).eps
+        scale = max(self.dims, self.samples) * eps
+        return self.squared[:, :1] * scale**2 if self.squared.shape[1] else self.squared
+
+
+def spectrum(representation: Tensor) -> Spectrum:
+    """The spectrum of ``representation`` (``groups x dims x samples``) by the cheapest accurate route."""
+    if representation.dim() != 3:
+        raise ValueError(f"representation must be (groups, dims, samples), got shape {tuple(representation.shape)}")
+    if not torch.isfinite(representation).all():
+        raise ValueError("representation contains non-finite values")
+    _, dims, samples = representation.shape
+    wide = representation.double()
+    if samples >= GRAM_ROUTE_RATIO * dims:
+        values, vectors = torch.linalg.eigh(wide @ wide.transpose(-1, -2))
+        return Spectrum(vectors.flip(-1), values.flip(-1).clamp_min(0), True, samples, representation.dtype)
+    vectors, singular, _ = torch.linalg.svd(wide, full_matrices=False)
+    return Spectrum(vectors, singular.square(), samples >= dims, samples, representation.dtype)
+
+
+@dataclass(frozen=True)
+class CoreBasis:
+    """An orthonormal basis of one site's core space, per group, and its projection.
+
+    ``vectors`` holds the core basis, or the null-space basis when
+    ``spans_null_space`` is true (whichever side is smaller). Groups of lower
+    rank are padded with zero columns, which leave the projection exact.
+    """
+
+    vectors: Tensor  # (groups, dims, k)
+    ranks: tuple[int, ...]
+    input_dim: int
+    spans_null_space: bool = False
+
+    @property
+    def null_dim(self) -> int:
+        return sum(self.input_dim - rank for rank in self.ranks)
+
+    def project(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Project ``[weight | bias]`` (``groups x rows x inputs``) onto the null space.
+
+        Applied twice: when most of the update lies in the core space (the
+        common case), one pass leaves a rounding residue of ``eps * ||G||`` in
+        it; the second pass cuts that to ``eps`` of what is left.
+        """
+        return self._project_once(*self._project_once(weight, bias))
+
+    def _project_once(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        vectors = self.vectors.to(weight.dtype)
+        inputs = weight.shape[-1]
+        on_weight, on_bias = vectors[:, :inputs], vectors[:, inputs:]
+        coefficients = weight @ on_weight
+        if bias is not None:
+            coefficients = coefficients + bias @ on_bias
+        weight_part = coefficients @ on_weight.transpose(-1, -2)
+        bias_part = coefficients @ on_bias.transpose(-1, -2) if bias is not None else None
+        if self.spans_null_space:
+            return weight_part, bias_part
+        return weight - weight_part, (bias - bias_part if bias is not None else None)
+
+
+class NullSpace(ABC):
+    """Base class of null-space builders: subclasses choose the core rank per group."""
+
+    def __init__(self, tau: float = 1.0) -> None:
+        if not 0.0 < float(tau) <= 1.0:
+            raise ValueError(f"tau must lie in (0, 1], got {tau!r}")
+        self.tau = float(tau)
+
+    @abstractmethod
+    def core_rank(self, spectrum: Spectrum) -> Tensor:
+        """How many leading directions form the core space, per group (int tensor)."""
+
+    def basis(self, representation: Tensor) -> CoreBasis:
+        """The core basis of ``representation`` (``groups x dims x samples``)."""
+        spec = spectrum(representation)
+        ranks = self.core_rank(spec).clamp(0, spec.dims)
+        rank_list = tuple(int(r) for r in ranks)
+        max_rank = max(rank_list, default=0)
+        null_max = spec.dims - min(rank_list, default=0)
+        columns = torch.arange(spec.vectors.shape[-1], device=spec.vectors.device)
+        if spec.complete and null_max < max_rank:
+            keep = columns[None, :] >= ranks[:, None].to(columns.device)
+            vectors = (spec.vectors * keep[:, None, :])[..., spec.dims - null_max :]
+            return CoreBasis(vectors, rank_list, spec.dims, spans_null_space=True)
+        keep = columns[None, :] < ranks[:, None].to(columns.device)
+        vectors = (spec.vectors * keep[:, None, :])[..., :max_rank]
+        return CoreBasis(vectors, rank_list, spec.dims)

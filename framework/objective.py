@@ -1,0 +1,69 @@
+"""The objective interface: the differentiable scalar a teleport climbs or descends."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class Batch:
+    """What an objective may look at: the model, its loss and the teleport batch.
+
+    ``parameters`` are the trainable parameters (the gradient norm is taken
+    over all of them, also those the teleport cannot move).
+    """
+
+    model: nn.Module
+    loss_fn: LossFn
+    inputs: Tensor
+    targets: Tensor
+    parameters: Sequence[nn.Parameter]
+
+    def loss(self) -> Tensor:
+        """The primary loss on the teleport batch, as a scalar tensor with graph."""
+        loss = self.loss_fn(self.model(self.inputs), self.targets)
+        if not hasattr(loss, "dim") or loss.dim() != 0:
+            shape = tuple(loss.shape) if hasattr(loss, "shape") else type(loss).__name__
+            raise ValueError(f"loss_fn must return a scalar tensor, got {shape}")
+        return loss
+
+
+@dataclass
+class Evaluation:
+    """One evaluation of an objective.
+
+    ``value`` carries the graph the engine differentiates; ``loss`` is the
+    primary batch loss; ``grad_norm`` is filled in when the objective gets it
+    for free (the engine computes it otherwise).
+    """
+
+    value: Tensor
+    loss: Tensor
+    grad_norm: Tensor | None = None
+
+
+class Objective(ABC):
+    """Base class of teleport objectives.
+
+    ``ascend`` says whether the teleport maximises (``True``) or minimises
+    the objective; each objective has a default and accepts
+    ``direction="ascend" | "descend"``.
+    """
+
+    default_direction = "ascend"
+
+    def __init__(self, direction: str | None = None) -> None:
+        direction = direction or self.default_direction
+        if direction not in ("ascend", "descend"):
+            raise ValueError(f"direction must be 'ascend' or 'descend', got {direction!r}")
+        self.ascend = direction == "ascend"
+
+    @abstractmethod
+    def evaluate(self, batch: Batch) -> Evaluation:
+        """Evaluate the objective on ``batch`` with a graph through the parameters."""

@@ -1,0 +1,114 @@
+"""The projector interface: how one module type moves within its input null space.
+
+A module computes one or more affine maps ``y = W x + b``. Each map is a
+:class:`Site`: a weight (viewed as ``rows x inputs`` per group), an optional
+bias and the *stream* of input vectors it reads. A projector says which
+sites a module has, how to capture their inputs during a forward pass and
+how to turn the captured tensors into a representation matrix. Projecting
+an update onto the null space of that representation is inherited.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .null_space import CoreBasis
+
+Record = Callable[[str, Tensor], None]
+
+
+@dataclass(frozen=True)
+class Site:
+    """One affine map inside a module.
+
+    ``weight``/``bias`` are parameter names relative to the module (dotted
+    names reach into submodules). The weight is viewed as
+    ``(out, in...)`` -> ``(groups, rows, inputs)`` and ``rows = (start, stop)``
+    selects output rows (e.g. the query block of a packed attention projection). The bias
+    is folded into the representation as a constant-1 input.
+    """
+
+    name: str
+    stream: str
+    weight: str
+    bias: str | None = None
+    rows: tuple[int, int] | None = None
+    groups: int = 1
+
+
+class Projector(ABC):
+    """Base class for the projector of one module type.
+
+    Subclasses implement :meth:`sites`, :meth:`capture` and
+    :meth:`representation`; :meth:`frozen` and :meth:`project` have
+    working defaults.
+    """
+
+    @abstractmethod
+    def sites(self, module: nn.Module) -> Sequence[Site]:
+        """The affine maps of ``module`` whose parameters this projector moves."""
+
+    @abstractmethod
+    def capture(self, module: nn.Module, record: Record) -> list[RemovableHandle]:
+        """Install hooks that call ``record(stream, tensor)`` during a forward pass.
+
+        Return every handle: the engine removes them, also on error.
+        """
+
+    @abstractmethod
+    def representation(self, module: nn.Module, site: Site, captured: Sequence[Tensor]) -> Tensor:
+        """The representation matrix of ``site``: shape ``(groups, inputs, samples)``.
+
+        Columns are the input vectors seen on the teleport batch, with a
+        constant 1 appended when the site has a bias. ``captured`` holds
+        every tensor recorded for ``site.stream`` (one per call of the module).
+        """
+
+    def frozen(self, module: nn.Module) -> dict[str, str]:
+        """Parameters of ``module`` this projector deliberately leaves fixed, with the reason."""
+        return {}
+
+    def project(self, module: nn.Module, site: Site, updates: dict[str, Tensor], basis: CoreBasis) -> None:
+        """Replace the site's slices of ``updates`` by their null-space projection, in place.
+
+        ``updates`` maps the module's parameter names to update tensors shaped
+        like the parameters.
+        """
+        weight = _site_view(updates[site.weight], site)
+        bias = _site_view(updates[site.bias], site) if site.bias is not None else None
+        weight_out, bias_out = basis.project(weight, bias)
+        weight.copy_(weight_out)
+        if bias is not None:
+            bias.copy_(bias_out)
+
+    def input_dim(self, module: nn.Module, site: Site) -> int:
+        """Inputs of one group of ``site``, the folded bias included."""
+        weight = module.get_parameter(site.weight)
+        return _site_view(weight, site).shape[-1] + (site.bias is not None)
+
+
+def _site_view(tensor: Tensor, site: Site) -> Tensor:
+    """``tensor`` (a weight or bias, or an update shaped like one) as ``(groups, rows, inputs)``."""
+    matrix = tensor.reshape(tensor.shape[0], -1)[slice(*site.rows) if site.rows else slice(None)]
+    return matrix.reshape(site.groups, matrix.shape[0] // site.groups, matrix.shape[1])
+
+
+def first_input_hook(stream: str, record: Record) -> Callable:
+    """A forward pre-hook that records the module's first positional input under ``stream``."""
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        record(stream, args[0])
+
+    return hook
+
+
+def append_ones(samples: Tensor) -> Tensor:
+    """``samples`` of shape ``(..., N, d)`` with a column of ones: the folded bias."""
+    ones = torch.ones(*samples.shape[:-1], 1, dtype=samples.dtype, device=samples.device)
+    return torch.cat([samples, ones], dim=-1)

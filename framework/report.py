@@ -1,0 +1,61 @@
+"""What a teleport did, in plain numbers."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One site of one module: its input dimension (bias included) and null-space dimension.
+
+    For grouped sites (grouped convolutions) the dimensions add up over groups.
+    """
+
+    name: str
+    input_dim: int
+    null_dim: int
+    samples: int
+    groups: int = 1
+
+
+@dataclass
+class TeleportReport:
+    """The outcome of :meth:`Teleporter.teleport`.
+
+    ``stopped`` is one of ``"steps"`` (all steps taken), ``"cap"`` (the
+    gradient norm reached the cap), ``"no_room"`` (no parameter has a
+    non-trivial null space), ``"non_finite"`` (rolled back).
+    ``frozen`` maps parameter names to why they did not move.
+    """
+
+    loss_before: float
+    loss_after: float
+    grad_norm_before: float
+    grad_norm_after: float
+    objective_before: float
+    objective_after: float
+    steps: int
+    stopped: str
+    rolled_back: bool = False
+    layers: list[LayerReport] = field(default_factory=list)
+    frozen: dict[str, str] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    basis_seconds: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def loss_change(self) -> float:
+        """Relative change of the teleport-batch loss."""
+        return abs(self.loss_after - self.loss_before) / max(abs(self.loss_before), 1e-30)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (
+            f"teleport: {self.steps} steps ({self.stopped}{', rolled back' if self.rolled_back else ''}), "
+            f"loss {self.loss_before:.6g} -> {self.loss_after:.6g}, "
+            f"grad norm {self.grad_norm_before:.4g} -> {self.grad_norm_after:.4g}"
+        )

@@ -1,0 +1,39 @@
+"""The schedule interface: when to teleport during training, and how much."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TeleportPlan:
+    """One teleport event: ``batches`` random teleport batches, ``steps`` ascent steps each."""
+
+    batches: int
+    steps: int
+    cap: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.batches < 1 or self.steps < 1:
+            raise ValueError(f"a teleport plan needs at least one batch and one step, got {self}")
+
+
+class Schedule(ABC):
+    """Base class of teleport schedules.
+
+    The trainer asks :meth:`plan` before every optimisation step; a schedule
+    keeps whatever it needs to remember in :meth:`state_dict`.
+    """
+
+    @abstractmethod
+    def plan(self, *, epoch: int, step: int) -> TeleportPlan | None:
+        """The teleport to run before global ``step`` (in ``epoch``), or ``None``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)}")

@@ -1,0 +1,1 @@
+"""Built-in teleport objectives, each registered as a plugin."""

@@ -1,0 +1,1 @@
+"""Built-in plugins that are neither projectors nor objectives: null spaces, schedules, models, data."""

@@ -1,0 +1,47 @@
+"""The built-in null spaces: ``exact`` (tau = 1) and ``svd`` (energy threshold tau, eq. 3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from torch_teleport import NullSpace, hookimpl
+from torch_teleport.null_space import Spectrum
+
+
+class ExactNullSpace(NullSpace):
+    """The exact null space: the core space is the numerical span of the inputs.
+
+    Rank tolerance: ``sigma_i > sigma_max * max(dims, samples) * eps`` (see
+    :meth:`Spectrum.rank_tolerance`).
+    """
+
+    def __init__(self, tau: float = 1.0) -> None:
+        if tau != 1.0:
+            raise ValueError(f"the exact null space needs tau = 1, got {tau}; use null_space='svd' for tau < 1")
+        super().__init__(tau)
+
+    def core_rank(self, spectrum: Spectrum) -> Tensor:
+        return (spectrum.squared > spectrum.rank_tolerance()).sum(-1)
+
+
+class ThresholdNullSpace(NullSpace):
+    """Keep the fewest leading directions holding a fraction ``tau`` of the energy ``||R||_F^2``.
+
+    With ``tau = 1`` this is the exact null space.
+    """
+
+    def core_rank(self, spectrum: Spectrum) -> Tensor:
+        exact = ExactNullSpace.core_rank(self, spectrum)
+        if self.tau >= 1.0:
+            return exact
+        energy = spectrum.squared.double().cumsum(-1)
+        needed = self.tau * energy[:, -1:]
+        threshold = (energy < needed).sum(-1) + 1
+        return torch.minimum(threshold.to(exact.device), exact)
+
+
+@hookimpl
+def teleport_register_null_spaces(registry) -> None:
+    registry.add_null_space("exact", ExactNullSpace)
+    registry.add_null_space("svd", ThresholdNullSpace)

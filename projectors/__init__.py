@@ -1,0 +1,1 @@
+"""Built-in projectors, one module per architecture, each registered as a plugin."""

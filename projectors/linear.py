@@ -1,0 +1,33 @@
+"""Projector for ``nn.Linear`` (and its subclasses): the MLP case of eq. 11."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from torch_teleport import Projector, Site, hookimpl
+from torch_teleport.projector import Record, append_ones, first_input_hook
+
+
+class LinearProjector(Projector):
+    """``y = W x + b`` on the last axis; every leading axis (batch, tokens) is a sample."""
+
+    def sites(self, module: nn.Linear) -> Sequence[Site]:
+        return [Site("weight", "input", "weight", "bias" if module.bias is not None else None)]
+
+    def capture(self, module: nn.Linear, record: Record) -> list[RemovableHandle]:
+        return [module.register_forward_pre_hook(first_input_hook("input", record))]
+
+    def representation(self, module: nn.Linear, site: Site, captured: Sequence[Tensor]) -> Tensor:
+        samples = torch.cat([x.reshape(-1, module.in_features) for x in captured])
+        if site.bias is not None:
+            samples = append_ones(samples)
+        return samples.T.unsqueeze(0)
+
+
+@hookimpl
+def teleport_register_projectors(registry) -> None:
+    registry.add_projector(nn.Linear, LinearProjector)
