@@ -15,7 +15,8 @@ from .report import LayerReport, TeleportReport
 from .schedule import Schedule, TeleportPlan
 
 # The engine and trainer import the interfaces above; keep them last.
-from .engine import Teleporter  # noqa: E402
+from .engine import NullSpaceMethod, Teleporter  # noqa: E402
+from .method import TeleportMethod  # noqa: E402
 from .training import TeleportTrainer  # noqa: E402
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "CoreBasis",
     "Evaluation",
     "LayerReport",
+    "NullSpaceMethod",
     "NullSpace",
     "Objective",
     "Projector",
@@ -30,6 +32,7 @@ __all__ = [
     "Schedule",
     "Site",
     "TeleportPlan",
+    "TeleportMethod",
     "TeleportReport",
     "TeleportTrainer",
     "Teleporter",

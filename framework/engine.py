@@ -1,4 +1,4 @@
-"""The teleport engine: projected ascent of an objective on the loss level set of a batch."""
+"""The teleport engine: the :class:`Teleporter` facade and the null-space projection method."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .coverage import Coverage, find_coverage
+from .method import TeleportMethod
 from .model_state import double_backward_safe, preserved_state
 from .null_space import CoreBasis, NullSpace
 from .objective import Batch, Evaluation, LossFn, Objective
@@ -21,13 +22,15 @@ from .report import LayerReport, TeleportReport
 class Teleporter:
     """Teleports ``model`` along the level set of ``loss_fn`` on a teleport batch.
 
-    Each step moves every covered layer by the objective's gradient projected
-    onto the null space of that layer's inputs on the batch (one basis per
-    batch), so with ``tau = 1`` the batch loss is invariant to floating point.
+    With the default method, each step moves every covered layer by the
+    objective's gradient projected onto the null space of that layer's
+    inputs on the batch (one basis per batch), so with ``tau = 1`` the batch
+    loss is invariant to floating point.
 
     Args:
         model: the network; its parameters are updated in place.
         loss_fn: ``loss_fn(model(inputs), targets)`` returns a scalar tensor.
+        method: a registered teleport method (``"null_space"``, or a baseline).
         objective: a registered objective name or an :class:`Objective`.
         null_space: a registered null-space name (``"exact"``, ``"svd"``) or a
             :class:`NullSpace`.
@@ -41,6 +44,7 @@ class Teleporter:
         uncovered: what to do with trainable parameters no projector covers:
             ``"error"``, ``"warn"`` (default) or ``"freeze"``.
         objective_options: keyword arguments for a named objective.
+        method_options: keyword arguments for the method.
         registry: where names are looked up; the installed plugins by default.
     """
 
@@ -49,6 +53,7 @@ class Teleporter:
         model: nn.Module,
         loss_fn: LossFn,
         *,
+        method: str = "null_space",
         objective: str | Objective = "grad_norm",
         null_space: str | NullSpace = "exact",
         tau: float = 1.0,
@@ -58,9 +63,10 @@ class Teleporter:
         normalize: bool = True,
         uncovered: str = "warn",
         objective_options: dict[str, Any] | None = None,
+        method_options: dict[str, Any] | None = None,
         registry: Registry | None = None,
     ) -> None:
-        registry = registry or default_registry()
+        self.registry = registry or default_registry()
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(model(inputs), targets)")
         if not (math.isfinite(lr) and lr > 0):
@@ -69,29 +75,18 @@ class Teleporter:
             raise ValueError(f"steps must be at least 1, got {steps!r}")
         self.model = model
         self.loss_fn = loss_fn
-        self.objective = (
-            objective
-            if isinstance(objective, Objective)
-            else registry.get("objective", objective)(**(objective_options or {}))
-        )
-        if isinstance(null_space, NullSpace):
-            self.null_space = null_space
+        if isinstance(objective, Objective):
+            self.objective = objective
         else:
-            self.null_space = registry.get("null_space", null_space)(tau=tau)
+            self.objective = self.registry.get("objective", objective)(**(objective_options or {}))
+        self.null_space = null_space
+        self.tau = tau
         self.lr = float(lr)
         self.steps = int(steps)
         self.cap = cap
         self.normalize = normalize
-        self.coverage: Coverage = find_coverage(model, registry, uncovered)
-        self._check_dtypes()
-
-    def _check_dtypes(self) -> None:
-        for name, param in self.coverage.movable().items():
-            if param.dtype not in (torch.float32, torch.float64):
-                raise TypeError(
-                    f"teleport needs float32 or float64 parameters, {name} is {param.dtype}; "
-                    "teleport a float32 copy (e.g. the optimizer's master weights) instead"
-                )
+        self.uncovered = uncovered
+        self.method: TeleportMethod = self.registry.get("method", method)(self, **(method_options or {}))
 
     def teleport(
         self, inputs: Tensor, targets: Tensor, *, steps: int | None = None, cap: float | None = None
@@ -100,34 +95,71 @@ class Teleporter:
 
         The model is left as found (modes, buffers, hooks), apart from the
         parameter update; on an exception, or when a non-finite value appears,
-        the parameters are restored too.
+        the parameters are restored too and the report says so.
         """
         _check_batch(inputs, targets)
         steps = self.steps if steps is None else steps
         cap = self.cap if cap is None else cap
-        movable = self.coverage.movable()
-        saved = {name: p.detach().clone() for name, p in movable.items()}
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        saved = [p.detach().clone() for p in trainable]
+        batch = Batch(self.model, self.loss_fn, inputs, targets, trainable)
         started = time.perf_counter()
         try:
             with preserved_state(self.model), double_backward_safe(inputs.device.type):
-                report = self._ascend(inputs, targets, steps, cap, saved)
+                report = self.method.run(batch, steps, cap)
         except BaseException:
-            _restore(movable, saved)
+            _restore(trainable, saved)
             raise
+        if report.stopped == "non_finite" or not math.isfinite(report.loss_after):
+            _restore(trainable, saved)
+            report.stopped = "non_finite"
+            report.rolled_back = True
+            report.loss_after = report.loss_before
+            report.grad_norm_after = report.grad_norm_before
+            report.objective_after = report.objective_before
         report.seconds = time.perf_counter() - started
         return report
 
-    # -- the ascent -----------------------------------------------------------
-    def _ascend(self, inputs: Tensor, targets: Tensor, steps: int, cap: float | None, saved: dict) -> TeleportReport:
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        batch = Batch(self.model, self.loss_fn, inputs, targets, trainable)
+    def evaluate(self, batch: Batch) -> Evaluation:
+        """The objective on ``batch``, with the loss detached and the gradient norm filled in."""
+        evaluation = self.objective.evaluate(batch)
+        if evaluation.grad_norm is None:
+            grads = torch.autograd.grad(evaluation.loss, batch.parameters, retain_graph=True, allow_unused=True)
+            evaluation.grad_norm = torch.sqrt(sum(g.detach().square().sum() for g in grads if g is not None))
+        evaluation.loss = evaluation.loss.detach()
+        return evaluation
+
+
+class NullSpaceMethod(TeleportMethod):
+    """Null-space gradient projection (Algorithm 1 of the paper).
+
+    Inputs of every covered layer are captured during the first forward
+    pass; one core basis per site is built from them and reused for all
+    steps (exact steps leave every layer's inputs on the batch unchanged).
+    """
+
+    def __init__(self, teleporter: Teleporter) -> None:
+        super().__init__(teleporter)
+        null_space = teleporter.null_space
+        if not isinstance(null_space, NullSpace):
+            null_space = teleporter.registry.get("null_space", null_space)(tau=teleporter.tau)
+        self.null_space = null_space
+        self.coverage: Coverage = find_coverage(teleporter.model, teleporter.registry, teleporter.uncovered)
+        for name, param in self.coverage.movable().items():
+            if param.dtype not in (torch.float32, torch.float64):
+                raise TypeError(
+                    f"teleport needs float32 or float64 parameters, {name} is {param.dtype}; "
+                    "teleport a float32 copy (e.g. the optimizer's master weights) instead"
+                )
+
+    def run(self, batch: Batch, steps: int, cap: float | None) -> TeleportReport:
+        tele = self.teleporter
         captured: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
         handles = []
         try:
             for covered in self.coverage.modules:
-                record = _recorder(captured, covered.name)
-                handles += covered.projector.capture(covered.module, record)
-            first = self._evaluate(batch)
+                handles += covered.projector.capture(covered.module, _recorder(captured, covered.name))
+            first = tele.evaluate(batch)
         finally:
             for handle in handles:
                 handle.remove()
@@ -135,8 +167,6 @@ class Teleporter:
             raise ValueError(f"the loss or objective on the teleport batch is not finite (loss {float(first.loss)})")
         basis_started = time.perf_counter()
         bases, layers, frozen = self._bases(captured)
-        basis_seconds = time.perf_counter() - basis_started
-
         report = TeleportReport(
             loss_before=float(first.loss),
             loss_after=float(first.loss),
@@ -148,7 +178,7 @@ class Teleporter:
             stopped="steps",
             layers=layers,
             frozen={**self.coverage.frozen, **frozen},
-            basis_seconds=basis_seconds,
+            basis_seconds=time.perf_counter() - basis_started,
         )
         if not bases:
             report.stopped = "no_room"
@@ -157,36 +187,30 @@ class Teleporter:
         evaluation = first
         for step in range(steps):
             if step:
-                evaluation = self._evaluate(batch)
+                evaluation = tele.evaluate(batch)
             report.losses.append(float(evaluation.loss))
             report.grad_norms.append(float(evaluation.grad_norm))
             if not torch.isfinite(evaluation.value):
-                return self._roll_back(report, saved)
+                report.stopped = "non_finite"
+                return report
             if cap is not None and float(evaluation.grad_norm) >= cap:
                 report.stopped = "cap"
                 break
-            update = self._projected_gradient(evaluation, params, bases)
+            update = self._projected_step(evaluation, params, bases)
             if update is None:
-                return self._roll_back(report, saved)
+                report.stopped = "non_finite"
+                return report
             with torch.no_grad():
                 for name, param in params.items():
                     param.add_(update[name])
             report.steps += 1
-        final = self._evaluate(batch)
-        if not (torch.isfinite(final.loss) and torch.isfinite(final.value)):
-            return self._roll_back(report, saved)
+        final = tele.evaluate(batch)
         report.loss_after = float(final.loss)
         report.grad_norm_after = float(final.grad_norm)
         report.objective_after = float(final.value.detach())
+        if not math.isfinite(report.objective_after):
+            report.stopped = "non_finite"
         return report
-
-    def _evaluate(self, batch: Batch) -> Evaluation:
-        evaluation = self.objective.evaluate(batch)
-        if evaluation.grad_norm is None:
-            grads = torch.autograd.grad(evaluation.loss, batch.parameters, retain_graph=True, allow_unused=True)
-            evaluation.grad_norm = torch.sqrt(sum(g.detach().square().sum() for g in grads if g is not None))
-        evaluation.loss = evaluation.loss.detach()
-        return evaluation
 
     def _bases(self, captured: dict) -> tuple[dict, list[LayerReport], dict[str, str]]:
         """One core basis per site; sites whose module never ran, or with no room, stay fixed."""
@@ -217,10 +241,11 @@ class Teleporter:
                     bases[(covered.name, site.name)] = basis
         return bases, layers, frozen
 
-    def _projected_gradient(
+    def _projected_step(
         self, evaluation: Evaluation, params: dict[str, nn.Parameter], bases: dict
     ) -> dict[str, Tensor] | None:
         """The projected, signed and scaled step per parameter; ``None`` if it is not finite."""
+        tele = self.teleporter
         grads = torch.autograd.grad(evaluation.value, list(params.values()), allow_unused=True)
         update = {
             name: (g if g is not None else torch.zeros_like(p)).detach().contiguous()
@@ -235,22 +260,13 @@ class Teleporter:
         norm = torch.sqrt(sum(u.square().sum() for u in update.values()))
         if not torch.isfinite(norm):
             return None
-        scale = self.lr if self.objective.ascend else -self.lr
-        if self.normalize:
+        scale = tele.lr if tele.objective.ascend else -tele.lr
+        if tele.normalize:
             if norm == 0:
                 return {name: torch.zeros_like(u) for name, u in update.items()}
             weight_norm = torch.sqrt(sum(p.detach().square().sum() for p in params.values()))
             scale = scale * weight_norm / norm
         return {name: u * scale for name, u in update.items()}
-
-    def _roll_back(self, report: TeleportReport, saved: dict) -> TeleportReport:
-        _restore(self.coverage.movable(), saved)
-        report.stopped = "non_finite"
-        report.rolled_back = True
-        report.loss_after = report.loss_before
-        report.grad_norm_after = report.grad_norm_before
-        report.objective_after = report.objective_before
-        return report
 
 
 def _recorder(captured: dict, module_name: str):
@@ -260,10 +276,10 @@ def _recorder(captured: dict, module_name: str):
     return record
 
 
-def _restore(params: dict[str, nn.Parameter], saved: dict[str, Tensor]) -> None:
+def _restore(params: list[nn.Parameter], saved: list[Tensor]) -> None:
     with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(saved[name])
+        for param, value in zip(params, saved, strict=True):
+            param.copy_(value)
 
 
 def _check_batch(inputs: Tensor, targets: Tensor) -> None:

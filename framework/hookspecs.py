@@ -67,3 +67,23 @@ def teleport_register_datasets(registry: Registry) -> None:
 
     ``factory(root, **options)`` returns a :class:`~torch_teleport.data.DataSplits`.
     """
+
+
+@hookspec
+def teleport_register_methods(registry: Registry) -> None:
+    """Register teleport methods with ``registry.add_method(name, method_class)``.
+
+    A method is a :class:`~torch_teleport.method.TeleportMethod`: the
+    null-space projection (``"null_space"``, the default) or a baseline such
+    as symmetry or level-set teleport, selected by ``Teleporter(method=...)``.
+    """
+
+
+@hookspec
+def teleport_register_experiments(registry: Registry) -> None:
+    """Register experiment kinds with ``registry.add_experiment(name, runner)``.
+
+    ``runner(config, out_dir)`` runs a parsed config (a dict) whose
+    ``kind`` is ``name`` and writes its results under ``out_dir``;
+    ``teleport run`` dispatches on the config's ``kind``.
+    """

@@ -26,11 +26,12 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "torch_teleport.plugins.schedules",
     "torch_teleport.plugins.models",
     "torch_teleport.plugins.datasets",
+    "torch_teleport.plugins.methods",
 )
 
 BUILTIN_ORIGIN = "torch-teleport (built-in)"
 
-KINDS = ("projector", "objective", "null_space", "schedule", "model", "dataset")
+KINDS = ("method", "projector", "objective", "null_space", "schedule", "model", "dataset", "experiment")
 
 
 class UnknownPluginError(KeyError):
@@ -82,6 +83,12 @@ class Registry:
 
     def add_dataset(self, name: str, factory: Callable[..., Any]) -> None:
         self._add("dataset", name, factory)
+
+    def add_method(self, name: str, method: type) -> None:
+        self._add("method", name, method)
+
+    def add_experiment(self, name: str, runner: Callable[..., Any]) -> None:
+        self._add("experiment", name, runner)
 
     def _add(self, kind: str, name: str, target: Any) -> Entry:
         if not isinstance(name, str) or not name:
