@@ -252,10 +252,10 @@ class NullSpaceMethod(TeleportMethod):
             for (name, p), g in zip(params.items(), grads, strict=True)
         }
         for covered in self.coverage.modules:
-            local = {p: update[covered.qualified(p)] for site in covered.sites for p in (site.weight, site.bias) if p}
             for site in covered.sites:
                 basis = bases.get((covered.name, site.name))
                 if basis is not None:
+                    local = {p: update[covered.qualified(p)] for p in (site.weight, site.bias) if p}
                     covered.projector.project(covered.module, site, local, basis)
         norm = torch.sqrt(sum(u.square().sum() for u in update.values()))
         if not torch.isfinite(norm):
