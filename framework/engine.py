@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import get_total_norm
 
 from .coverage import Coverage, find_coverage
 from .method import TeleportMethod
@@ -257,14 +258,14 @@ class NullSpaceMethod(TeleportMethod):
                 if basis is not None:
                     local = {p: update[covered.qualified(p)] for p in (site.weight, site.bias) if p}
                     covered.projector.project(covered.module, site, local, basis)
-        norm = torch.sqrt(sum(u.square().sum() for u in update.values()))
+        norm = get_total_norm(list(update.values()))
         if not torch.isfinite(norm):
             return None
         scale = tele.lr if tele.objective.ascend else -tele.lr
         if tele.normalize:
             if norm == 0:
                 return {name: torch.zeros_like(u) for name, u in update.items()}
-            weight_norm = torch.sqrt(sum(p.detach().square().sum() for p in params.values()))
+            weight_norm = get_total_norm([p.detach() for p in params.values()])
             scale = scale * weight_norm / norm
         return {name: u * scale for name, u in update.items()}
 

@@ -100,9 +100,8 @@ class CoreBasis:
         return self._project_once(*self._project_once(weight, bias))
 
     def _project_once(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        vectors = self.vectors.to(weight.dtype)
         inputs = weight.shape[-1]
-        on_weight, on_bias = vectors[:, :inputs], vectors[:, inputs:]
+        on_weight, on_bias = self.vectors[:, :inputs], self.vectors[:, inputs:]
         coefficients = weight @ on_weight
         if bias is not None:
             coefficients = coefficients + bias @ on_bias
@@ -126,17 +125,18 @@ class NullSpace(ABC):
         """How many leading directions form the core space, per group (int tensor)."""
 
     def basis(self, representation: Tensor) -> CoreBasis:
-        """The core basis of ``representation`` (``groups x dims x samples``)."""
+        """The core basis of ``representation`` (``groups x dims x samples``), in its dtype."""
         spec = spectrum(representation)
         ranks = self.core_rank(spec).clamp(0, spec.dims)
         rank_list = tuple(int(r) for r in ranks)
         max_rank = max(rank_list, default=0)
         null_max = spec.dims - min(rank_list, default=0)
         columns = torch.arange(spec.vectors.shape[-1], device=spec.vectors.device)
+        dtype = representation.dtype
         if spec.complete and null_max < max_rank:
             keep = columns[None, :] >= ranks[:, None].to(columns.device)
             vectors = (spec.vectors * keep[:, None, :])[..., spec.dims - null_max :]
-            return CoreBasis(vectors, rank_list, spec.dims, spans_null_space=True)
+            return CoreBasis(vectors.to(dtype), rank_list, spec.dims, spans_null_space=True)
         keep = columns[None, :] < ranks[:, None].to(columns.device)
         vectors = (spec.vectors * keep[:, None, :])[..., :max_rank]
-        return CoreBasis(vectors, rank_list, spec.dims)
+        return CoreBasis(vectors.to(dtype), rank_list, spec.dims)
