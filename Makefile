@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/teleport run --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider --hypothesis-profile=ci
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider --hypothesis-profile=ci
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -21,12 +21,35 @@ from . import hookspecs
 
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "torch_teleport.projectors.linear",
+    "torch_teleport.projectors.conv",
+    "torch_teleport.projectors.attention",
+    "torch_teleport.projectors.mamba",
+    "torch_teleport.projectors.frozen",
+    "torch_teleport.projectors.recurrent",
     "torch_teleport.objectives.grad_norm",
+    "torch_teleport.objectives.sharpness",
+    "torch_teleport.objectives.curvature",
+    "torch_teleport.objectives.log_grad_norm",
     "torch_teleport.plugins.null_spaces",
     "torch_teleport.plugins.schedules",
     "torch_teleport.plugins.models",
+    "torch_teleport.plugins.models_transformer",
+    "torch_teleport.plugins.models_mamba",
     "torch_teleport.plugins.datasets",
     "torch_teleport.plugins.methods",
+    "torch_teleport.plugins.train",
+    "torch_teleport.plugins.symmetry",
+    "torch_teleport.plugins.level_set",
+    "torch_teleport.plugins.benchmarks.step_cost",
+    "torch_teleport.plugins.benchmarks.scaling",
+    "torch_teleport.plugins.benchmarks.accuracy",
+    "torch_teleport.plugins.benchmarks.error_control",
+    "torch_teleport.plugins.benchmarks.time_to_target",
+    "torch_teleport.plugins.studies.correlation",
+    "torch_teleport.plugins.studies.teleport_generalization",
+    "torch_teleport.plugins.studies.displacement",
+    "torch_teleport.plugins.studies.optimizers",
+    "torch_teleport.plugins.studies.learn_to_teleport",
 )
 
 BUILTIN_ORIGIN = "torch-teleport (built-in)"
@@ -119,13 +142,15 @@ class Registry:
         """The projector class for ``module``, walking its MRO; ``None`` if none applies.
 
         A string key ``"pkg.Class"`` matches a class named ``Class`` defined
-        anywhere under package ``pkg``, without importing ``pkg``.
+        anywhere under package ``pkg`` (``"torch.nn.Linear"`` and
+        ``"torch.Linear"`` both match ``nn.Linear``; the innermost package
+        wins), without importing ``pkg``.
         """
         string_keys = self._entries["projector"]
         for cls in type(module).__mro__:
             if cls in self._projector_types:
                 return self._projector_types[cls].target
-            for key in (_qualified_name(cls), _package_key(cls)):
+            for key in (_qualified_name(cls), *_package_keys(cls)):
                 if key in string_keys:
                     return string_keys[key].target
         return None
@@ -135,8 +160,10 @@ def _qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _package_key(cls: type) -> str:
-    return f"{cls.__module__.split('.')[0]}.{cls.__qualname__}"
+def _package_keys(cls: type) -> list[str]:
+    """``"pkg.Class"`` for every package enclosing the class's module, innermost first."""
+    parts = cls.__module__.split(".")
+    return [f"{'.'.join(parts[:end])}.{cls.__qualname__}" for end in range(len(parts) - 1, 0, -1)]
 
 
 def build_plugin_manager(

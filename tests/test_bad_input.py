@@ -1,0 +1,257 @@
+"""Bad input: a clear error, and the model exactly as it was (parameters, buffers, modes, hooks)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_model_state import assert_unchanged, snapshot
+from torch import nn
+from torch_teleport import Batch, Evaluation, Objective, Teleporter, UnknownPluginError
+
+
+def make_model(dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 16),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Linear(16, 16),
+        nn.ReLU(),
+        nn.Linear(16, 3),
+    ).to(dtype)
+    model.train()
+    model[2].eval()
+    return model
+
+
+def make_batch(dtype=torch.float32, size=5):
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(size, 6, generator=generator, dtype=dtype), torch.randint(
+        0, 3, (size,), generator=generator
+    )
+
+
+def expect_error(model, error, match, build=None, run=None):
+    """``build()`` (a Teleporter) or ``run(teleporter)`` raises ``error``; ``model`` is untouched."""
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        teleporter = (
+            build() if build else Teleporter(model, nn.functional.cross_entropy, uncovered="freeze")
+        )
+        if run:
+            run(teleporter)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_inputs(value):
+    model = make_model()
+    inputs, targets = make_batch()
+    inputs[2, 3] = value
+    expect_error(
+        model,
+        ValueError,
+        "inputs contain non-finite values",
+        run=lambda t: t.teleport(inputs, targets),
+    )
+
+
+def test_non_finite_float_targets():
+    model = make_model()
+    inputs, _ = make_batch()
+    targets = torch.zeros(5, 3)
+    targets[0, 0] = math.nan
+    teleporter = Teleporter(model, nn.functional.mse_loss, uncovered="freeze")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="targets contain non-finite values"):
+        teleporter.teleport(inputs, targets)
+    assert_unchanged(model, before)
+
+
+def test_non_finite_loss():
+    model = make_model()
+    inputs, targets = make_batch()
+
+    def nan_loss(outputs, labels):
+        return nn.functional.cross_entropy(outputs, labels) * math.nan
+
+    before = snapshot(model)
+    teleporter = Teleporter(model, nan_loss, uncovered="freeze")
+    with pytest.raises(ValueError, match="not finite"):
+        teleporter.teleport(inputs, targets)
+    assert_unchanged(model, before)
+
+
+def test_non_scalar_loss():
+    model = make_model()
+    inputs, targets = make_batch()
+    per_sample = Teleporter(model, nn.CrossEntropyLoss(reduction="none"), uncovered="freeze")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"loss_fn must return a scalar tensor, got \(5,\)"):
+        per_sample.teleport(inputs, targets)
+    assert_unchanged(model, before)
+
+
+def test_loss_that_is_not_a_tensor():
+    model = make_model()
+    inputs, targets = make_batch()
+    teleporter = Teleporter(model, lambda outputs, labels: 1.0, uncovered="freeze")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="loss_fn must return a scalar tensor, got float"):
+        teleporter.teleport(inputs, targets)
+    assert_unchanged(model, before)
+
+
+class Scale(nn.Module):
+    """A module no projector knows: an elementwise learned scale."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def test_model_without_supported_layers():
+    model = nn.Sequential(Scale(6), nn.LayerNorm(6))
+    expect_error(
+        model,
+        ValueError,
+        r"no parameter of Sequential can be teleported.*0\.scale, 1\.weight, 1\.bias",
+        build=lambda: Teleporter(model, nn.functional.cross_entropy, uncovered="freeze"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "known"),
+    [
+        ("objective", "grad_nrom", "grad_norm"),
+        ("null_space", "exakt", "exact"),
+        ("method", "nullspace", "null_space"),
+    ],
+)
+def test_unknown_plugin_names(option, value, known):
+    model = make_model()
+    with pytest.raises(UnknownPluginError) as raised:
+        Teleporter(model, nn.functional.cross_entropy, uncovered="freeze", **{option: value})
+    message = str(raised.value)
+    assert repr(value) in message and "registered:" in message and known in message
+
+
+@pytest.mark.parametrize("tau", [0.0, -0.5, 1.5, math.nan])
+def test_tau_outside_the_unit_interval(tau):
+    model = make_model()
+    expect_error(
+        model,
+        ValueError,
+        r"tau must lie in \(0, 1\]",
+        build=lambda: Teleporter(
+            model, nn.functional.cross_entropy, null_space="svd", tau=tau, uncovered="freeze"
+        ),
+    )
+
+
+def test_tau_below_one_needs_the_svd_null_space():
+    model = make_model()
+    expect_error(
+        model,
+        ValueError,
+        "exact null space needs tau = 1.*null_space='svd'",
+        build=lambda: Teleporter(model, nn.functional.cross_entropy, tau=0.9, uncovered="freeze"),
+    )
+
+
+@pytest.mark.parametrize("lr", [-0.1, 0.0, math.inf, math.nan])
+def test_bad_learning_rate(lr):
+    model = make_model()
+    expect_error(
+        model,
+        ValueError,
+        "lr must be a positive finite number",
+        build=lambda: Teleporter(model, nn.functional.cross_entropy, lr=lr, uncovered="freeze"),
+    )
+
+
+def test_zero_size_batch():
+    model = make_model()
+    inputs, targets = make_batch()
+    expect_error(
+        model,
+        ValueError,
+        "inputs must hold at least one sample",
+        run=lambda t: t.teleport(inputs[:0], targets[:0]),
+    )
+
+
+def test_mismatched_batch_sizes():
+    model = make_model()
+    inputs, targets = make_batch()
+    expect_error(
+        model,
+        ValueError,
+        "inputs and targets disagree on the batch size: 5 vs 4",
+        run=lambda t: t.teleport(inputs, targets[:4]),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_parameters(dtype):
+    model = make_model(dtype)
+    expect_error(
+        model,
+        TypeError,
+        f"teleport needs float32 or float64 parameters, 0.weight is {dtype}",
+        build=lambda: Teleporter(model, nn.functional.cross_entropy, uncovered="freeze"),
+    )
+
+
+def test_absurd_step_rolls_back():
+    """A plain step of 1e30 overflows float32: the weights go back and the report says so."""
+    model = make_model()
+    inputs, targets = make_batch()
+    before = snapshot(model)
+    teleporter = Teleporter(
+        model, nn.functional.cross_entropy, lr=1e30, normalize=False, uncovered="freeze"
+    )
+    report = teleporter.teleport(inputs, targets)
+    assert report.rolled_back and report.stopped == "non_finite"
+    assert "rolled back" in report.summary()
+    assert (
+        report.loss_after == report.loss_before
+        and report.grad_norm_after == report.grad_norm_before
+    )
+    assert_unchanged(model, before)
+
+
+class InfiniteAtSecondStep(Objective):
+    """The gradient-norm objective, but infinite from its second evaluation on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def evaluate(self, batch: Batch) -> Evaluation:
+        self.calls += 1
+        loss = batch.loss()
+        grads = torch.autograd.grad(loss, batch.parameters, create_graph=True)
+        value = 0.5 * sum(g.square().sum() for g in grads)
+        if self.calls >= 2:
+            value = value * math.inf
+        return Evaluation(value=value, loss=loss)
+
+
+def test_non_finite_objective_mid_ascent_rolls_back():
+    model = make_model()
+    inputs, targets = make_batch()
+    before = snapshot(model)
+    objective = InfiniteAtSecondStep()
+    report = Teleporter(
+        model, nn.functional.cross_entropy, objective=objective, uncovered="freeze"
+    ).teleport(inputs, targets)
+    assert objective.calls == 2  # one step was taken before the objective went infinite
+    assert report.steps == 1
+    assert report.rolled_back and report.stopped == "non_finite"
+    assert_unchanged(model, before)

@@ -1,0 +1,206 @@
+"""The docs stay true: every hook and public name is documented, and the examples run.
+
+The first part of this file is the example of ``docs/testing.md``, verbatim (a test below checks
+that it still is), so pytest runs it as a plugin author would.
+"""
+
+# ruff: noqa: E402  (the verbatim example, with its own imports, comes first)
+
+import functools
+import sys
+
+import torch
+import torch_teleport as tt
+from hypothesis import given
+from torch import nn
+from torch_teleport.projector import append_ones, first_input_hook
+from torch_teleport.registry import build_plugin_manager
+from torch_teleport.testing import assert_teleport_invariant, mlp_problems
+
+
+class Affine(nn.Module):
+    """A home-made dense layer, y = x W^T + b: the layer under test."""
+
+    def __init__(self, inputs: int, outputs: int, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(outputs, inputs))
+        self.register_parameter("bias", nn.Parameter(torch.empty(outputs)) if bias else None)
+
+    def forward(self, x):
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+
+class AffineProjector(tt.Projector):
+    def sites(self, module):
+        bias = "bias" if module.bias is not None else None
+        return [tt.Site("affine", stream="x", weight="weight", bias=bias)]
+
+    def capture(self, module, record):
+        return [module.register_forward_pre_hook(first_input_hook("x", record))]
+
+    def representation(self, module, site, captured):
+        samples = torch.cat([x.reshape(-1, module.weight.shape[1]) for x in captured])
+        if site.bias is not None:
+            samples = append_ones(samples)
+        return samples.T.unsqueeze(0)  # (groups, inputs, samples)
+
+
+@tt.hookimpl
+def teleport_register_projectors(registry):
+    registry.add_projector(Affine, AffineProjector)
+
+
+@functools.cache
+def registry_with_affine():
+    """The installed plugins plus this module's hook (before it ships with an entry point)."""
+    manager = build_plugin_manager()
+    manager.register(sys.modules[__name__])
+    return tt.build_registry(manager)
+
+
+def with_affine_layers(model: nn.Sequential) -> nn.Sequential:
+    """The drawn MLP with every nn.Linear replaced by an Affine holding the same weights."""
+    layers = []
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            affine = Affine(layer.in_features, layer.out_features, layer.bias is not None)
+            affine = affine.to(layer.weight.dtype)
+            affine.load_state_dict(layer.state_dict())
+            layer = affine
+        layers.append(layer)
+    return nn.Sequential(*layers)
+
+
+@given(mlp_problems())
+def test_affine_projector_keeps_the_batch_loss_invariant(problem):
+    model = with_affine_layers(problem.model)
+    report = assert_teleport_invariant(
+        model,
+        problem.loss_fn,
+        problem.inputs,
+        problem.targets,
+        registry=registry_with_affine(),
+        uncovered="error",
+        steps=8,
+    )
+    assert [layer.name for layer in report.layers] == [
+        f"{name}.affine" for name, module in model.named_modules() if isinstance(module, Affine)
+    ]
+
+
+# -- the project's checks of its docs --------------------------------------------------------
+
+import inspect
+import re
+import types
+from pathlib import Path
+
+import pytest
+from hypothesis import strategies as st
+from torch_teleport import hookspecs
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def code_blocks(page: str, language: str) -> list[str]:
+    """The fenced ``language`` code blocks of ``docs/<page>``."""
+    return re.findall(rf"^```{language}\n(.*?)^```", (DOCS / page).read_text(), flags=re.S | re.M)
+
+
+def hook_signature(hook) -> str:
+    """``name(arg: Type) -> Return`` as written in the hookspec (annotations are strings there)."""
+    signature = inspect.signature(hook)
+    arguments = ", ".join(f"{p.name}: {p.annotation}" for p in signature.parameters.values())
+    return f"{hook.__name__}({arguments}) -> {signature.return_annotation}"
+
+
+HOOKS = [
+    getattr(hookspecs, name) for name in dir(hookspecs) if name.startswith("teleport_register_")
+]
+
+
+def test_there_are_hooks_to_document():
+    assert len(HOOKS) >= 8
+
+
+@pytest.mark.parametrize("hook", HOOKS, ids=lambda hook: hook.__name__)
+def test_every_hook_is_documented_with_its_signature(hook):
+    assert hook_signature(hook) in (DOCS / "plugins.md").read_text()
+
+
+@pytest.mark.parametrize("name", tt.__all__)
+def test_every_public_name_is_in_the_architecture_page(name):
+    assert re.search(rf"\b{re.escape(name)}\b", (DOCS / "architecture.md").read_text()), name
+
+
+def test_testing_page_example_is_this_file_verbatim():
+    examples = [
+        block for block in code_blocks("testing.md", "python") if "class AffineProjector" in block
+    ]
+    assert len(examples) == 1
+    assert examples[0] in Path(__file__).read_text()
+
+
+def bilinear_plugin() -> types.ModuleType:
+    """The one-file plugin of ``docs/plugins.md``, executed as the module its entry point names."""
+    (source,) = [
+        block for block in code_blocks("plugins.md", "python") if "class BilinearProjector" in block
+    ]
+    (entry_points,) = [
+        block
+        for block in code_blocks("plugins.md", "toml")
+        if "entry-points.torch_teleport" in block
+    ]
+    module_name = re.search(r'= "([\w.]+)"', entry_points).group(1)
+    module = types.ModuleType(module_name)
+    exec(compile(source, f"docs/plugins.md ({module_name})", "exec"), module.__dict__)
+    return module
+
+
+class BilinearModel(nn.Module):
+    def __init__(self, width: int, bias: bool) -> None:
+        super().__init__()
+        self.left, self.right = nn.Linear(5, width), nn.Linear(5, width - 1)
+        self.pairs = nn.Bilinear(width, width - 1, 6, bias=bias)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        pairs = self.pairs(torch.tanh(self.left(x)), torch.tanh(self.right(x)))
+        return self.head(torch.tanh(pairs))
+
+
+@functools.cache
+def bilinear_registry():
+    manager = build_plugin_manager()
+    manager.register(bilinear_plugin())
+    return tt.build_registry(manager)
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    width=st.integers(2, 6),
+    batch=st.integers(1, 40),
+    bias=st.booleans(),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+)
+def test_plugins_page_projector_keeps_the_loss_invariant(seed, width, batch, bias, dtype):
+    registry = bilinear_registry()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BilinearModel(width, bias).to(dtype)
+    inputs = torch.randn(batch, 5, generator=generator, dtype=dtype)
+    targets = torch.randint(0, 3, (batch,), generator=generator)
+    assert registry.projector_for(model.pairs).__name__ == "BilinearProjector"
+    report = assert_teleport_invariant(
+        model,
+        nn.functional.cross_entropy,
+        inputs,
+        targets,
+        registry=registry,
+        uncovered="error",
+        steps=8,
+    )
+    pairs = next(layer for layer in report.layers if layer.name == "pairs.weight")
+    assert pairs.input_dim == width * (width - 1) + bias

@@ -1,0 +1,246 @@
+"""Null-space builders against dense float64 references.
+
+Rank-deficient matrices are built from small integers, so they are exactly
+rank deficient in float32 and float64 alike and the dense reference
+(``torch.linalg``) gives the ground truth.
+"""
+
+from __future__ import annotations
+
+import math
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch_teleport import CoreBasis, default_registry
+from torch_teleport import null_space as null_space_module
+
+PROJECTION_TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+"""Allowed error of a projection, relative to the update's norm."""
+
+
+def exact():
+    return default_registry().get("null_space", "exact")()
+
+
+def threshold(tau: float):
+    return default_registry().get("null_space", "svd")(tau=tau)
+
+
+def integer_matrix(generator, rows, cols, rank, dtype=torch.float64):
+    """An exact integer ``rows x cols`` matrix of rank at most ``rank``."""
+    left = torch.randint(-3, 4, (rows, rank), generator=generator)
+    right = torch.randint(-3, 4, (rank, cols), generator=generator)
+    return (left @ right).to(dtype)
+
+
+def reference_rank(matrix: torch.Tensor, dtype: torch.dtype) -> int:
+    """Numerical rank with the documented tolerance: sigma_i > sigma_max * max(d, N) * eps(dtype)."""
+    eps = torch.finfo(dtype).eps
+    return int(torch.linalg.matrix_rank(matrix.double(), rtol=max(matrix.shape) * eps))
+
+
+def reference_null_projection(
+    update: torch.Tensor, matrix: torch.Tensor, rank: int
+) -> torch.Tensor:
+    """``G - G U_k U_k^T`` with ``U_k`` the top ``rank`` left singular vectors of ``matrix``."""
+    left, _, _ = torch.linalg.svd(matrix.double(), full_matrices=True)
+    core = left[:, :rank]
+    return update - update @ core @ core.T
+
+
+def projection_matrix(basis: CoreBasis) -> torch.Tensor:
+    """The dense ``d x d`` null-space projector of ``basis`` (small ``d`` only), per group."""
+    groups = basis.vectors.shape[0]
+    identity = torch.eye(basis.input_dim, dtype=basis.vectors.dtype).expand(groups, -1, -1).clone()
+    projected, _ = basis.project(identity, None)
+    return projected
+
+
+@st.composite
+def rank_deficient(draw, dtypes=(torch.float64, torch.float32)):
+    """A matrix with duplicate columns and zero rows, with samples below and above the dims."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    dims = draw(st.integers(2, 24))
+    samples = draw(st.integers(1, 4 * dims))
+    rank = draw(st.integers(1, dims))
+    dtype = draw(st.sampled_from(dtypes))
+    generator = torch.Generator().manual_seed(seed)
+    matrix = integer_matrix(generator, dims, samples, rank)
+    zero_rows = draw(st.integers(0, dims - 1))
+    matrix[:zero_rows] = 0
+    if samples > 1:
+        duplicates = draw(st.integers(1, samples - 1))
+        matrix[:, -duplicates:] = matrix[:, :1]
+    return matrix.to(dtype)
+
+
+@given(rank_deficient())
+def test_exact_rank_is_the_numerical_rank(matrix):
+    basis = exact().basis(matrix.unsqueeze(0))
+    assert basis.ranks == (reference_rank(matrix, matrix.dtype),)
+    assert basis.null_dim == matrix.shape[0] - basis.ranks[0]
+
+
+@given(rank_deficient())
+def test_exact_projection_matches_dense_reference(matrix):
+    """The update keeps no component in the span of the inputs, and nothing else is removed."""
+    generator = torch.Generator().manual_seed(matrix.shape[0] * 1000 + matrix.shape[1])
+    update = torch.randn(1, 5, matrix.shape[0], generator=generator, dtype=torch.float64)
+    basis = exact().basis(matrix.unsqueeze(0))
+    assert basis.vectors.dtype == matrix.dtype  # the basis is applied in the parameters' dtype
+    tol = PROJECTION_TOL[matrix.dtype] * float(update.norm())
+    projected, _ = basis.project(update.to(matrix.dtype), None)
+    expected = reference_null_projection(update[0], matrix, basis.ranks[0])
+    torch.testing.assert_close(projected[0].double(), expected, rtol=0, atol=tol)
+    residual = projected[0].double() @ matrix.double()
+    assert float(residual.norm()) <= tol * float(matrix.double().norm())
+
+
+def core_projector(spectrum, rank: int) -> torch.Tensor:
+    """``V_k V_k^T`` in float64 from the leading ``rank`` directions of a spectrum (one group)."""
+    core = spectrum.vectors[0, :, :rank]
+    return core @ core.T
+
+
+@given(seed=st.integers(0, 2**31 - 1), dims=st.integers(2, 12), extra=st.integers(0, 40))
+def test_gram_and_svd_routes_give_the_same_core_space(seed, dims, extra):
+    """float32 inputs with samples >= 2 * dims take the Gram route; forcing SVD changes nothing."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = 2 * dims + extra
+    rank = int(torch.randint(1, dims + 1, (), generator=generator))
+    representation = integer_matrix(generator, dims, samples, rank, torch.float32).unsqueeze(0)
+    gram_spectrum = null_space_module.spectrum(representation)
+    gram = exact().basis(representation)
+    with mock.patch.object(null_space_module, "GRAM_ROUTE_RATIO", math.inf):
+        svd_spectrum = null_space_module.spectrum(representation)
+        svd = exact().basis(representation)
+    rank = reference_rank(representation[0], torch.float32)
+    assert gram.ranks == svd.ranks == (rank,)
+    assert gram_spectrum.vectors.shape[-1] == dims  # the Gram route really ran: a full eigenbasis
+    left, _, _ = torch.linalg.svd(representation[0].double())
+    dense = left[:, :rank] @ left[:, :rank].T
+    for spectrum in (gram_spectrum, svd_spectrum):
+        torch.testing.assert_close(core_projector(spectrum, rank), dense, rtol=0, atol=1e-10)
+
+
+def test_float64_representations_never_take_the_gram_route():
+    """A Gram matrix squares the condition number: in float64 it would miscount the rank."""
+    generator = torch.Generator().manual_seed(3)
+    matrix = torch.randn(8, 5, generator=generator, dtype=torch.float64) @ torch.randn(
+        5, 100, generator=generator, dtype=torch.float64
+    )
+    spectrum = null_space_module.spectrum(matrix.unsqueeze(0))
+    singular = torch.linalg.svdvals(matrix)
+    torch.testing.assert_close(
+        spectrum.squared[0].sqrt(), singular, rtol=1e-12, atol=1e-12 * float(singular[0])
+    )
+    assert exact().basis(matrix.unsqueeze(0)).ranks == (5,)
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    groups=st.integers(1, 3),
+    dims=st.integers(2, 16),
+    samples=st.integers(1, 40),
+    tau=st.floats(0.05, 0.999),
+)
+def test_energy_threshold_picks_the_smallest_sufficient_rank(seed, groups, dims, samples, tau):
+    """Eq. 3: the smallest k with ||R_k||_F^2 >= tau ||R||_F^2 (never above the exact rank)."""
+    generator = torch.Generator().manual_seed(seed)
+    representation = torch.randn(groups, dims, samples, generator=generator, dtype=torch.float64)
+    basis = threshold(tau).basis(representation)
+    for group, rank in enumerate(basis.ranks):
+        squared = torch.linalg.svdvals(representation[group]).square()
+        energy = squared.cumsum(0)
+        k = next(i + 1 for i in range(len(energy)) if energy[i] >= tau * energy[-1])
+        assert rank == min(k, reference_rank(representation[group], torch.float64))
+        kept = energy[rank - 1]
+        assert kept >= tau * energy[-1]
+        assert rank == 1 or energy[rank - 2] < tau * energy[-1]
+
+
+def test_threshold_one_is_the_exact_null_space():
+    generator = torch.Generator().manual_seed(0)
+    representation = integer_matrix(generator, 10, 30, 4).unsqueeze(0)
+    assert threshold(1.0).basis(representation).ranks == exact().basis(representation).ranks == (4,)
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    dims=st.integers(2, 12),
+    samples=st.integers(1, 30),
+    ranks=st.lists(st.integers(0, 12), min_size=2, max_size=4),
+    bias=st.booleans(),
+)
+def test_grouped_ranks_project_exactly(seed, dims, samples, ranks, bias):
+    """Groups of different rank share one zero-padded basis and each projects exactly."""
+    generator = torch.Generator().manual_seed(seed)
+    ranks = [min(rank, dims) for rank in ranks]
+    representation = torch.stack(
+        [integer_matrix(generator, dims, samples, max(rank, 1)) * (rank > 0) for rank in ranks]
+    )
+    basis = exact().basis(representation)
+    expected_ranks = tuple(reference_rank(r, torch.float64) for r in representation)
+    assert basis.ranks == expected_ranks
+    update = torch.randn(len(ranks), 3, dims, generator=generator, dtype=torch.float64)
+    if bias:  # the last input is the folded bias: project [W | b] in two pieces
+        weight, bias_out = basis.project(update[..., :-1].clone(), update[..., -1:].clone())
+        projected = torch.cat([weight, bias_out], dim=-1)
+    else:
+        projected, _ = basis.project(update.clone(), None)
+    for group, rank in enumerate(expected_ranks):
+        expected = reference_null_projection(update[group], representation[group], rank)
+        torch.testing.assert_close(
+            projected[group], expected, rtol=0, atol=1e-12 * float(update.norm())
+        )
+        kept = basis.ranks[group] if not basis.spans_null_space else dims - basis.ranks[group]
+        assert torch.count_nonzero(basis.vectors[group].norm(dim=0)) == kept
+
+
+@given(rank_deficient(dtypes=(torch.float64,)))
+def test_projecting_twice_is_idempotent(matrix):
+    generator = torch.Generator().manual_seed(matrix.shape[1])
+    update = torch.randn(1, 4, matrix.shape[0], generator=generator, dtype=torch.float64)
+    basis = exact().basis(matrix.unsqueeze(0))
+    once, _ = basis.project(update, None)
+    twice, _ = basis.project(once, None)
+    torch.testing.assert_close(twice, once, rtol=0, atol=1e-13 * float(update.norm()))
+
+
+@given(seed=st.integers(0, 2**31 - 1), dims=st.integers(2, 16), rank=st.integers(0, 16))
+def test_null_side_and_core_side_project_alike(seed, dims, rank):
+    generator = torch.Generator().manual_seed(seed)
+    rank = min(rank, dims)
+    left, _ = torch.linalg.qr(torch.randn(dims, dims, generator=generator, dtype=torch.float64))
+    core = CoreBasis(left[None, :, :rank], (rank,), dims)
+    null = CoreBasis(left[None, :, rank:], (rank,), dims, spans_null_space=True)
+    update = torch.randn(1, 6, dims, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(
+        core.project(update, None)[0], null.project(update, None)[0], rtol=0, atol=1e-13
+    )
+    assert core.null_dim == null.null_dim == dims - rank
+
+
+def test_builder_stores_the_smaller_side():
+    """Many samples and a large rank: the basis holds the few null directions, not the core."""
+    generator = torch.Generator().manual_seed(1)
+    representation = integer_matrix(generator, 9, 60, 7).unsqueeze(0)
+    basis = exact().basis(representation)
+    assert basis.spans_null_space and basis.vectors.shape == (1, 9, 2)
+    expected = reference_null_projection(torch.eye(9, dtype=torch.float64), representation[0], 7)
+    torch.testing.assert_close(projection_matrix(basis)[0], expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_wide_layers_get_a_thin_basis(dtype):
+    """samples < dims: the basis is d x k with k <= samples, never a dense d x d projector."""
+    generator = torch.Generator().manual_seed(2)
+    dims, samples = 3000, 12
+    representation = torch.randn(1, dims, samples, generator=generator).to(dtype)
+    basis = exact().basis(representation)
+    assert not basis.spans_null_space
+    assert basis.vectors.shape[:2] == (1, dims) and basis.vectors.shape[2] <= samples
+    assert basis.ranks == (samples,) and basis.null_dim == dims - samples
