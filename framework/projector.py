@@ -31,7 +31,9 @@ class Site:
     names reach into submodules). The weight is viewed as
     ``(out, in...)`` -> ``(groups, rows, inputs)`` and ``rows = (start, stop)``
     selects output rows (e.g. the query block of a packed attention projection). The bias
-    is folded into the representation as a constant-1 input.
+    is folded into the representation as a constant-1 input; ``bias_rows`` selects its
+    rows when they differ from the weight's (separate query/key/value weights that share
+    one packed bias).
     """
 
     name: str
@@ -40,6 +42,7 @@ class Site:
     bias: str | None = None
     rows: tuple[int, int] | None = None
     groups: int = 1
+    bias_rows: tuple[int, int] | None = None
 
 
 class Projector(ABC):
@@ -81,7 +84,7 @@ class Projector(ABC):
         like the parameters.
         """
         weight = _site_view(updates[site.weight], site)
-        bias = _site_view(updates[site.bias], site) if site.bias is not None else None
+        bias = _site_view(updates[site.bias], site, bias=True) if site.bias is not None else None
         weight_out, bias_out = basis.project(weight, bias)
         weight.copy_(weight_out)
         if bias is not None:
@@ -93,9 +96,10 @@ class Projector(ABC):
         return _site_view(weight, site).shape[-1] + (site.bias is not None)
 
 
-def _site_view(tensor: Tensor, site: Site) -> Tensor:
+def _site_view(tensor: Tensor, site: Site, *, bias: bool = False) -> Tensor:
     """``tensor`` (a weight or bias, or an update shaped like one) as ``(groups, rows, inputs)``."""
-    matrix = tensor.reshape(tensor.shape[0], -1)[slice(*site.rows) if site.rows else slice(None)]
+    rows = site.bias_rows if bias and site.bias_rows else site.rows
+    matrix = tensor.reshape(tensor.shape[0], -1)[slice(*rows) if rows else slice(None)]
     return matrix.reshape(site.groups, matrix.shape[0] // site.groups, matrix.shape[1])
 
 

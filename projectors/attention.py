@@ -1,0 +1,164 @@
+"""Projector for ``nn.MultiheadAttention``: the self-attention case of eqs. 10 and 13.
+
+Attention is four affine maps of tokens: queries, keys and values are
+projections of the query, key and value inputs (eq. 7), and ``out_proj`` maps
+the concatenated heads to the output (eq. 6). Each is a site whose samples
+are tokens. Moving each within the null space of its own inputs keeps the
+queries, keys and values on the batch, hence the heads and the output.
+
+``out_proj`` runs inside ``F.multi_head_attention_forward``, so no hook on it
+ever fires. Its inputs are recomputed while the module's own forward starts:
+the same functional call on the same arguments, with the output projection
+replaced by the identity and dropout off (teleport forwards run in eval mode).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from torch_teleport import Projector, Site, hookimpl
+from torch_teleport.projector import Record, append_ones
+
+BIAS_V_REASON = (
+    "bias_v is the value of an extra key that every query attends to with positive weight, "
+    "so any change to it changes the output: no null space"
+)
+
+
+class MultiheadAttentionProjector(Projector):
+    """Sites ``q``, ``k``, ``v`` (rows of the packed or separate in-projections), ``out_proj``
+    and, with ``add_bias_kv``, ``bias_k``.
+
+    ``bias_k`` is the key of an extra token: it enters each head's scores as
+    ``q_h . bias_k_h``, a linear map of the projected queries, so it moves in
+    the complement of the batch's projected queries, head by head (room exists
+    when a batch has fewer query tokens than a head has dimensions). ``bias_v``
+    is frozen (:data:`BIAS_V_REASON`).
+    """
+
+    def sites(self, module: nn.MultiheadAttention) -> Sequence[Site]:
+        embed = module.embed_dim
+        bias = "in_proj_bias" if module.in_proj_bias is not None else None
+        blocks = {"q": (0, embed), "k": (embed, 2 * embed), "v": (2 * embed, 3 * embed)}
+        streams = {"q": "query", "k": "key", "v": "value"}
+        if module.in_proj_weight is not None:
+            sites = [
+                Site(n, streams[n], "in_proj_weight", bias, rows=rows) for n, rows in blocks.items()
+            ]
+        else:
+            sites = [
+                Site(n, streams[n], f"{n}_proj_weight", bias, bias_rows=rows)
+                for n, rows in blocks.items()
+            ]
+        out_bias = "out_proj.bias" if module.out_proj.bias is not None else None
+        sites.append(Site("out_proj", "heads", "out_proj.weight", out_bias))
+        if module.bias_k is not None:
+            sites.append(Site("bias_k", "projected_query", "bias_k"))
+        return sites
+
+    def frozen(self, module: nn.MultiheadAttention) -> dict[str, str]:
+        return {"bias_v": BIAS_V_REASON} if module.bias_v is not None else {}
+
+    def capture(self, module: nn.MultiheadAttention, record: Record) -> list[RemovableHandle]:
+        signature = inspect.signature(module.forward)
+
+        def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> None:
+            call = signature.bind(*args, **kwargs)
+            call.apply_defaults()
+            arguments = call.arguments
+            for stream in ("query", "key", "value"):
+                record(stream, arguments[stream])
+            with torch.no_grad():
+                record("heads", concatenated_heads(module, arguments))
+                if module.bias_k is not None:
+                    weight, bias = _query_projection(module)
+                    record("projected_query", F.linear(arguments["query"], weight, bias))
+
+        return [module.register_forward_pre_hook(hook, with_kwargs=True)]
+
+    def representation(
+        self, module: nn.MultiheadAttention, site: Site, captured: Sequence[Tensor]
+    ) -> Tensor:
+        if site.name == "bias_k":
+            queries = torch.cat([q.reshape(-1, module.embed_dim) for q in captured])
+            return _per_head_columns(queries, module.num_heads)
+        width = module.get_parameter(site.weight).shape[1]
+        tokens = torch.cat([x.reshape(-1, width) for x in captured])
+        if site.bias is not None:
+            tokens = append_ones(tokens)
+        return tokens.T.unsqueeze(0)
+
+
+def concatenated_heads(module: nn.MultiheadAttention, arguments: dict[str, Any]) -> Tensor:
+    """The input of ``module.out_proj`` for one call, as ``(target tokens, [batch,] embed_dim)``.
+
+    ``arguments`` are the call's bound arguments. The module's own functional
+    call with an identity output projection, no output bias and no dropout, so
+    masks, ``bias_kv``, ``add_zero_attn`` and ``is_causal`` act exactly as in the call.
+    """
+    query, key, value = arguments["query"], arguments["key"], arguments["value"]
+    if module.batch_first and query.dim() == 3:
+        query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+    separate = module.in_proj_weight is None
+    identity = torch.eye(
+        module.embed_dim, dtype=module.out_proj.weight.dtype, device=module.out_proj.weight.device
+    )
+    heads, _ = F.multi_head_attention_forward(
+        query,
+        key,
+        value,
+        module.embed_dim,
+        module.num_heads,
+        module.in_proj_weight,
+        module.in_proj_bias,
+        module.bias_k,
+        module.bias_v,
+        module.add_zero_attn,
+        0.0,
+        identity,
+        None,
+        training=False,
+        key_padding_mask=arguments["key_padding_mask"],
+        need_weights=arguments["need_weights"],
+        attn_mask=arguments["attn_mask"],
+        use_separate_proj_weight=separate,
+        q_proj_weight=module.q_proj_weight,
+        k_proj_weight=module.k_proj_weight,
+        v_proj_weight=module.v_proj_weight,
+        average_attn_weights=arguments["average_attn_weights"],
+        is_causal=arguments["is_causal"],
+    )
+    return heads
+
+
+def _query_projection(module: nn.MultiheadAttention) -> tuple[Tensor, Tensor | None]:
+    embed = module.embed_dim
+    weight = (
+        module.q_proj_weight if module.in_proj_weight is None else module.in_proj_weight[:embed]
+    )
+    bias = module.in_proj_bias[:embed] if module.in_proj_bias is not None else None
+    return weight, bias
+
+
+def _per_head_columns(queries: Tensor, heads: int) -> Tensor:
+    """``(1, embed_dim, tokens * heads)``: each query token once per head, zero outside that head.
+
+    ``bias_k . column`` is then the score of the extra key for that token and head.
+    """
+    per_head = rearrange(queries, "t (h d) -> t h d", h=heads)
+    eye = torch.eye(heads, dtype=queries.dtype, device=queries.device)
+    blocks = torch.einsum("thd,hg->gthd", per_head, eye)
+    return rearrange(blocks, "g t h d -> (h d) (g t)").unsqueeze(0)
+
+
+@hookimpl
+def teleport_register_projectors(registry) -> None:
+    registry.add_projector(nn.MultiheadAttention, MultiheadAttentionProjector)
