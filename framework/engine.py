@@ -12,12 +12,17 @@ from torch import Tensor, nn
 from torch.nn.utils import get_total_norm
 
 from .coverage import Coverage, find_coverage
+from .distributed import Replicas, underlying_module
 from .method import TeleportMethod
 from .model_state import double_backward_safe, preserved_state
 from .null_space import CoreBasis, NullSpace
 from .objective import Batch, Evaluation, LossFn, Objective
+from .projector import _site_view
 from .registry import Registry, default_registry
 from .report import LayerReport, TeleportReport
+
+ROUNDING_RATIO = 100
+"""A projected gradient below ``ROUNDING_RATIO * eps`` of the unprojected one is rounding noise."""
 
 
 class Teleporter:
@@ -44,6 +49,14 @@ class Teleporter:
         cap: stop once the gradient norm reaches this value (the paper's CAP).
         uncovered: what to do with trainable parameters no projector covers:
             ``"error"``, ``"warn"`` (default) or ``"freeze"``.
+        replicas: the data-parallel replicas to keep identical; by default
+            every rank of an initialised ``torch.distributed`` default group
+            (see :class:`~torch_teleport.distributed.Replicas`). A
+            ``DistributedDataParallel`` model is teleported through its
+            underlying module.
+        max_loss_change: roll the teleport back (``stopped="loss_changed"``)
+            when the relative change of the teleport-batch loss exceeds
+            this; ``None`` (default) never does.
         objective_options: keyword arguments for a named objective.
         method_options: keyword arguments for the method.
         registry: where names are looked up; the installed plugins by default.
@@ -63,6 +76,8 @@ class Teleporter:
         cap: float | None = None,
         normalize: bool = True,
         uncovered: str = "warn",
+        replicas: Replicas | None = None,
+        max_loss_change: float | None = None,
         objective_options: dict[str, Any] | None = None,
         method_options: dict[str, Any] | None = None,
         registry: Registry | None = None,
@@ -74,7 +89,9 @@ class Teleporter:
             raise ValueError(f"lr must be a positive finite number, got {lr!r}")
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps!r}")
-        self.model = model
+        if max_loss_change is not None and not max_loss_change >= 0:
+            raise ValueError(f"max_loss_change must be None or a non-negative number, got {max_loss_change!r}")
+        self.model = underlying_module(model)
         self.loss_fn = loss_fn
         if isinstance(objective, Objective):
             self.objective = objective
@@ -87,6 +104,8 @@ class Teleporter:
         self.cap = cap
         self.normalize = normalize
         self.uncovered = uncovered
+        self.replicas = replicas or Replicas()
+        self.max_loss_change = max_loss_change
         self.method: TeleportMethod = self.registry.get("method", method)(self, **(method_options or {}))
 
     def teleport(
@@ -98,7 +117,9 @@ class Teleporter:
         parameter update; on an exception, or when a non-finite value appears,
         the parameters are restored too and the report says so.
         """
-        _check_batch(inputs, targets)
+        if self.replicas.size > 1 and not self.method.keeps_replicas_in_sync:
+            raise NotImplementedError(f"{type(self.method).__name__} cannot keep data-parallel replicas identical")
+        self.replicas.check_together(_check_batch, inputs, targets)
         steps = self.steps if steps is None else steps
         cap = self.cap if cap is None else cap
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -111,19 +132,25 @@ class Teleporter:
         except BaseException:
             _restore(trainable, saved)
             raise
-        if report.stopped == "non_finite" or not math.isfinite(report.loss_after):
-            _restore(trainable, saved)
+        if not math.isfinite(report.loss_after):
             report.stopped = "non_finite"
+        elif self.max_loss_change is not None and report.loss_change > self.max_loss_change:
+            report.stopped = "loss_changed"
+        if report.stopped in ("non_finite", "loss_changed"):
+            _restore(trainable, saved)
             report.rolled_back = True
             report.loss_after = report.loss_before
             report.grad_norm_after = report.grad_norm_before
             report.objective_after = report.objective_before
         report.seconds = time.perf_counter() - started
+        self.replicas.verify(self.model)
         return report
 
     def evaluate(self, batch: Batch) -> Evaluation:
         """The objective on ``batch``, with the loss detached and the gradient norm filled in."""
         evaluation = self.objective.evaluate(batch)
+        if self.replicas.size > 1:
+            return self.replicas.combine(evaluation, batch)
         if evaluation.grad_norm is None:
             grads = torch.autograd.grad(evaluation.loss, batch.parameters, retain_graph=True, allow_unused=True)
             evaluation.grad_norm = torch.sqrt(sum(g.detach().square().sum() for g in grads if g is not None))
@@ -139,6 +166,8 @@ class NullSpaceMethod(TeleportMethod):
     steps (exact steps leave every layer's inputs on the batch unchanged).
     """
 
+    keeps_replicas_in_sync = True
+
     def __init__(self, teleporter: Teleporter) -> None:
         super().__init__(teleporter)
         null_space = teleporter.null_space
@@ -147,6 +176,11 @@ class NullSpaceMethod(TeleportMethod):
         self.null_space = null_space
         self.coverage: Coverage = find_coverage(teleporter.model, teleporter.registry, teleporter.uncovered)
         for name, param in self.coverage.movable().items():
+            if param.is_meta:
+                raise ValueError(
+                    f"{name} is on the meta device and holds no values; materialise the model "
+                    "(model.to_empty(device=...) and load its weights) before teleporting it"
+                )
             if param.dtype not in (torch.float32, torch.float64):
                 raise TypeError(
                     f"teleport needs float32 or float64 parameters, {name} is {param.dtype}; "
@@ -160,14 +194,18 @@ class NullSpaceMethod(TeleportMethod):
         try:
             for covered in self.coverage.modules:
                 handles += covered.projector.capture(covered.module, _recorder(captured, covered.name))
-            first = tele.evaluate(batch)
+            # A forward of its own: objectives may run extra (e.g. perturbed) forwards whose
+            # inputs must not enter the representations.
+            with torch.no_grad():
+                batch.model(batch.inputs)
         finally:
             for handle in handles:
                 handle.remove()
+        first = tele.evaluate(batch)
         if not (torch.isfinite(first.loss) and torch.isfinite(first.value)):
             raise ValueError(f"the loss or objective on the teleport batch is not finite (loss {float(first.loss)})")
         basis_started = time.perf_counter()
-        bases, layers, frozen = self._bases(captured)
+        bases, pinned, layers, frozen = self._bases(captured)
         report = TeleportReport(
             loss_before=float(first.loss),
             loss_after=float(first.loss),
@@ -197,7 +235,7 @@ class NullSpaceMethod(TeleportMethod):
             if cap is not None and float(evaluation.grad_norm) >= cap:
                 report.stopped = "cap"
                 break
-            update = self._projected_step(evaluation, params, bases)
+            update = self._projected_step(evaluation, params, bases, pinned)
             if update is None:
                 report.stopped = "non_finite"
                 return report
@@ -213,37 +251,57 @@ class NullSpaceMethod(TeleportMethod):
             report.stopped = "non_finite"
         return report
 
-    def _bases(self, captured: dict) -> tuple[dict, list[LayerReport], dict[str, str]]:
-        """One core basis per site; sites whose module never ran, or with no room, stay fixed."""
+    def _bases(self, captured: dict) -> tuple[dict, list, list[LayerReport], dict[str, str]]:
+        """One core basis per site; sites whose module never ran, or with no room, stay fixed.
+
+        A site without room whose parameter another site moves (the key block
+        of a packed attention projection whose query block has room) is
+        *pinned*: its rows of the update are zeroed.
+        """
         bases: dict[tuple[str, str], CoreBasis] = {}
         layers: list[LayerReport] = []
         frozen: dict[str, str] = {}
+        no_room: list = []
         for covered in self.coverage.modules:
             for site in covered.sites:
                 names = [covered.qualified(p) for p in (site.weight, site.bias) if p]
                 tensors = captured.get((covered.name, site.stream))
-                if not tensors:
+                representation = (
+                    covered.projector.representation(covered.module, site, tensors).detach() if tensors else None
+                )
+                spectrum = self.teleporter.replicas.spectrum(representation)  # of the global batch
+                if spectrum is None:
                     frozen.update(dict.fromkeys(names, "its module did not run on the teleport batch"))
                     continue
-                representation = covered.projector.representation(covered.module, site, tensors)
-                basis = self.null_space.basis(representation.detach())
+                basis = self.null_space.basis_of(spectrum)
                 layers.append(
                     LayerReport(
                         name=covered.qualified(site.name),
                         input_dim=basis.input_dim * site.groups,
                         null_dim=basis.null_dim,
-                        samples=representation.shape[-1],
+                        samples=spectrum.samples,
                         groups=site.groups,
                     )
                 )
                 if basis.null_dim == 0:
-                    frozen.update(dict.fromkeys(names, "no null space on the teleport batch"))
+                    no_room.append((covered, site, names))
                 else:
                     bases[(covered.name, site.name)] = basis
-        return bases, layers, frozen
+        moving = {
+            covered.qualified(p)
+            for covered in self.coverage.modules
+            for site in covered.sites
+            if (covered.name, site.name) in bases
+            for p in (site.weight, site.bias)
+            if p
+        }
+        pinned = [(covered, site) for covered, site, names in no_room if moving.intersection(names)]
+        for _, _, names in no_room:
+            frozen.update({name: "no null space on the teleport batch" for name in names if name not in moving})
+        return bases, pinned, layers, frozen
 
     def _projected_step(
-        self, evaluation: Evaluation, params: dict[str, nn.Parameter], bases: dict
+        self, evaluation: Evaluation, params: dict[str, nn.Parameter], bases: dict, pinned: list
     ) -> dict[str, Tensor] | None:
         """The projected, signed and scaled step per parameter; ``None`` if it is not finite."""
         tele = self.teleporter
@@ -252,18 +310,27 @@ class NullSpaceMethod(TeleportMethod):
             name: (g if g is not None else torch.zeros_like(p)).detach().contiguous()
             for (name, p), g in zip(params.items(), grads, strict=True)
         }
+        update = tele.replicas.sum(update)  # the global objective's gradient, the same on every rank
+        unprojected_norm = get_total_norm(list(update.values()))
         for covered in self.coverage.modules:
             for site in covered.sites:
                 basis = bases.get((covered.name, site.name))
                 if basis is not None:
                     local = {p: update[covered.qualified(p)] for p in (site.weight, site.bias) if p}
                     covered.projector.project(covered.module, site, local, basis)
+        for covered, site in pinned:
+            for local, is_bias in ((site.weight, False), (site.bias, True)):
+                if local and covered.qualified(local) in update:
+                    _site_view(update[covered.qualified(local)], site, bias=is_bias).zero_()
         norm = get_total_norm(list(update.values()))
         if not torch.isfinite(norm):
             return None
         scale = tele.lr if tele.objective.ascend else -tele.lr
         if tele.normalize:
-            if norm == 0:
+            # A projected gradient at rounding level (e.g. a gradient wholly in the core space)
+            # holds no direction: scaling it to a relative step would move the weights at random.
+            eps = max(torch.finfo(u.dtype).eps for u in update.values())
+            if norm <= ROUNDING_RATIO * eps * unprojected_norm:
                 return {name: torch.zeros_like(u) for name, u in update.items()}
             weight_norm = get_total_norm([p.detach() for p in params.values()])
             scale = scale * weight_norm / norm

@@ -23,6 +23,9 @@ class TeleportMethod(ABC):
     ``stopped="non_finite"``.
     """
 
+    keeps_replicas_in_sync = False
+    """Whether :meth:`run` reduces through ``teleporter.replicas`` (required under data parallelism)."""
+
     def __init__(self, teleporter: Teleporter) -> None:
         self.teleporter = teleporter
 

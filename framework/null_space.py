@@ -10,9 +10,10 @@ route for the shape:
 
 * thin SVD of ``R`` (``d x N``) when there are fewer than twice as many
   samples as input dimensions;
-* otherwise the eigendecomposition of the ``d x d`` Gram matrix ``R R^T``;
-  in float64 it resolves singular values down to ``1e-8 sigma_max``, below
-  float32 resolution.
+* otherwise, for float32 and narrower representations, the eigendecomposition
+  of the ``d x d`` Gram matrix ``R R^T``; in float64 it resolves singular
+  values down to ``1e-8 sigma_max``, below float32 resolution but far above
+  float64's, so float64 representations always take the SVD route.
 
 No dense ``d x d`` projector is ever formed; when the Gram route yields the
 whole eigenbasis and the null space is the smaller side, the projection is
@@ -65,11 +66,25 @@ def spectrum(representation: Tensor) -> Spectrum:
         raise ValueError("representation contains non-finite values")
     _, dims, samples = representation.shape
     wide = representation.double()
-    if samples >= GRAM_ROUTE_RATIO * dims:
-        values, vectors = torch.linalg.eigh(wide @ wide.transpose(-1, -2))
-        return Spectrum(vectors.flip(-1), values.flip(-1).clamp_min(0), True, samples, representation.dtype)
+    if uses_gram_route(dims, samples, representation.dtype):
+        return gram_spectrum(wide @ wide.transpose(-1, -2), samples, representation.dtype)
     vectors, singular, _ = torch.linalg.svd(wide, full_matrices=False)
     return Spectrum(vectors, singular.square(), samples >= dims, samples, representation.dtype)
+
+
+def uses_gram_route(dims: int, samples: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`spectrum` takes the Gram route for a representation of this shape and dtype."""
+    return samples >= GRAM_ROUTE_RATIO * dims and dtype != torch.float64
+
+
+def gram_spectrum(gram: Tensor, samples: int, dtype: torch.dtype) -> Spectrum:
+    """The spectrum from the float64 Gram matrix ``R R^T`` (``groups x dims x dims``).
+
+    ``R`` has ``samples`` columns in ``dtype``. Gram matrices add up over
+    column blocks, so replicas can sum theirs instead of sharing ``R``.
+    """
+    values, vectors = torch.linalg.eigh(gram)
+    return Spectrum(vectors.flip(-1), values.flip(-1).clamp_min(0), True, samples, dtype)
 
 
 @dataclass(frozen=True)
@@ -126,13 +141,16 @@ class NullSpace(ABC):
 
     def basis(self, representation: Tensor) -> CoreBasis:
         """The core basis of ``representation`` (``groups x dims x samples``), in its dtype."""
-        spec = spectrum(representation)
+        return self.basis_of(spectrum(representation))
+
+    def basis_of(self, spec: Spectrum) -> CoreBasis:
+        """The core basis for a spectrum, in the dtype of its representation."""
         ranks = self.core_rank(spec).clamp(0, spec.dims)
         rank_list = tuple(int(r) for r in ranks)
         max_rank = max(rank_list, default=0)
         null_max = spec.dims - min(rank_list, default=0)
         columns = torch.arange(spec.vectors.shape[-1], device=spec.vectors.device)
-        dtype = representation.dtype
+        dtype = spec.dtype
         if spec.complete and null_max < max_rank:
             keep = columns[None, :] >= ranks[:, None].to(columns.device)
             vectors = (spec.vectors * keep[:, None, :])[..., spec.dims - null_max :]

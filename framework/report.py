@@ -25,7 +25,8 @@ class TeleportReport:
 
     ``stopped`` is one of ``"steps"`` (all steps taken), ``"cap"`` (the
     gradient norm reached the cap), ``"no_room"`` (no parameter has a
-    non-trivial null space), ``"non_finite"`` (rolled back).
+    non-trivial null space), ``"non_finite"`` (rolled back), ``"loss_changed"``
+    (the batch loss moved more than the teleporter's ``max_loss_change``; rolled back).
     ``frozen`` maps parameter names to why they did not move.
     """
 

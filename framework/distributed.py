@@ -1,0 +1,321 @@
+"""Teleporting data-parallel replicas: one null space and one update for the global batch.
+
+Under ``torch.distributed`` every rank holds a replica of the model and its
+own shard of the teleport batch. Teleporting each replica on its shard
+would move the replicas apart (their gradients and null spaces differ);
+:class:`Replicas` is the seam through which the engine makes every rank
+compute the teleport of the *global* batch (the concatenation of the
+shards, in rank order) instead:
+
+* **null space** -- each covered site's spectrum is that of the global
+  representation. When :func:`~torch_teleport.null_space.spectrum` would
+  take its Gram route, ranks all-reduce their ``d x d`` float64 Gram
+  matrices; otherwise they all-gather their representations (a copy, so
+  every rank holds the same matrix). Either way each rank runs the same
+  eigen-/singular-value decomposition on the same numbers.
+* **figures** -- loss, gradient norm and objective are sample-weighted
+  means over ranks (one all-reduce of the loss gradients and two scalars
+  per evaluation): the loss and gradient norm reported are those of the
+  global batch, for a mean-reduced ``loss_fn``.
+* **update** -- the teleport ascends the sample-weighted mean of the
+  ranks' objectives; its gradient is all-reduced *before* projection, so
+  every rank projects and scales the same tensor with the same basis.
+
+Every decision the engine takes (stop at the cap, roll back on a
+non-finite value, skip a bad batch) reads these global numbers, so all
+ranks take it together and none waits in a collective the others left.
+The result is bit-identical on every rank when the collectives hand every
+rank the same bits (gloo and NCCL rings do) and the ranks run the same
+kernels; ``verify=True`` checks it after each teleport.
+
+The module also holds what a launched experiment needs: joining the group
+``torchrun`` describes (:func:`join_launch`), rank-0-only output
+(:func:`is_main_process`, :class:`Silent`) and gathering per-rank state.
+See ``docs/scale.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .null_space import Spectrum, gram_spectrum, spectrum, uses_gram_route
+from .objective import Batch, Evaluation
+
+DTYPES: tuple[torch.dtype, ...] = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+"""Representation dtypes, by the code ranks exchange to agree on one."""
+
+
+class ReplicaDivergenceError(RuntimeError):
+    """The replicas' parameters differ after a teleport (found by ``Replicas(verify=True)``)."""
+
+
+class InvalidBatchElsewhereError(ValueError):
+    """Another rank's teleport batch was rejected, so this rank skips the teleport too."""
+
+
+def underlying_module(model: nn.Module) -> nn.Module:
+    """The module a data-parallel wrapper replicates (``model`` itself when it is not wrapped).
+
+    A teleport runs on the underlying module: a forward through the
+    ``DistributedDataParallel`` wrapper would prepare a gradient reduction
+    that the teleport's own ``autograd.grad`` calls never complete.
+    """
+    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        model = model.module
+    return model
+
+
+class Replicas:
+    """The data-parallel replicas a teleport keeps identical.
+
+    ``Replicas()`` joins the default process group once one is initialised
+    with more than one rank (checked at each teleport, so it may be built
+    before ``init_process_group``) and is a single process otherwise;
+    ``group`` names another process group; :meth:`this_process` never
+    communicates (to teleport one replica on purpose). With
+    ``verify=True`` every teleport ends by comparing parameter checksums
+    across ranks and raises :class:`ReplicaDivergenceError` on a mismatch
+    (one all-gather of one integer per parameter tensor).
+
+    Collectives run on CUDA tensors when the group's backend is NCCL and on
+    CPU tensors otherwise (gloo).
+    """
+
+    def __init__(self, group: Any = None, *, verify: bool = False) -> None:
+        self.group = group
+        self.verify_after = bool(verify)
+        self._alone = False
+
+    @classmethod
+    def this_process(cls) -> Replicas:
+        """Replicas that never communicate: the teleport moves this process's model alone."""
+        replicas = cls()
+        replicas._alone = True
+        return replicas
+
+    @property
+    def size(self) -> int:
+        """The number of replicas (1 outside an initialised process group)."""
+        if self._alone or not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.group)
+
+    def __repr__(self) -> str:
+        return f"Replicas(size={self.size}, verify={self.verify_after})"
+
+    # -- agreement on the batch ---------------------------------------------------------
+    def check_together(self, check: Callable[..., None], *args: Any) -> None:
+        """Run ``check(*args)`` on every rank; if it fails anywhere, raise everywhere.
+
+        The failing rank re-raises its own error; the others raise
+        :class:`InvalidBatchElsewhereError` naming the failing ranks, so no
+        rank enters a teleport's collectives alone.
+        """
+        error: Exception | None = None
+        try:
+            check(*args)
+        except (TypeError, ValueError) as caught:
+            error = caught
+        if self.size > 1:
+            flags = self._all_gather_ints([int(error is not None)])[:, 0]
+            failing = [rank for rank, flag in enumerate(flags.tolist()) if flag]
+            if failing and error is None:
+                raise InvalidBatchElsewhereError(
+                    f"the teleport batch of rank(s) {failing} was rejected (see the error there); "
+                    "every rank skips this teleport"
+                )
+        if error is not None:
+            raise error
+
+    # -- the global null space ----------------------------------------------------------
+    def spectrum(self, representation: Tensor | None) -> Spectrum | None:
+        """The spectrum of the global representation of one site; ``None`` if no rank saw samples.
+
+        ``representation`` is this rank's ``(groups, dims, samples)``
+        matrix, or ``None`` when the site's module did not run here.
+        """
+        if self.size == 1:
+            return None if representation is None else spectrum(representation)
+        shape = list(representation.shape) if representation is not None else [0, 0, 0]
+        code = DTYPES.index(representation.dtype) if representation is not None else -1
+        headers = self._all_gather_ints([*shape, code])
+        present = headers[headers[:, 2] > 0]
+        if len(present) == 0:
+            return None
+        if (present[:, [0, 1, 3]] != present[0, [0, 1, 3]]).any():
+            raise ValueError(f"replicas disagree on a site's representation (groups, dims, samples, dtype): {headers.tolist()}")
+        groups, dims, _, code = (int(v) for v in present[0])
+        dtype = DTYPES[code]
+        counts = headers[:, 2].tolist()
+        total = sum(counts)
+        device = self._device()
+        local = (
+            representation.detach().to(device=device, dtype=torch.float64)
+            if representation is not None and representation.shape[2] > 0
+            else torch.zeros(groups, dims, 0, dtype=torch.float64, device=device)
+        )
+        if uses_gram_route(dims, total, dtype):
+            gram = local @ local.transpose(-1, -2)
+            dist.all_reduce(gram, group=self.group)
+            return gram_spectrum(gram, total, dtype)
+        width = max(counts)
+        padded = torch.zeros(groups, dims, width, dtype=torch.float64, device=device)
+        padded[..., : local.shape[2]] = local
+        gathered = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(gathered, padded, group=self.group)
+        parts = [block[..., :count] for block, count in zip(gathered, counts, strict=True)]
+        return spectrum(torch.cat(parts, dim=-1).to(dtype))
+
+    # -- global figures and one update --------------------------------------------------
+    def combine(self, evaluation: Evaluation, batch: Batch) -> Evaluation:
+        """This rank's evaluation turned into the global batch's.
+
+        ``loss`` and ``grad_norm`` become those of the global batch
+        (sample-weighted means of the ranks' losses and loss gradients).
+        ``value`` is the sample-weighted mean of the ranks' objectives; its
+        graph carries this rank's share only, so summing the gradients of
+        ``value`` over ranks (:meth:`sum`) gives the global objective's
+        gradient.
+        """
+        grads = torch.autograd.grad(evaluation.loss, batch.parameters, retain_graph=True, allow_unused=True)
+        device = self._device()
+        samples = float(batch.inputs.shape[0])
+        flat = [
+            (g if g is not None else torch.zeros_like(p)).detach().reshape(-1).to(device, torch.float64)
+            for g, p in zip(grads, batch.parameters, strict=True)
+        ]
+        scalars = torch.stack([t.detach().to(device, torch.float64) for t in (evaluation.loss, evaluation.value)])
+        packed = torch.cat([*flat, scalars, torch.ones(1, dtype=torch.float64, device=device)]) * samples
+        dist.all_reduce(packed, group=self.group)
+        total = packed[-1]
+        mean = packed[:-1] / total
+        share = evaluation.value * (samples / float(total))
+        global_value = mean[-1].to(share.device, share.dtype)
+        return Evaluation(
+            value=share - share.detach() + global_value,
+            loss=mean[-2].to(evaluation.loss.device, evaluation.loss.dtype),
+            grad_norm=torch.linalg.vector_norm(mean[:-2]),
+        )
+
+    def sum(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The sum over ranks of each tensor, the same on every rank (one all-reduce, in float64)."""
+        if self.size == 1 or not tensors:
+            return tensors
+        device = self._device()
+        packed = torch.cat([t.reshape(-1).to(device, torch.float64) for t in tensors.values()])
+        dist.all_reduce(packed, group=self.group)
+        result, offset = {}, 0
+        for name, tensor in tensors.items():
+            piece = packed[offset : offset + tensor.numel()]
+            result[name] = piece.reshape(tensor.shape).to(tensor.device, tensor.dtype)
+            offset += tensor.numel()
+        return result
+
+    # -- checking ------------------------------------------------------------------------
+    def verify(self, model: nn.Module) -> None:
+        """With ``verify=True``: raise :class:`ReplicaDivergenceError` unless all ranks hold the same parameters."""
+        if self.verify_after and self.size > 1:
+            self.assert_identical(model.named_parameters())
+
+    def assert_identical(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        """Compare bitwise checksums of the tensors across ranks; name the first that differ."""
+        pairs = list(named_tensors)
+        names = [name for name, _ in pairs]
+        sums = self._all_gather_ints([checksum(tensor) for _, tensor in pairs])
+        differing = (sums != sums[0]).any(dim=0).nonzero().flatten().tolist()
+        if differing:
+            listed = ", ".join(names[i] for i in differing[:5])
+            raise ReplicaDivergenceError(
+                f"replicas differ after the teleport in {len(differing)} parameter tensor(s): {listed}"
+            )
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        if "nccl" in str(dist.get_backend(self.group)).lower():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _all_gather_ints(self, values: Sequence[int]) -> Tensor:
+        """``values`` of every rank, as a ``(ranks, len(values))`` int64 tensor on the CPU."""
+        local = torch.tensor(list(values), dtype=torch.int64, device=self._device())
+        gathered = [torch.empty_like(local) for _ in range(self.size)]
+        dist.all_gather(gathered, local, group=self.group)
+        return torch.stack(gathered).cpu()
+
+
+def checksum(tensor: Tensor) -> int:
+    """A position-sensitive checksum of ``tensor``'s bits: equal bits give equal sums.
+
+    The bits are read as integers of the element's width and summed with
+    weights ``1, 2, 3, ...`` in int64 (wrapping on overflow).
+    """
+    flat = tensor.detach().reshape(-1)
+    if flat.is_floating_point():
+        flat = flat.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+    bits = flat.to(torch.int64)
+    weights = torch.arange(1, bits.numel() + 1, dtype=torch.int64, device=bits.device)
+    return int((bits * weights).sum())
+
+
+# -- launches (torchrun) --------------------------------------------------------------
+def join_launch(device: torch.device) -> bool:
+    """Join the process group a launcher such as ``torchrun`` describes in the environment.
+
+    Returns whether this process is one of several ranks (``WORLD_SIZE > 1``).
+    The backend is NCCL on CUDA (each rank on ``cuda:LOCAL_RANK``) and gloo
+    otherwise. Idempotent: a group already initialised is kept.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def leave_launch() -> None:
+    """Leave the process group :func:`join_launch` joined, once every rank is done."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks (``(0, 1)`` outside a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0, the one that logs and writes files."""
+    return rank_and_world()[0] == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op outside a process group): e.g. until rank 0 wrote a checkpoint."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class Silent:
+    """Stands in for a logger (a ``SummaryWriter``) on ranks other than 0: every call does nothing."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` outside a process group); pickled."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
