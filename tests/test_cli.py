@@ -1,0 +1,264 @@
+"""The ``teleport`` command, run in-process on a tiny config, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from torch_teleport import build_registry
+from torch_teleport import cli as cli_module
+from torch_teleport.cli import main
+from torch_teleport.config import tomllib
+from torch_teleport.registry import BUILTIN_ORIGIN
+
+TINY = """
+threads = 1
+
+[model]
+name = "mlp"
+options = { input_dim = 64, hidden = [16], output_dim = 10 }
+
+[dataset]
+name = "digits"
+
+[training]
+epochs = 1
+batch_size = 64
+seeds = [0]
+target_loss = 100.0
+optimizers = [{ name = "sgd", lr = 0.1 }, { name = "adam", lr = 0.001 }]
+
+[teleport]
+steps = 2
+batch_size = 8  # fewer samples than the 17 inputs (with bias) of the output layer: room to move
+schedule = { name = "epochs", options = { epochs = [0], batches = 1 } }
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    return path
+
+
+def test_run_writes_every_output(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", str(tiny), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| sgd | yes |" in printed and "| adam | no |" in printed
+    assert f"outputs in {out}" in printed
+
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) >= {"config", "dataset", "machine", "summary", "runs"}
+    assert [(r["optimizer"], r["teleport"]) for r in results["runs"]] == [
+        ("sgd", False),
+        ("sgd", True),
+        ("adam", False),
+        ("adam", True),
+    ]
+    for run in results["runs"]:
+        for key in ("train_loss", "test_loss", "seconds", "cpu_seconds"):
+            assert len(run[key]) == 2 and all(math.isfinite(v) for v in run[key]), (key, run[key])
+        assert run["seconds"][0] == 0.0 < run["seconds"][1]
+        assert run["train_loss"][1] < run["train_loss"][0]
+        if run["teleport"]:
+            (teleport,) = run["teleports"]
+            assert teleport["epoch"] == 0 and teleport["steps"] == 2
+            assert math.isfinite(teleport["grad_norm_gain"]) and teleport["grad_norm_gain"] > 1
+            assert 0 < run["teleport_seconds"] <= run["seconds"][1]
+        else:
+            assert run["teleports"] == [] and run["teleport_seconds"] == 0
+    for row in results["summary"]:
+        assert row["target_reached"] == 1 and row["epochs_to_target"] == [0]
+        assert all(math.isfinite(row[k]) for k in ("final_train_loss_mean", "final_test_loss_mean"))
+
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "table.md").read_text()
+    assert table.count("\n") == 2 + 4 and table in printed
+
+    resolved = tomllib.loads((out / "config.toml").read_text())
+    assert resolved["training"]["seeds"] == [0] and resolved["teleport"]["lr"] == 0.02
+    assert resolved == _without_none(results["config"])
+
+    for name in ("sgd-plain-seed0", "sgd-teleport-seed0"):
+        events = EventAccumulator(str(out / "tensorboard" / name))
+        events.Reload()
+        scalars = events.Tags()["scalars"]
+        assert {"train/loss", "test/loss", "time/seconds", "train/batch_loss"} <= set(scalars)
+        losses = [event.value for event in events.Scalars("train/loss")]
+        assert losses == pytest.approx(
+            next(r for r in results["runs"] if r["name"] == name)["train_loss"]
+        )
+    events = EventAccumulator(str(out / "tensorboard" / "sgd-teleport-seed0"))
+    events.Reload()
+    assert "teleport/grad_norm_gain" in events.Tags()["scalars"]
+
+
+def _without_none(value):
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def test_the_resolved_config_runs_again(tiny, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert (
+        main(
+            [
+                "run",
+                str(tiny),
+                "--out",
+                str(first),
+                "--set",
+                "training.optimizers=[{name='sgd', lr=0.1}]",
+            ]
+        )
+        == 0
+    )
+    assert main(["run", str(first / "config.toml"), "--out", str(second)]) == 0
+    runs = [json.loads((d / "results.json").read_text())["runs"] for d in (first, second)]
+    assert [r["train_loss"] for r in runs[0]] == [r["train_loss"] for r in runs[1]]
+
+
+def test_plugins_lists_every_builtin_with_its_origin(capsys):
+    assert main(["plugins"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["kind", "name", "object", "from"]
+    registry = build_registry()
+    for entry in registry.entries():
+        assert any(
+            line.split()[:2] == [entry.kind, entry.name] and line.endswith(entry.origin)
+            for line in lines
+        )
+    assert any(
+        line.split()[:3] == ["experiment", "train", "torch_teleport.plugins.train.run_train"]
+        and line.endswith(BUILTIN_ORIGIN)
+        for line in lines
+    )
+
+
+def test_the_installed_console_script_runs():
+    script = Path(sys.executable).with_name("teleport")
+    done = subprocess.run([str(script), "plugins"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "model" in done.stdout and BUILTIN_ORIGIN in done.stdout
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("teleport: error: "), captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+def test_missing_config_file(capsys, tmp_path):
+    message = _error(
+        capsys, ["run", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "out")]
+    )
+    assert f"config file '{tmp_path / 'missing.toml'}' does not exist" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_invalid_toml(capsys, tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[training\nepochs = 1\n")
+    message = _error(capsys, ["run", str(path)])
+    assert str(path) in message and "not valid TOML" in message
+
+
+def test_unknown_key_in_the_file_names_file_and_key(capsys, tiny, tmp_path):
+    tiny.write_text(TINY.replace("epochs = 1", "epochs = 1\nepoch = 2"))
+    message = _error(capsys, ["run", str(tiny), "--out", str(tmp_path / "out")])
+    assert message.startswith(
+        f"teleport: error: {tiny}: unknown key 'training.epoch'; known keys in [training]:"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_key_from_set_names_the_override(capsys, tiny):
+    message = _error(capsys, ["run", str(tiny), "--set", "teleport.step=3"])
+    assert message.startswith("teleport: error: --set teleport.step=3: unknown key 'teleport.step'")
+
+
+def test_bad_set(capsys, tiny):
+    message = _error(capsys, ["run", str(tiny), "--set", "training.epochs"])
+    assert "bad --set 'training.epochs': expected KEY=VALUE" in message
+
+
+def test_bad_value_from_set_on_the_default_config(capsys):
+    message = _error(capsys, ["run", "--set", "training.epochs=0"])
+    assert (
+        message
+        == "teleport: error: --set training.epochs=0: training.epochs must be at least 1, got 0"
+    )
+    message = _error(capsys, ["run", "--set", "training.epoch=3"])
+    assert "unknown key 'training.epoch'" in message
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.name=perceptron", "unknown model 'perceptron'; registered: "),
+        ("dataset.name=imagenet", "unknown dataset 'imagenet'; registered: "),
+        (
+            "training.optimizers=[{name='lbfgs', lr=1}]",
+            "unknown optimizer 'lbfgs'; registered: adagrad, adam, momentum, rmsprop, sgd",
+        ),
+        ("teleport.objective=energy", "unknown objective 'energy'; registered: "),
+        ("teleport.null_space=qr", "unknown null space 'qr'; registered: "),
+        ("teleport.schedule.name=sometimes", "unknown schedule 'sometimes'; registered: "),
+        ("teleport.method=magic", "unknown method 'magic'; registered: "),
+        ("kind=dream", "unknown experiment 'dream'; registered: "),
+    ],
+)
+def test_unknown_plugin_names_list_the_registered_ones(capsys, tiny, tmp_path, override, expected):
+    message = _error(capsys, ["run", str(tiny), "--set", override, "--out", str(tmp_path / "out")])
+    assert expected in message
+    kind = expected.split("'")[0].removeprefix("unknown ").strip().replace(" ", "_")
+    if kind != "optimizer":
+        for name in build_registry().names(kind):
+            assert name in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_plugin_option_errors_name_the_key(capsys, tiny):
+    message = _error(capsys, ["run", str(tiny), "--set", "model.options.widths=[3]"])
+    assert "model.options: building model 'mlp' failed:" in message and "widths" in message
+    message = _error(capsys, ["run", str(tiny), "--set", "teleport.tau=0.5"])
+    assert "teleport: building the teleporter failed: the exact null space needs tau = 1" in message
+
+
+def test_bench_with_an_unknown_name_lists_the_benchmarks(capsys, monkeypatch):
+    registry = build_registry()
+    registry.add_experiment("bench.alpha", lambda config, out_dir: None)
+    registry.add_experiment("bench.beta", lambda config, out_dir: None)
+    monkeypatch.setattr(cli_module, "default_registry", lambda: registry)
+    message = _error(capsys, ["bench", "gamma"])
+    benches = sorted(
+        name.removeprefix("bench.")
+        for name in registry.names("experiment")
+        if name.startswith("bench.")
+    )
+    assert {"alpha", "beta"} <= set(benches)
+    assert (
+        message
+        == f"teleport: error: unknown benchmark 'gamma'; registered benchmarks: {', '.join(benches)}"
+    )
+
+
+def test_bench_runs_the_registered_kind_with_overrides(capsys, monkeypatch, tmp_path):
+    calls = []
+    registry = build_registry()
+    registry.add_experiment("bench.alpha", lambda config, out_dir: calls.append((config, out_dir)))
+    monkeypatch.setattr(cli_module, "default_registry", lambda: registry)
+    assert main(["bench", "alpha", "--set", "repeats=5", "--out", str(tmp_path)]) == 0
+    assert calls == [({"kind": "bench.alpha", "repeats": 5}, tmp_path)]
