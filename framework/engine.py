@@ -71,7 +71,7 @@ class Teleporter:
         objective: str | Objective = "grad_norm",
         null_space: str | NullSpace = "exact",
         tau: float = 1.0,
-        lr: float = 0.02,
+        lr: float = 0.005,
         steps: int = 8,
         cap: float | None = None,
         normalize: bool = True,

@@ -12,6 +12,7 @@ The config schema is documented in ``docs/cli.md``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -73,6 +74,13 @@ from torch_teleport.experiment import (
 )
 from torch_teleport.registry import Registry, default_registry
 
+TELEPORTER_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(Teleporter).parameters.items()
+    if parameter.default is not inspect.Parameter.empty
+}
+"""The ``[teleport]`` table defaults to whatever :class:`Teleporter` defaults to."""
+
 OPTIMIZER = Table(
     {
         "name": Option(REQUIRED, str),
@@ -108,18 +116,18 @@ SCHEMA = Table(
         ),
         "teleport": Table(
             {
-                "method": Option("null_space", str),
-                "objective": Option("grad_norm", str),
-                "null_space": Option("exact", str),
-                "tau": Option(1.0, float),
-                "lr": Option(0.02, float),
-                "steps": Option(8, int, check=at_least(1)),
-                "cap": Option(None, float),
-                "normalize": Option(True, bool),
+                "method": Option(TELEPORTER_DEFAULTS["method"], str),
+                "objective": Option(TELEPORTER_DEFAULTS["objective"], str),
+                "null_space": Option(TELEPORTER_DEFAULTS["null_space"], str),
+                "tau": Option(TELEPORTER_DEFAULTS["tau"], float),
+                "lr": Option(TELEPORTER_DEFAULTS["lr"], float),
+                "steps": Option(TELEPORTER_DEFAULTS["steps"], int, check=at_least(1)),
+                "cap": Option(TELEPORTER_DEFAULTS["cap"], float),
+                "normalize": Option(TELEPORTER_DEFAULTS["normalize"], bool),
                 "batch_size": Option(32, int, check=at_least(1)),
-                "uncovered": Option("warn", str, check=one_of("error", "warn", "freeze")),
+                "uncovered": Option(TELEPORTER_DEFAULTS["uncovered"], str, check=one_of("error", "warn", "freeze")),
                 "optimizer_state": Option("reset", str, check=one_of("reset", "keep")),
-                "max_loss_change": Option(None, float),
+                "max_loss_change": Option(TELEPORTER_DEFAULTS["max_loss_change"], float),
                 "on_failure": Option("skip", str, check=one_of("skip", "raise")),
                 "objective_options": OPTIONS,
                 "method_options": OPTIONS,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from torch_teleport import build_registry
+from torch_teleport import Teleporter, build_registry
 from torch_teleport import cli as cli_module
 from torch_teleport.cli import main
 from torch_teleport.config import tomllib
@@ -84,7 +85,8 @@ def test_run_writes_every_output(tiny, tmp_path, capsys):
     assert table.count("\n") == 2 + 4 and table in printed
 
     resolved = tomllib.loads((out / "config.toml").read_text())
-    assert resolved["training"]["seeds"] == [0] and resolved["teleport"]["lr"] == 0.02
+    assert resolved["training"]["seeds"] == [0]
+    assert resolved["teleport"]["lr"] == inspect.signature(Teleporter).parameters["lr"].default
     assert resolved == _without_none(results["config"])
 
     for name in ("sgd-plain-seed0", "sgd-teleport-seed0"):
