@@ -26,7 +26,9 @@ class TeleportReport:
     ``stopped`` is one of ``"steps"`` (all steps taken), ``"cap"`` (the
     gradient norm reached the cap), ``"no_room"`` (no parameter has a
     non-trivial null space), ``"non_finite"`` (rolled back), ``"loss_changed"``
-    (the batch loss moved more than the teleporter's ``max_loss_change``; rolled back).
+    (the batch loss moved more than the teleporter's ``max_loss_change``; rolled back);
+    level-set teleport adds ``"kkt"`` (a KKT point reached) and ``"line_search"`` (no step
+    passed the line search).
     ``frozen`` maps parameter names to why they did not move.
     """
 

@@ -1,0 +1,197 @@
+"""Every benchmark runs at a tiny size and writes well-formed JSON and a PNG. Nothing here looks at
+how long anything took: timings are the benchmarks' output, never a test's condition."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from torch_teleport.cli import main as teleport_cli
+from torch_teleport.config import ConfigError
+from torch_teleport.plugins.benchmarks.common import growth_exponent, settings
+from torch_teleport.registry import default_registry
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_tiny(name: str, tmp_path: Path) -> dict:
+    figures = tmp_path / "figures"
+    default_registry().get("experiment", f"bench.{name}")(
+        {"kind": f"bench.{name}", "size": "tiny", "figures": str(figures)}, tmp_path / "out"
+    )
+    assert_png(figures / f"bench_{name}.png")
+    return load(tmp_path / "out" / f"{name}.json", name)
+
+
+def load(path: Path, name: str) -> dict:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["benchmark"] == name
+    assert data["settings"]["size"] == "tiny"
+    assert {"cpu", "cores", "threads", "torch", "device", "clock"} <= set(data["machine"])
+    assert_finite(data)
+    return data
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+
+
+def assert_finite(value, where: str = "") -> None:
+    """Every number in the JSON is finite (non-finite numbers would have been written as null)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            assert_finite(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            assert_finite(item, f"{where}[{i}]")
+    elif isinstance(value, float):
+        assert math.isfinite(value), where
+
+
+def numbers(*values) -> None:
+    """Key results: present, numeric and finite (not null)."""
+    for value in values:
+        assert (
+            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        ), value
+
+
+def test_step_cost(tmp_path):
+    data = run_tiny("step_cost", tmp_path)
+    paper = data["paper_mlp"]
+    assert paper["model"] == "mlp" and paper["input_shape"] == [8, 784]
+    numbers(
+        paper["sgd_seconds"], paper["ascent_seconds"], paper["basis_seconds"], paper["hvp_seconds"]
+    )
+    numbers(paper["ascent_over_sgd"], paper["basis_over_sgd"], data["target_ascent_over_sgd"])
+    assert paper["null_space"] == "exact" and paper["moved_sites"] == paper["sites"] == 3
+    assert data["models"][0] == paper
+    assert data["profile"] and all(row["op"] and row["calls"] > 0 for row in data["profile"])
+
+
+def test_scaling(tmp_path):
+    data = run_tiny("scaling", tmp_path)
+    assert set(data["sweeps"]) == {"t", "d", "n", "l", "b"}
+    for variable, points in data["sweeps"].items():
+        assert [p[variable] for p in points] == data["settings"][
+            {"t": "steps", "d": "widths", "n": "batch_sizes", "l": "depths", "b": "batches"}[
+                variable
+            ]
+        ]
+        for point in points:
+            numbers(point["null_space"], point["symmetry"], point["ratio"])
+            assert point["ratio"] == pytest.approx(point["symmetry"] / point["null_space"])
+    for variable in ("d", "n"):
+        numbers(data["exponents"][variable]["null_space"], data["exponents"][variable]["symmetry"])
+    numbers(data["paper_setting"]["ratio"])
+    assert isinstance(data["target_met"], bool)
+
+
+def test_accuracy(tmp_path):
+    data = run_tiny("accuracy", tmp_path)
+    assert list(data["methods"]) == [
+        "null-space, tau = 1",
+        "null-space, tau = 0.9",
+        "symmetry",
+        "level-set",
+    ]
+    for result in data["methods"].values():
+        assert [row["steps"] for row in result["by_steps"]] == [1, 2]
+        for row in result["by_steps"]:
+            numbers(row["batch_loss_change"], row["held_out_loss_change"], row["grad_norm_gain"])
+        assert len(result["batch_loss_change_per_step"]) == 2
+    exact = data["methods"]["null-space, tau = 1"]["by_steps"][-1]
+    assert exact["batch_loss_change"] <= 1e-5  # float32, tau = 1
+
+
+def test_error_control(tmp_path):
+    data = run_tiny("error_control", tmp_path)
+    sites = data["layers"]["mlp"]
+    assert [site["site"] for site in sites] == ["1.weight", "3.weight", "5.weight"]
+    for site in sites:
+        fractions = site["energy_fraction"]
+        assert all(b >= a - 1e-12 for a, b in zip(fractions, fractions[1:], strict=False))
+        assert fractions[-1] == pytest.approx(1.0)
+        assert site["core_rank"]["1.0"] >= site["core_rank"]["0.9"]
+    for tau, run in data["trajectories"]["0.02"].items():
+        assert len(run["loss"]) == len(run["grad_norm"]) == 3, tau
+        numbers(*run["loss"], *run["grad_norm"])
+
+
+def test_time_to_target(tmp_path):
+    data = run_tiny("time_to_target", tmp_path)
+    run = data["runs"]["default"]
+    assert [(row["optimizer"], row["teleport"]) for row in run["rows"]] == [
+        ("sgd", False),
+        ("sgd", True),
+    ]
+    for row in run["rows"]:
+        numbers(row["seconds_mean"], row["final_train_loss_mean"])
+        assert (
+            len(row["epochs_to_target"])
+            == len(row["seconds_to_target"])
+            == len(row["cpu_seconds_to_target"])
+        )
+    assert "| sgd | yes |" in run["table"]
+
+
+def test_teleport_bench_command_runs_a_benchmark(tmp_path):
+    status = teleport_cli(
+        [
+            "bench",
+            "scaling",
+            "--set",
+            "size=tiny",
+            "--set",
+            f"figures={tmp_path}",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert status == 0
+    load(tmp_path / "scaling.json", "scaling")
+    assert_png(tmp_path / "bench_scaling.png")
+
+
+def test_the_script_runs_the_same_benchmark(tmp_path):
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "step_cost.py"),
+            "--set",
+            "size=tiny",
+            "--out",
+            str(tmp_path),
+            "--figures",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "ascent step" in completed.stdout
+    load(tmp_path / "step_cost.json", "step_cost")
+    assert_png(tmp_path / "bench_step_cost.png")
+
+
+def test_settings_refuse_unknown_keys_and_apply_the_tiny_defaults():
+    full, tiny = {"repeats": 5, "widths": [1, 2]}, {"repeats": 1}
+    assert settings({"size": "tiny"}, full, tiny)["repeats"] == 1
+    assert settings({"size": "tiny", "repeats": 3}, full, tiny)["repeats"] == 3
+    with pytest.raises(ConfigError, match="unknown key 'repeat'"):
+        settings({"repeat": 3}, full, tiny)
+    with pytest.raises(ConfigError, match="widths"):
+        settings({"widths": 3}, full, tiny)
+
+
+def test_growth_exponent_recovers_a_power_law():
+    sizes = [64, 128, 256, 512]
+    assert growth_exponent(sizes, [3e-6 * s**1.7 for s in sizes]) == pytest.approx(1.7)
