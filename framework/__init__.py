@@ -6,17 +6,16 @@ The core defines the interfaces (:class:`Projector`, :class:`NullSpace`,
 schedule, model and dataset is a plugin.
 """
 
+# The engine and trainer import the interfaces above; keep them last.
+from .engine import NullSpaceMethod, Teleporter  # noqa: E402
 from .hookspecs import hookimpl
+from .method import TeleportMethod  # noqa: E402
 from .null_space import CoreBasis, NullSpace
 from .objective import Batch, Evaluation, Objective
 from .projector import Projector, Site
 from .registry import Registry, UnknownPluginError, build_registry, default_registry
 from .report import LayerReport, TeleportReport
 from .schedule import Schedule, TeleportPlan
-
-# The engine and trainer import the interfaces above; keep them last.
-from .engine import NullSpaceMethod, Teleporter  # noqa: E402
-from .method import TeleportMethod  # noqa: E402
 from .training import TeleportTrainer  # noqa: E402
 
 __all__ = [

@@ -21,9 +21,6 @@ from .projector import _site_view
 from .registry import Registry, default_registry
 from .report import LayerReport, TeleportReport
 
-ROUNDING_RATIO = 100
-"""A projected gradient below ``ROUNDING_RATIO * eps`` of the unprojected one is rounding noise."""
-
 
 class Teleporter:
     """Teleports ``model`` along the level set of ``loss_fn`` on a teleport batch.
@@ -188,7 +185,6 @@ class NullSpaceMethod(TeleportMethod):
                 )
 
     def run(self, batch: Batch, steps: int, cap: float | None) -> TeleportReport:
-        tele = self.teleporter
         captured: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
         handles = []
         try:
@@ -201,55 +197,26 @@ class NullSpaceMethod(TeleportMethod):
         finally:
             for handle in handles:
                 handle.remove()
-        first = tele.evaluate(batch)
-        if not (torch.isfinite(first.loss) and torch.isfinite(first.value)):
-            raise ValueError(f"the loss or objective on the teleport batch is not finite (loss {float(first.loss)})")
+        first, report = self.start(batch, frozen=dict(self.coverage.frozen))
         basis_started = time.perf_counter()
-        bases, pinned, layers, frozen = self._bases(captured)
-        report = TeleportReport(
-            loss_before=float(first.loss),
-            loss_after=float(first.loss),
-            grad_norm_before=float(first.grad_norm),
-            grad_norm_after=float(first.grad_norm),
-            objective_before=float(first.value.detach()),
-            objective_after=float(first.value.detach()),
-            steps=0,
-            stopped="steps",
-            layers=layers,
-            frozen={**self.coverage.frozen, **frozen},
-            basis_seconds=time.perf_counter() - basis_started,
-        )
+        bases, pinned, report.layers, frozen = self._bases(captured)
+        report.basis_seconds = time.perf_counter() - basis_started
+        report.frozen.update(frozen)
         if not bases:
             report.stopped = "no_room"
             return report
         params = {name: p for name, p in self.coverage.movable().items() if name not in frozen}
-        evaluation = first
-        for step in range(steps):
-            if step:
-                evaluation = tele.evaluate(batch)
-            report.losses.append(float(evaluation.loss))
-            report.grad_norms.append(float(evaluation.grad_norm))
-            if not torch.isfinite(evaluation.value):
-                report.stopped = "non_finite"
-                return report
-            if cap is not None and float(evaluation.grad_norm) >= cap:
-                report.stopped = "cap"
-                break
+
+        def step(evaluation: Evaluation) -> bool:
             update = self._projected_step(evaluation, params, bases, pinned)
             if update is None:
-                report.stopped = "non_finite"
-                return report
+                return False
             with torch.no_grad():
                 for name, param in params.items():
                     param.add_(update[name])
-            report.steps += 1
-        final = tele.evaluate(batch)
-        report.loss_after = float(final.loss)
-        report.grad_norm_after = float(final.grad_norm)
-        report.objective_after = float(final.value.detach())
-        if not math.isfinite(report.objective_after):
-            report.stopped = "non_finite"
-        return report
+            return True
+
+        return self.ascend(batch, first, report, steps, cap, step)
 
     def _bases(self, captured: dict) -> tuple[dict, list, list[LayerReport], dict[str, str]]:
         """One core basis per site; sites whose module never ran, or with no room, stay fixed.
@@ -311,7 +278,6 @@ class NullSpaceMethod(TeleportMethod):
             for (name, p), g in zip(params.items(), grads, strict=True)
         }
         update = tele.replicas.sum(update)  # the global objective's gradient, the same on every rank
-        unprojected_norm = get_total_norm(list(update.values()))
         for covered in self.coverage.modules:
             for site in covered.sites:
                 basis = bases.get((covered.name, site.name))
@@ -327,10 +293,7 @@ class NullSpaceMethod(TeleportMethod):
             return None
         scale = tele.lr if tele.objective.ascend else -tele.lr
         if tele.normalize:
-            # A projected gradient at rounding level (e.g. a gradient wholly in the core space)
-            # holds no direction: scaling it to a relative step would move the weights at random.
-            eps = max(torch.finfo(u.dtype).eps for u in update.values())
-            if norm <= ROUNDING_RATIO * eps * unprojected_norm:
+            if norm == 0:  # every site was wholly in its core space (see CoreBasis.project)
                 return {name: torch.zeros_like(u) for name, u in update.items()}
             weight_norm = get_total_norm([p.detach() for p in params.values()])
             scale = scale * weight_norm / norm

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from .objective import Batch
+import torch
+
+from .objective import Batch, Evaluation
 from .report import TeleportReport
 
 if TYPE_CHECKING:
@@ -32,3 +35,64 @@ class TeleportMethod(ABC):
     @abstractmethod
     def run(self, batch: Batch, steps: int, cap: float | None) -> TeleportReport:
         """Teleport on ``batch`` for at most ``steps`` steps, stopping at gradient norm ``cap``."""
+
+    def start(self, batch: Batch, **fields: Any) -> tuple[Evaluation, TeleportReport]:
+        """Evaluate the objective before any step and open the report with it (and ``fields``).
+
+        A non-finite loss or objective here is bad input, not a failed step: it raises.
+        """
+        first = self.teleporter.evaluate(batch)
+        if not (torch.isfinite(first.loss) and torch.isfinite(first.value)):
+            raise ValueError(f"the loss or objective on the teleport batch is not finite (loss {float(first.loss)})")
+        value = float(first.value.detach())
+        report = TeleportReport(
+            loss_before=float(first.loss),
+            loss_after=float(first.loss),
+            grad_norm_before=float(first.grad_norm),
+            grad_norm_after=float(first.grad_norm),
+            objective_before=value,
+            objective_after=value,
+            steps=0,
+            stopped="steps",
+            **fields,
+        )
+        return first, report
+
+    def ascend(
+        self,
+        batch: Batch,
+        first: Evaluation,
+        report: TeleportReport,
+        steps: int,
+        cap: float | None,
+        step: Callable[[Evaluation], bool],
+    ) -> TeleportReport:
+        """The loop every method shares: record, stop on a non-finite value or the cap, step.
+
+        ``step(evaluation)`` moves the parameters once, in place, and returns
+        ``False`` when its update was not finite (nothing moved). The report
+        ends with one more evaluation at the final point.
+        """
+        evaluation = first
+        for index in range(steps):
+            if index:
+                evaluation = self.teleporter.evaluate(batch)
+            report.losses.append(float(evaluation.loss))
+            report.grad_norms.append(float(evaluation.grad_norm))
+            if not torch.isfinite(evaluation.value):
+                report.stopped = "non_finite"
+                return report
+            if cap is not None and float(evaluation.grad_norm) >= cap:
+                report.stopped = "cap"
+                break
+            if not step(evaluation):
+                report.stopped = "non_finite"
+                return report
+            report.steps += 1
+        final = self.teleporter.evaluate(batch)
+        report.loss_after = float(final.loss)
+        report.grad_norm_after = float(final.grad_norm)
+        report.objective_after = float(final.value.detach())
+        if not torch.isfinite(final.value):
+            report.stopped = "non_finite"
+        return report

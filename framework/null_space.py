@@ -27,6 +27,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn.utils import get_total_norm
+
+ROUNDING_LEVEL = 100
+"""An update of which less than ``ROUNDING_LEVEL * eps`` survives projection held no null-space direction."""
+
+REPROJECT_BELOW = 0.25
+"""Project a second time when less than this fraction of an update's norm survives the first pass."""
 
 GRAM_ROUTE_RATIO = 2
 """Use the Gram route when ``samples >= GRAM_ROUTE_RATIO * dims`` (float32 and below)."""
@@ -108,11 +115,24 @@ class CoreBasis:
     def project(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Project ``[weight | bias]`` (``groups x rows x inputs``) onto the null space.
 
-        Applied twice: when most of the update lies in the core space (the
-        common case), one pass leaves a rounding residue of ``eps * ||G||`` in
-        it; the second pass cuts that to ``eps`` of what is left.
+        The core form ``G - G B B^T`` leaves a rounding residue of
+        ``eps * ||G||`` in the core space; when most of ``G`` lies in the core
+        (less than ``REPROJECT_BELOW`` of its norm survives), that residue is
+        large next to the result, and a second pass cuts it to ``eps`` of
+        what is left. The null-space form ``G N N^T`` builds its result inside
+        the null space and needs one pass. An update of which only rounding
+        noise survives (less than ``ROUNDING_LEVEL * eps`` of its norm) becomes zero.
         """
-        return self._project_once(*self._project_once(weight, bias))
+        weight_out, bias_out = self._project_once(weight, bias)
+        before = get_total_norm([t for t in (weight, bias) if t is not None])
+        kept = get_total_norm([t for t in (weight_out, bias_out) if t is not None])
+        if kept <= ROUNDING_LEVEL * torch.finfo(weight.dtype).eps * before:
+            # Nothing but rounding noise survived: the update lay wholly in the core space, and
+            # scaling the noise up (a normalised step) would move the weights at random.
+            return torch.zeros_like(weight), (torch.zeros_like(bias) if bias is not None else None)
+        if not self.spans_null_space and kept < REPROJECT_BELOW * before:
+            weight_out, bias_out = self._project_once(weight_out, bias_out)
+        return weight_out, bias_out
 
     def _project_once(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         inputs = weight.shape[-1]

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torch_teleport import Batch, TeleportMethod, TeleportReport, hookimpl
+from torch_teleport import Batch, Evaluation, TeleportMethod, TeleportReport, hookimpl
 
 PASSIVE = (nn.Flatten, nn.Identity, nn.Dropout)
 """Parameter-free modules allowed before the first layer (dropout is off during a teleport)."""
@@ -73,71 +73,34 @@ class SymmetryMethod(TeleportMethod):
 
     def run(self, batch: Batch, steps: int, cap: float | None) -> TeleportReport:
         tele = self.teleporter
-        evaluation = tele.evaluate(batch)
-        if not (torch.isfinite(evaluation.loss) and torch.isfinite(evaluation.value)):
-            raise ValueError(
-                f"the loss or objective on the teleport batch is not finite (loss {float(evaluation.loss)})"
-            )
-        report = TeleportReport(
-            loss_before=float(evaluation.loss),
-            loss_after=float(evaluation.loss),
-            grad_norm_before=float(evaluation.grad_norm),
-            grad_norm_after=float(evaluation.grad_norm),
-            objective_before=float(evaluation.value.detach()),
-            objective_after=float(evaluation.value.detach()),
-            steps=0,
-            stopped="steps",
-            frozen=self._fixed(),
-        )
+        first, report = self.start(batch, frozen=self._fixed())
         params = list(batch.parameters)
         with torch.no_grad():
             first_input = self.prefix(batch.inputs).reshape(batch.inputs.shape[0], -1)
-        inputs = None
-        for step in range(steps):
-            if step:
-                evaluation = tele.evaluate(batch)
-            report.losses.append(float(evaluation.loss))
-            report.grad_norms.append(float(evaluation.grad_norm))
-            if not torch.isfinite(evaluation.value):
-                report.stopped = "non_finite"
-                return report
-            if cap is not None and float(evaluation.grad_norm) >= cap:
-                report.stopped = "cap"
-                break
+        inputs: list[_Inputs] | None = None
+
+        def step(evaluation: Evaluation) -> bool:
+            nonlocal inputs
             grads = dict(
-                zip(
-                    params,
-                    torch.autograd.grad(evaluation.value, params, allow_unused=True),
-                    strict=True,
-                )
+                zip(params, torch.autograd.grad(evaluation.value, params, allow_unused=True), strict=True)
             )
             with torch.no_grad():
                 if inputs is None:
                     inputs = self._act(first_input, None, None, report)
-                directions = [
-                    self._group_gradient(pair, inputs[i], grads)
-                    for i, pair in enumerate(self.pairs)
-                ]
+                directions = [self._group_gradient(pair, inputs[i], grads) for i, pair in enumerate(self.pairs)]
                 norm = torch.sqrt(sum(t.square().sum() for t in directions))
                 if not torch.isfinite(norm):
-                    report.stopped = "non_finite"
-                    return report
+                    return False
                 scale = tele.lr if tele.objective.ascend else -tele.lr
                 if tele.normalize:
                     scale = scale / norm if norm > 0 else 0.0
                 try:
                     inputs = self._act(first_input, [t * scale for t in directions], inputs, report)
                 except torch.linalg.LinAlgError:
-                    report.stopped = "non_finite"  # I + T singular: the step was far too large
-                    return report
-            report.steps += 1
-        final = tele.evaluate(batch)
-        report.loss_after = float(final.loss)
-        report.grad_norm_after = float(final.grad_norm)
-        report.objective_after = float(final.value.detach())
-        if not torch.isfinite(final.value):
-            report.stopped = "non_finite"
-        return report
+                    return False  # I + T singular: the step was far too large
+            return True
+
+        return self.ascend(batch, first, report, steps, cap, step)
 
     def _fixed(self) -> dict[str, str]:
         """Trainable parameters the action never moves: the last layer's bias."""
