@@ -47,7 +47,8 @@ class Spectrum:
     squared: Tensor  # (groups, m) squared singular values, descending
     complete: bool  # vectors span the whole input space (m == dims)
     samples: int
-    dtype: torch.dtype = torch.float64  # of the representation: sets the rank tolerance
+    dtype: torch.dtype = torch.float64  # of the representation: the basis is cast to it
+    from_gram: bool = False  # eigenvalues of R R^T rather than singular values of R
 
     @property
     def dims(self) -> int:
@@ -56,13 +57,20 @@ class Spectrum:
     def rank_tolerance(self) -> Tensor:
         """Squared-singular-value threshold of the numerical rank, per group.
 
-        ``sigma_i`` counts when ``sigma_i > sigma_max * max(dims, samples) * eps``
-        (the NumPy ``matrix_rank`` convention) with ``eps`` of the
-        representation's dtype.
+        The spectrum is computed in float64 whatever the representation's
+        dtype, so the threshold is float64's noise floor: for the SVD route
+        ``sigma_i > sigma_max * max(dims, samples) * eps`` (the NumPy
+        ``matrix_rank`` convention), for the Gram route
+        ``sigma_i^2 > sigma_max^2 * max(dims, samples) * eps`` (the eigenvalue
+        noise of a float64 Gram matrix), ``eps`` of float64. A threshold at
+        the representation's own ``eps`` would count real small directions of
+        large float32 batches as null (at 25k tokens, everything below
+        ``3e-3 sigma_max``) and let the loss drift.
         """
-        eps = torch.finfo(self.dtype).eps
-        scale = max(self.dims, self.samples) * eps
-        return self.squared[:, :1] * scale**2 if self.squared.shape[1] else self.squared
+        scale = max(self.dims, self.samples) * torch.finfo(torch.float64).eps
+        if not self.from_gram:
+            scale = scale**2
+        return self.squared[:, :1] * scale if self.squared.shape[1] else self.squared
 
 
 def spectrum(representation: Tensor) -> Spectrum:
@@ -91,7 +99,7 @@ def gram_spectrum(gram: Tensor, samples: int, dtype: torch.dtype) -> Spectrum:
     column blocks, so replicas can sum theirs instead of sharing ``R``.
     """
     values, vectors = torch.linalg.eigh(gram)
-    return Spectrum(vectors.flip(-1), values.flip(-1).clamp_min(0), True, samples, dtype)
+    return Spectrum(vectors.flip(-1), values.flip(-1).clamp_min(0), True, samples, dtype, from_gram=True)
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from torch_teleport.null_space import Spectrum
 class ExactNullSpace(NullSpace):
     """The exact null space: the core space is the numerical span of the inputs.
 
-    Rank tolerance: ``sigma_i > sigma_max * max(dims, samples) * eps`` (see
-    :meth:`Spectrum.rank_tolerance`).
+    Rank tolerance: float64's noise floor, ``sigma_i > sigma_max * max(dims, samples) * eps``
+    on the SVD route (see :meth:`Spectrum.rank_tolerance` for the Gram route).
     """
 
     def __init__(self, tau: float = 1.0) -> None:
