@@ -45,8 +45,9 @@ freed, so each run touches its pages afresh and the two operations are measured 
 def measure(case: str, operation: str, device: str) -> list[int]:
     """Peak bytes of ``operation`` (``"step"`` or ``"teleport"``): first run, then a repeat."""
     import torch
-    import torch_teleport as tt
     from torch.nn import functional as F
+
+    import torch_teleport as tt
 
     torch.manual_seed(0)
     name, options, shape = CASES[case]

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
 from torch_teleport import Batch, Evaluation, Objective, hookimpl
 from torch_teleport.model_state import preserved_state
 

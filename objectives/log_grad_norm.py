@@ -9,6 +9,7 @@ is rescaled to a fixed size, so both objectives take the same path; with
 from __future__ import annotations
 
 import torch
+
 from torch_teleport import Batch, Evaluation, Objective, hookimpl
 
 

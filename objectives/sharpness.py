@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
 from torch_teleport import Batch, Evaluation, Objective, hookimpl
 from torch_teleport.model_state import preserved_state
 from torch_teleport.objective import LossFn

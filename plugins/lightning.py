@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import Tensor, nn
+
 from torch_teleport import Schedule, Teleporter, TeleportReport, TeleportTrainer
 from torch_teleport.distributed import Replicas
 from torch_teleport.objective import LossFn

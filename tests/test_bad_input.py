@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_model_state import assert_unchanged, snapshot
 from torch import nn
+
 from torch_teleport import Batch, Evaluation, Objective, Teleporter, UnknownPluginError
 
 

@@ -21,9 +21,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch_teleport as tt
 from torch import nn
 from torch.nn import functional as F
+
+import torch_teleport as tt
 from torch_teleport.distributed import (
     InvalidBatchElsewhereError,
     ReplicaDivergenceError,

@@ -10,9 +10,10 @@ import functools
 import sys
 
 import torch
-import torch_teleport as tt
 from hypothesis import given
 from torch import nn
+
+import torch_teleport as tt
 from torch_teleport.projector import append_ones, first_input_hook
 from torch_teleport.registry import build_plugin_manager
 from torch_teleport.testing import assert_teleport_invariant, mlp_problems
@@ -98,6 +99,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import strategies as st
+
 from torch_teleport import hookspecs
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"

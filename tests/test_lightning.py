@@ -9,10 +9,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch_teleport as tt
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
+
+import torch_teleport as tt
 from torch_teleport.plugins.lightning import TeleportCallback
 from torch_teleport.plugins.schedules import EpochSchedule, EveryStepsSchedule
 from torch_teleport.registry import BUILTIN_PLUGINS

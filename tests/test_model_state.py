@@ -8,6 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+
 from torch_teleport import Teleporter
 from torch_teleport.testing import assert_teleport_invariant
 

@@ -8,10 +8,11 @@ import types
 
 import pytest
 import torch
-import torch_teleport as tt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+
+import torch_teleport as tt
 from torch_teleport.objectives.curvature import (
     Curvature,
     CurvatureUndefinedError,

@@ -12,6 +12,7 @@ import pluggy
 import pytest
 import torch
 from torch import nn
+
 from torch_teleport import Registry, Teleporter, UnknownPluginError, build_registry, hookimpl
 from torch_teleport.coverage import UncoveredParametersError
 from torch_teleport.hookspecs import ENTRY_POINT_GROUP

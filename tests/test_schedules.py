@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from torch_teleport import TeleportPlan, default_registry
 from torch_teleport.plugins.schedules import EpochSchedule, EveryStepsSchedule
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+
 from torch_teleport.cli import main
 from torch_teleport.config import dumps_toml
 from torch_teleport.objectives.curvature import Curvature
@@ -203,6 +204,7 @@ def test_study_mlps_are_the_ones_curvature_accepts():
 
 def test_configs_in_the_repository_are_valid_study_configs():
     import tomllib
+
     from torch_teleport.config import resolve
     from torch_teleport.plugins.studies import (
         correlation,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+
 from torch_teleport import Teleporter, TeleportReport, TeleportTrainer
 from torch_teleport.plugins.schedules import EpochSchedule, EveryStepsSchedule
 

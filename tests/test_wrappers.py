@@ -11,10 +11,11 @@ from collections import defaultdict
 
 import pytest
 import torch
-import torch_teleport as tt
 from torch import nn
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import torch_teleport as tt
 from torch_teleport.schedule import TeleportPlan
 from torch_teleport.wrappers import (
     StaleShadowError,

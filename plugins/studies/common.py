@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
+
 from torch_teleport import TeleportTrainer
 from torch_teleport.config import OPTIONS, Option, Table, at_least, non_empty, one_of, positive
 from torch_teleport.data import DataSplits

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from torch.nn import functional as F
+
 from torch_teleport import hookimpl
 from torch_teleport.config import Option, Table, at_least, one_of, resolve
 from torch_teleport.experiment import (

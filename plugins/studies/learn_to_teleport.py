@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
 from torch_teleport import Teleporter, hookimpl
 from torch_teleport.config import Option, Table, at_least, non_empty, one_of, positive, resolve
 from torch_teleport.experiment import format_mean_std, markdown_table, progress_bar

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from torch_teleport import hookimpl
 from torch_teleport.config import ConfigError
 from torch_teleport.experiment import plot_curves

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from torch.nn import functional as F
+
 from torch_teleport import Teleporter, hookimpl
 from torch_teleport.config import (
     OPTIONS,
