@@ -187,6 +187,15 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save_figure(figure: Any, path: Path) -> None:
+    """Lay out, write at 120 dpi and close ``figure``; one place so every plot is saved alike."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 Curves = Mapping[str, Mapping[str, Mapping[str, Sequence[Sequence[float]]]]]
 """``curves[row][panel][line]`` = one curve per seed, e.g. ``curves["train loss"]["sgd"]["teleport"]``."""
 
@@ -224,6 +233,4 @@ def plot_curves(curves: Curves, path: Path, *, xlabel: str = "epoch", log_y: boo
             ax.set_ylabel(row if c == 0 else "")
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)

@@ -23,13 +23,14 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from torch_teleport import Teleporter, hookimpl
-from torch_teleport.experiment import evaluate_loss, generator, seed_everything
+from torch_teleport.experiment import evaluate_loss, save_figure, seed_everything
 from torch_teleport.plugins.benchmarks.common import (
     leaky_mlp,
     prepare,
     pyplot,
     restores_threads,
     settings,
+    teleport_loader,
     train_briefly,
     write_outputs,
 )
@@ -86,12 +87,7 @@ def run_accuracy(config: dict[str, Any], out_dir: Path) -> None:
         device=device,
     )
     held_out = DataLoader(splits.test, batch_size=1024)
-    loader = DataLoader(
-        splits.train,
-        batch_size=options["batch"],
-        shuffle=True,
-        generator=generator(options["seed"], 1),
-    )
+    loader = teleport_loader(splits, options)
     batches = [
         (x.to(device), y.to(device)) for x, y in itertools.islice(loader, options["batches"])
     ]
@@ -192,9 +188,7 @@ def _plot(results: dict[str, dict], path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel(f"(values below {FLOOR:g} drawn at {FLOOR:g})", fontsize="small")
     axes[2].legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 @hookimpl

@@ -202,6 +202,16 @@ def train_briefly(
     return model
 
 
+def teleport_loader(splits: DataSplits, options: dict[str, Any]) -> DataLoader:
+    """Shuffled training batches of ``options["batch"]``; one place so benchmarks teleport on the same data."""
+    return DataLoader(
+        splits.train,
+        batch_size=options["batch"],
+        shuffle=True,
+        generator=generator(options["seed"], 1),
+    )
+
+
 def representations(teleporter: Teleporter, inputs: Tensor) -> dict[str, Tensor]:
     """Every site's representation on ``inputs``, built by the projectors of a null-space teleporter.
 

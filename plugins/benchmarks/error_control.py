@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
 
 from torch_teleport import Teleporter, hookimpl
-from torch_teleport.experiment import generator, seed_everything
+from torch_teleport.experiment import save_figure, seed_everything
 from torch_teleport.null_space import spectrum
 from torch_teleport.plugins.benchmarks.common import (
     prepare,
@@ -30,6 +29,7 @@ from torch_teleport.plugins.benchmarks.common import (
     representations,
     restores_threads,
     settings,
+    teleport_loader,
     train_briefly,
     write_outputs,
 )
@@ -152,12 +152,7 @@ def _trained(name: str, options: dict, device: torch.device, registry):
         device=device,
         optimizer=spec["optimizer"],
     )
-    loader = DataLoader(
-        splits.train,
-        batch_size=options["batch"],
-        shuffle=True,
-        generator=generator(options["seed"], 1),
-    )
+    loader = teleport_loader(splits, options)
     inputs, targets = next(iter(loader))
     return model, inputs.to(device), targets.to(device)
 
@@ -248,9 +243,7 @@ def _plot(layers: dict, trajectories: dict, trajectory_model: str, path: Path) -
         ax.set_xlabel("teleport step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="xx-small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 @hookimpl

@@ -19,6 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from torch_teleport import Teleporter, hookimpl
+from torch_teleport.experiment import save_figure
 from torch_teleport.plugins.benchmarks.common import (
     growth_exponent,
     interleaved_medians,
@@ -194,9 +195,7 @@ def _plot(sweeps: dict[str, list[dict]], path: Path) -> None:
     axes[0][0].set_ylabel("seconds per teleport")
     axes[1][0].set_ylabel("symmetry / null-space")
     axes[0][0].legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 @hookimpl

@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from torch_teleport import Batch, Teleporter, hookimpl
+from torch_teleport.experiment import save_figure
 from torch_teleport.model_state import double_backward_safe, preserved_state
 from torch_teleport.plugins.benchmarks.common import (
     interleaved_medians,
@@ -306,9 +307,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("time / SGD step")
     ax.grid(alpha=0.3, axis="y", which="both")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 @hookimpl

@@ -19,6 +19,7 @@ from typing import Any
 
 from torch_teleport import hookimpl
 from torch_teleport.config import apply_overrides, load_config
+from torch_teleport.experiment import save_figure
 from torch_teleport.plugins.benchmarks.common import (
     prepare,
     pyplot,
@@ -149,9 +150,7 @@ def _plot(runs: dict[str, dict], path: Path) -> None:
                 )
         axes[0][column].legend(fontsize="small")
     figure.suptitle("n/r: the target was not reached within the run's epochs", fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def _mean(values: list[float]) -> float:

@@ -16,7 +16,14 @@ from torch.utils.data import DataLoader, Dataset
 from torch_teleport import TeleportTrainer
 from torch_teleport.config import OPTIONS, Option, Table, at_least, non_empty, one_of, positive
 from torch_teleport.data import DataSplits
-from torch_teleport.experiment import Loaders, build_optimizer, generator, write_json
+from torch_teleport.experiment import (
+    Loaders,
+    build_optimizer,
+    evaluate_loss,
+    generator,
+    make_loaders,
+    write_json,
+)
 from torch_teleport.objectives.curvature import PAIRS, measure_curvature
 from torch_teleport.objectives.sharpness import measure_sharpness
 from torch_teleport.registry import Registry
@@ -87,6 +94,25 @@ def leaky_mlp(splits: DataSplits, hidden: list[int], negative_slope: float) -> n
         if index < len(widths) - 2:
             layers.append(nn.LeakyReLU(negative_slope))
     return nn.Sequential(*layers)
+
+
+def study_loaders(splits: DataSplits, training: dict[str, Any], seed: int) -> Loaders:
+    """Loaders batched as the ``training`` table says; one place so every study batches alike."""
+    return make_loaders(
+        splits,
+        batch_size=training["batch_size"],
+        teleport_batch_size=training["batch_size"],
+        eval_batch_size=training["eval_batch_size"],
+        seed=seed,
+    )
+
+
+def train_val_losses(model: nn.Module, loaders: Loaders) -> dict[str, float]:
+    """Cross-entropy on the whole train and test splits; one place so every study measures alike."""
+    return {
+        "train": evaluate_loss(model, loaders.eval_train, F.cross_entropy, "cpu"),
+        "val": evaluate_loss(model, loaders.eval_test, F.cross_entropy, "cpu"),
+    }
 
 
 def train_epochs(trainer: TeleportTrainer, loaders: Loaders, epochs: int) -> None:

@@ -14,15 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from torch.nn import functional as F
-
 from torch_teleport import hookimpl
 from torch_teleport.config import Option, Table, at_least, one_of, resolve
 from torch_teleport.experiment import (
-    evaluate_loss,
-    make_loaders,
     markdown_table,
     progress_bar,
+    save_figure,
     seed_everything,
 )
 from torch_teleport.registry import default_registry
@@ -40,8 +37,10 @@ from .common import (
     plain_trainer,
     pyplot,
     random_batches,
+    study_loaders,
     threads,
     train_epochs,
+    train_val_losses,
     write_outputs,
 )
 
@@ -87,16 +86,10 @@ def _run(config: dict[str, Any], out_dir: Path) -> None:
         for seed in range(training["first_seed"], training["first_seed"] + training["models"]):
             seed_everything(seed)
             model = leaky_mlp(splits, **config["model"])
-            loaders = make_loaders(
-                splits,
-                batch_size=training["batch_size"],
-                teleport_batch_size=training["batch_size"],
-                eval_batch_size=training["eval_batch_size"],
-                seed=seed,
-            )
+            loaders = study_loaders(splits, training, seed)
             train_epochs(plain_trainer(model, training), loaders, training["epochs"])
-            train_loss = evaluate_loss(model, loaders.eval_train, F.cross_entropy, "cpu")
-            val_loss = evaluate_loss(model, loaders.eval_test, F.cross_entropy, "cpu")
+            losses = train_val_losses(model, loaders)
+            train_loss, val_loss = losses["train"], losses["val"]
             models.append(
                 {"seed": seed, "train_loss": train_loss, "val_loss": val_loss, "gap": val_loss - train_loss}
                 | measure(model, batches, options)
@@ -151,9 +144,7 @@ def _scatter(models: list[dict], correlations: dict, path: Path) -> None:
             ax.set_xlabel(f"{metric} ({'phi' if metric == 'sharpness' else 'psi'})")
             ax.set_ylabel(target)
             ax.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 @hookimpl

@@ -36,7 +36,7 @@ from torch_teleport.config import (
     positive,
     resolve,
 )
-from torch_teleport.experiment import markdown_table
+from torch_teleport.experiment import markdown_table, save_figure
 
 from .common import pyplot, write_outputs
 
@@ -168,9 +168,7 @@ def _plot(results: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("E dist(w', gamma) / r")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 @hookimpl

@@ -39,7 +39,7 @@ from torch.func import functional_call
 
 from torch_teleport import Teleporter, hookimpl
 from torch_teleport.config import Option, Table, at_least, non_empty, one_of, positive, resolve
-from torch_teleport.experiment import format_mean_std, markdown_table, progress_bar
+from torch_teleport.experiment import format_mean_std, markdown_table, progress_bar, save_figure
 from torch_teleport.plugins.null_spaces import ExactNullSpace
 from torch_teleport.projectors.linear import LinearProjector
 
@@ -342,9 +342,7 @@ def _plot(curves: dict[str, list[list[float]]], seconds: dict[str, list[list[flo
         ax.set_ylabel("log10 loss (mean over test tasks)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 @hookimpl

@@ -17,7 +17,7 @@ import numpy as np
 
 from torch_teleport import hookimpl
 from torch_teleport.config import ConfigError
-from torch_teleport.experiment import plot_curves
+from torch_teleport.experiment import plot_curves, save_figure
 from torch_teleport.plugins.train import loss_curves, prepare, summarize, table, train_all
 
 from .common import PAPER_DATA, pyplot, threads, write_outputs
@@ -97,9 +97,7 @@ def _plot_time(results: list[dict], path: Path) -> None:
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
         axes[row][0].set_ylabel("train loss")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 @hookimpl

@@ -31,11 +31,10 @@ from torch_teleport.config import (
     resolve,
 )
 from torch_teleport.experiment import (
-    evaluate_loss,
     format_mean_std,
-    make_loaders,
     markdown_table,
     progress_bar,
+    save_figure,
     seed_everything,
 )
 from torch_teleport.registry import default_registry
@@ -52,8 +51,10 @@ from .common import (
     plain_trainer,
     pyplot,
     random_batches,
+    study_loaders,
     threads,
     train_epochs,
+    train_val_losses,
     write_outputs,
 )
 
@@ -117,25 +118,25 @@ def _run(config: dict[str, Any], out_dir: Path) -> None:
         for seed in training["seeds"]:
             seed_everything(seed)
             base = leaky_mlp(splits, **config["model"])
-            loaders = _loaders(splits, training, seed)
-            before = [_losses(base, loaders)]
+            loaders = study_loaders(splits, training, seed)
+            before = [train_val_losses(base, loaders)]
             trainer = plain_trainer(base, training)
             for _ in range(training["pretrain_epochs"]):
                 train_epochs(trainer, loaders, 1)
-                before.append(_losses(base, loaders))
+                before.append(train_val_losses(base, loaders))
             teleport_batches = random_batches(splits.train, teleport["batches"], teleport["batch_size"], seed + 1)
             measured_before = measure(base, probes, options)
             for label, objective, direction in CONDITIONS:
                 model = copy.deepcopy(base)
                 reports = [] if objective is None else _teleport(model, objective, direction, teleport, teleport_batches)
-                after_teleport = _losses(model, loaders)
+                after_teleport = train_val_losses(model, loaders)
                 measured_after = measure(model, probes, options)
-                continued = _loaders(splits, training, seed + 1000)  # the same batch order for every condition
+                continued = study_loaders(splits, training, seed + 1000)  # the same batch order for every condition
                 trainer = plain_trainer(model, training)
                 history = [after_teleport]
                 for _ in range(training["epochs_after"]):
                     train_epochs(trainer, continued, 1)
-                    history.append(_losses(model, continued))
+                    history.append(train_val_losses(model, continued))
                 runs.append(
                     {
                         "seed": seed,
@@ -178,23 +179,6 @@ def _run(config: dict[str, Any], out_dir: Path) -> None:
     )
     _plot(runs, training["pretrain_epochs"], out_dir / "teleport_generalization.png")
     print(markdown, end="")
-
-
-def _loaders(splits, training: dict[str, Any], seed: int):
-    return make_loaders(
-        splits,
-        batch_size=training["batch_size"],
-        teleport_batch_size=training["batch_size"],
-        eval_batch_size=training["eval_batch_size"],
-        seed=seed,
-    )
-
-
-def _losses(model, loaders) -> dict[str, float]:
-    return {
-        "train": evaluate_loss(model, loaders.eval_train, F.cross_entropy, "cpu"),
-        "val": evaluate_loss(model, loaders.eval_test, F.cross_entropy, "cpu"),
-    }
 
 
 def _teleport(model, objective: str, direction: str, teleport: dict[str, Any], batches) -> list:
@@ -273,9 +257,7 @@ def _plot(runs: list[dict], pretrain_epochs: int, path: Path) -> None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def _reference(runs: list[dict], run: dict) -> dict:
