@@ -150,7 +150,7 @@ class Teleporter:
             return self.replicas.combine(evaluation, batch)
         if evaluation.grad_norm is None:
             grads = torch.autograd.grad(evaluation.loss, batch.parameters, retain_graph=True, allow_unused=True)
-            evaluation.grad_norm = torch.sqrt(sum(g.detach().square().sum() for g in grads if g is not None))
+            evaluation.grad_norm = get_total_norm([g.detach() for g in grads if g is not None])
         evaluation.loss = evaluation.loss.detach()
         return evaluation
 
@@ -184,19 +184,27 @@ class NullSpaceMethod(TeleportMethod):
                     "teleport a float32 copy (e.g. the optimizer's master weights) instead"
                 )
 
-    def run(self, batch: Batch, steps: int, cap: float | None) -> TeleportReport:
+    def capture_inputs(self, inputs: Tensor) -> dict[tuple[str, str], list[Tensor]]:
+        """Every covered module's input streams on ``inputs``, keyed by (module, stream).
+
+        A no-grad forward of its own, with the projectors' hooks removed
+        afterwards even on error: objectives may run extra (e.g. perturbed)
+        forwards whose inputs must not enter the representations.
+        """
         captured: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
         handles = []
         try:
             for covered in self.coverage.modules:
                 handles += covered.projector.capture(covered.module, _recorder(captured, covered.name))
-            # A forward of its own: objectives may run extra (e.g. perturbed) forwards whose
-            # inputs must not enter the representations.
             with torch.no_grad():
-                batch.model(batch.inputs)
+                self.teleporter.model(inputs)
         finally:
             for handle in handles:
                 handle.remove()
+        return captured
+
+    def run(self, batch: Batch, steps: int, cap: float | None) -> TeleportReport:
+        captured = self.capture_inputs(batch.inputs)
         first, report = self.start(batch, frozen=dict(self.coverage.frozen))
         basis_started = time.perf_counter()
         bases, pinned, report.layers, frozen = self._bases(captured)

@@ -102,23 +102,9 @@ def assert_teleport_invariant(
 
 def _representations(method: NullSpaceMethod, inputs: Tensor, targets: Tensor, teleporter: Teleporter) -> dict:
     """Every site's representation on the batch, captured through the projectors themselves."""
-    from collections import defaultdict
-
-    captured: dict = defaultdict(list)
-    handles = []
-    model = teleporter.model
-    try:
-        for covered in method.coverage.modules:
-            for handle_owner in covered.projector.capture(
-                covered.module, lambda stream, t, name=covered.name: captured[(name, stream)].append(t.detach())
-            ):
-                handles.append(handle_owner)
-        # The modes the engine teleports in (BatchNorm keeps its mode), so the inputs match its own.
-        with preserved_state(model), double_backward_safe(inputs.device.type), torch.no_grad():
-            model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    # The modes the engine teleports in (BatchNorm keeps its mode), so the inputs match its own.
+    with preserved_state(teleporter.model), double_backward_safe(inputs.device.type):
+        captured = method.capture_inputs(inputs)
     return {
         (covered.name, site.name): covered.projector.representation(covered.module, site, captured[(covered.name, site.stream)])
         for covered in method.coverage.modules

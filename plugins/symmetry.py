@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import get_total_norm
 
 from torch_teleport import Batch, Evaluation, TeleportMethod, TeleportReport, hookimpl
 
@@ -88,7 +89,7 @@ class SymmetryMethod(TeleportMethod):
                 if inputs is None:
                     inputs = self._act(first_input, None, None, report)
                 directions = [self._group_gradient(pair, inputs[i], grads) for i, pair in enumerate(self.pairs)]
-                norm = torch.sqrt(sum(t.square().sum() for t in directions))
+                norm = get_total_norm(directions)
                 if not torch.isfinite(norm):
                     return False
                 scale = tele.lr if tele.objective.ascend else -tele.lr
