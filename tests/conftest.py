@@ -1,5 +1,7 @@
-"""Hypothesis profiles: ``ci`` (the default for ``make test``) and ``dev`` (more examples)."""
+"""Hypothesis profiles (``ci``, the default for ``make test``, and ``dev``) and one torch thread."""
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -7,3 +9,14 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=200, deadline=None)
 settings.load_profile("ci")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One intra-op thread, as `make test` sets: the suite's models are tiny, and on a shared
+    2-core machine a second thread's idle waits cost them far more than it gains (results do
+    not depend on it)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

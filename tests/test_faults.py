@@ -19,15 +19,6 @@ from torch_teleport.testing import assert_teleport_invariant
 from torch_teleport.training import TeleportFailedError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster, and immune to other processes on the machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mlp(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Sequential:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

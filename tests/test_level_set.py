@@ -14,17 +14,6 @@ from torch.nn import functional as F
 from torch_teleport import Teleporter
 from torch_teleport.plugins.level_set import LevelSetMethod
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, idle waits of a second thread cost these
-    tiny problems far more than the thread gains (the results do not depend on it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 EIGENVALUES = torch.tensor([1.0, 2.0, 3.0, 5.0], dtype=torch.float64)
 
 

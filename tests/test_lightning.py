@@ -79,13 +79,6 @@ def fit(callbacks, *, root: Path, steps: int = 6, accumulate: int = 1, ckpt_path
     return trainer, model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_teleports_on_schedule_keep_the_loss_and_log(tmp_path):
     callback = TeleportCallback(F.cross_entropy, EveryStepsSchedule(every=2, steps=3), lr=0.05)

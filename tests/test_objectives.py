@@ -38,14 +38,6 @@ ACTIVATIONS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny models run fastest on one thread (and the machine is shared)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @st.composite
 def invertible_mlps(draw, dtype=torch.float64, max_batch=12):

@@ -79,14 +79,6 @@ PNGS = {
 ON_DIGITS = {"study_correlation", "study_teleport_generalization", "study_optimizers"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny models run fastest on one thread (and the machine is shared)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _numbers(data):
     """Every number in a JSON document (``None`` counts: it is how non-finite numbers are written)."""

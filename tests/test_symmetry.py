@@ -16,16 +16,6 @@ from torch_teleport import Teleporter
 from torch_teleport.plugins.symmetry import SymmetryMethod
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, idle waits of a second thread cost these
-    tiny problems far more than the thread gains (the results do not depend on it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def leaky_mlp(
     seed: int, widths: list[int], bias: bool, slope: float, dtype=torch.float64
 ) -> nn.Sequential:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from torch_teleport.cli import main
 from torch_teleport.config import ConfigError, apply_overrides, load_config, resolve
@@ -31,14 +30,6 @@ TINY = [
 def tiny_config(*overrides: str) -> dict:
     return apply_overrides(load_config(), [*TINY, *overrides])
 
-
-@pytest.fixture
-def one_thread():
-    """What the config's ``threads = 1`` does under ``teleport run``, for direct calls."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_runs_are_paired_and_teleports_keep_the_batch_loss(tmp_path, one_thread):
