@@ -184,6 +184,25 @@ class Replicas:
         gradient.
         """
         grads = torch.autograd.grad(evaluation.loss, batch.parameters, retain_graph=True, allow_unused=True)
+        global_value, loss, grad_norm, fraction = self._global_figures(evaluation, batch, grads)
+        share = evaluation.value * fraction
+        return Evaluation(value=share - share.detach() + global_value, loss=loss, grad_norm=grad_norm)
+
+    def combine_structured(self, evaluation: Any, batch: Batch, grads: Sequence[Tensor]) -> Any:
+        """:meth:`combine` for a structured evaluation, whose loss gradients ``grads`` are at hand.
+
+        Its ``value`` becomes the global objective and its ``share`` this
+        rank's weight, by which the engine scales this rank's gradient before :meth:`sum`.
+        """
+        evaluation.value, evaluation.loss, evaluation.grad_norm, evaluation.share = self._global_figures(
+            evaluation, batch, grads
+        )
+        return evaluation
+
+    def _global_figures(
+        self, evaluation: Evaluation, batch: Batch, grads: Sequence[Tensor | None]
+    ) -> tuple[Tensor, Tensor, Tensor, float]:
+        """Global objective, loss and gradient norm, and this rank's fraction of the samples."""
         device = self._device()
         samples = float(batch.inputs.shape[0])
         flat = [
@@ -195,13 +214,9 @@ class Replicas:
         dist.all_reduce(packed, group=self.group)
         total = packed[-1]
         mean = packed[:-1] / total
-        share = evaluation.value * (samples / float(total))
-        global_value = mean[-1].to(share.device, share.dtype)
-        return Evaluation(
-            value=share - share.detach() + global_value,
-            loss=mean[-2].to(evaluation.loss.device, evaluation.loss.dtype),
-            grad_norm=torch.linalg.vector_norm(mean[:-2]),
-        )
+        global_value = mean[-1].to(evaluation.value.device, evaluation.value.dtype)
+        loss = mean[-2].to(evaluation.loss.device, evaluation.loss.dtype)
+        return global_value, loss, torch.linalg.vector_norm(mean[:-2]), samples / float(total)
 
     def sum(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         """The sum over ranks of each tensor, the same on every rank (one all-reduce, in float64)."""

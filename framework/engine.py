@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import re
 import time
+import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -13,13 +15,19 @@ from torch.nn.utils import get_total_norm
 
 from .coverage import Coverage, find_coverage
 from .distributed import Replicas, underlying_module
-from .method import TeleportMethod
+from .method import Evaluate, TeleportMethod
 from .model_state import double_backward_safe, preserved_state
 from .null_space import CoreBasis, NullSpace
-from .objective import Batch, Evaluation, LossFn, Objective
+from .objective import Batch, Evaluation, GradientNormObjective, LossFn, Objective
 from .projector import _site_view
 from .registry import Registry, default_registry
 from .report import LayerReport, TeleportReport
+from .structured import (
+    StructuredEvaluation,
+    first_order_pass,
+    tangent_representation,
+    tangent_streams,
+)
 
 
 class Teleporter:
@@ -155,18 +163,39 @@ class Teleporter:
         return evaluation
 
 
+GRADIENT_PATHS = ("auto", "structured", "full")
+
+
 class NullSpaceMethod(TeleportMethod):
     """Null-space gradient projection (Algorithm 1 of the paper).
 
     Inputs of every covered layer are captured during the first forward
     pass; one core basis per site is built from them and reused for all
     steps (exact steps leave every layer's inputs on the batch unchanged).
+
+    ``gradient`` chooses how the projected objective gradient is computed:
+    ``"structured"`` from first derivatives only (:mod:`~torch_teleport.structured`;
+    needs a :class:`~torch_teleport.objective.GradientNormObjective`),
+    ``"full"`` by autograd through the objective (a double backward for
+    gradient-norm objectives), ``"auto"`` (default) structured wherever the
+    objective and the site's projector allow it. Sites whose projector
+    provides no output gradients take the full path; the report names each
+    site's path.
     """
 
     keeps_replicas_in_sync = True
 
-    def __init__(self, teleporter: Teleporter) -> None:
+    def __init__(self, teleporter: Teleporter, gradient: str = "auto") -> None:
         super().__init__(teleporter)
+        if gradient not in GRADIENT_PATHS:
+            raise ValueError(f"gradient must be one of {GRADIENT_PATHS}, got {gradient!r}")
+        structured_objective = isinstance(teleporter.objective, GradientNormObjective)
+        if gradient == "structured" and not structured_objective:
+            raise ValueError(
+                f"gradient='structured' needs an objective of the gradient norm (f(||grad L||^2)); "
+                f"{type(teleporter.objective).__name__} takes gradient='full' or 'auto'"
+            )
+        self.structured = gradient != "full" and structured_objective
         null_space = teleporter.null_space
         if not isinstance(null_space, NullSpace):
             null_space = teleporter.registry.get("null_space", null_space)(tau=teleporter.tau)
@@ -205,18 +234,42 @@ class NullSpaceMethod(TeleportMethod):
 
     def run(self, batch: Batch, steps: int, cap: float | None) -> TeleportReport:
         captured = self.capture_inputs(batch.inputs)
-        first, report = self.start(batch, frozen=dict(self.coverage.frozen))
+        evaluate: Evaluate = self.teleporter.evaluate
+        structured: list = []
+        if self.structured:
+            evaluator = StructuredEvaluator(self.teleporter, batch, self._capable_sites())
+            evaluate, structured = evaluator, evaluator.sites
+        first, report = self.start(batch, evaluate=evaluate, frozen=dict(self.coverage.frozen))
+        structured = evaluate.sites if structured else []  # those whose outputs the first pass recorded
+        modules = list({id(c): c for c, _ in structured}.values())
+        first_tangents = None
+        if structured:
+            try:
+                first_tangents = tangent_streams(batch, first.direction, modules)
+            except NotImplementedError as error:  # an op without forward-mode derivatives
+                warnings.warn(
+                    f"teleport takes the full (double-backward) path: the structured path needs "
+                    f"forward-mode derivatives, and {_op_of(error)}",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                structured, modules, evaluate = [], [], self.teleporter.evaluate
+                first = evaluate(batch)
         basis_started = time.perf_counter()
-        bases, pinned, report.layers, frozen = self._bases(captured)
+        bases, pinned, report.layers, frozen = self._bases(captured, {(c.name, s.name) for c, s in structured})
         report.basis_seconds = time.perf_counter() - basis_started
         report.frozen.update(frozen)
         if not bases:
             report.stopped = "no_room"
             return report
         params = {name: p for name, p in self.coverage.movable().items() if name not in frozen}
+        moving = [(c, s) for c, s in structured if (c.name, s.name) in bases]
 
         def step(evaluation: Evaluation) -> bool:
-            update = self._projected_step(evaluation, params, bases, pinned)
+            tangents = None
+            if moving:
+                tangents = first_tangents if evaluation is first else tangent_streams(batch, evaluation.direction, modules)
+            update = self._projected_step(batch, evaluation, params, bases, pinned, moving, tangents)
             if update is None:
                 return False
             with torch.no_grad():
@@ -224,9 +277,20 @@ class NullSpaceMethod(TeleportMethod):
                     param.add_(update[name])
             return True
 
-        return self.ascend(batch, first, report, steps, cap, step)
+        return self.ascend(batch, first, report, steps, cap, step, evaluate=evaluate)
 
-    def _bases(self, captured: dict) -> tuple[dict, list, list[LayerReport], dict[str, str]]:
+    def _capable_sites(self) -> list:
+        """Sites whose projector can record their outputs (a probe install, removed at once)."""
+        sites = []
+        for covered in self.coverage.modules:
+            handles = covered.projector.capture_outputs(covered.module, lambda site, tensor: None)
+            if handles is not None:
+                for handle in handles:
+                    handle.remove()
+                sites += [(covered, site) for site in covered.sites]
+        return sites
+
+    def _bases(self, captured: dict, structured: set) -> tuple[dict, list, list[LayerReport], dict[str, str]]:
         """One core basis per site; sites whose module never ran, or with no room, stay fixed.
 
         A site without room whose parameter another site moves (the key block
@@ -256,6 +320,7 @@ class NullSpaceMethod(TeleportMethod):
                         null_dim=basis.null_dim,
                         samples=spectrum.samples,
                         groups=site.groups,
+                        gradient="structured" if (covered.name, site.name) in structured else "full",
                     )
                 )
                 if basis.null_dim == 0:
@@ -276,15 +341,18 @@ class NullSpaceMethod(TeleportMethod):
         return bases, pinned, layers, frozen
 
     def _projected_step(
-        self, evaluation: Evaluation, params: dict[str, nn.Parameter], bases: dict, pinned: list
+        self,
+        batch: Batch,
+        evaluation: Evaluation,
+        params: dict[str, nn.Parameter],
+        bases: dict,
+        pinned: list,
+        structured: list,
+        tangents: dict | None,
     ) -> dict[str, Tensor] | None:
         """The projected, signed and scaled step per parameter; ``None`` if it is not finite."""
         tele = self.teleporter
-        grads = torch.autograd.grad(evaluation.value, list(params.values()), allow_unused=True)
-        update = {
-            name: (g if g is not None else torch.zeros_like(p)).detach().contiguous()
-            for (name, p), g in zip(params.items(), grads, strict=True)
-        }
+        update = self._raw_gradient(batch, evaluation, params, structured, tangents)
         update = tele.replicas.sum(update)  # the global objective's gradient, the same on every rank
         for covered in self.coverage.modules:
             for site in covered.sites:
@@ -307,12 +375,90 @@ class NullSpaceMethod(TeleportMethod):
             scale = scale * weight_norm / norm
         return {name: u * scale for name, u in update.items()}
 
+    def _raw_gradient(
+        self,
+        batch: Batch,
+        evaluation: Evaluation,
+        params: dict[str, nn.Parameter],
+        structured: list,
+        tangents: dict | None,
+    ) -> dict[str, Tensor]:
+        """This rank's share of the objective's gradient for ``params``, before projection.
+
+        Structured sites get ``2 f'(s) delta^T lambda`` (its projection equals
+        the projected gradient; ``tangents`` are the forward-mode input streams);
+        every other parameter gets autograd's gradient of the objective.
+        """
+        update: dict[str, Tensor] = {}
+        fast = {covered.qualified(p) for covered, site in structured for p in (site.weight, site.bias) if p}
+        rest = [name for name in params if name not in fast]
+        if rest:
+            full = evaluation if not isinstance(evaluation, StructuredEvaluation) else self.teleporter.evaluate(batch)
+            grads = torch.autograd.grad(full.value, [params[n] for n in rest], allow_unused=True)
+            for name, g in zip(rest, grads, strict=True):
+                update[name] = (g if g is not None else torch.zeros_like(params[name])).detach().contiguous()
+        if fast:
+            assert isinstance(evaluation, StructuredEvaluation)
+            for name in fast:
+                update[name] = torch.zeros_like(params[name])
+            coefficient = self.teleporter.objective.slope(evaluation.local_squared) * evaluation.share
+            for covered, site in structured:
+                lam = tangent_representation(covered, site, tangents[(covered.name, site.stream)])
+                product = (evaluation.deltas[(covered.name, site.name)] @ lam.transpose(-1, -2)) * coefficient
+                weight = _site_view(update[covered.qualified(site.weight)], site)
+                weight.copy_(product[..., : weight.shape[-1]])
+                if site.bias is not None:
+                    _site_view(update[covered.qualified(site.bias)], site, bias=True).copy_(product[..., weight.shape[-1] :])
+        return {name: update[name] for name in params}
+
+
+class StructuredEvaluator:
+    """Evaluations from one forward and one first-order backward (no graph kept).
+
+    ``sites`` starts as every site whose projector can record outputs and,
+    after the first call, keeps those whose outputs were recorded.
+    """
+
+    def __init__(self, teleporter: Teleporter, batch: Batch, sites: list) -> None:
+        self.teleporter = teleporter
+        self.sites = sites
+        self._probed = False
+        names = {id(p): name for name, p in teleporter.model.named_parameters()}
+        self.param_names = [names[id(p)] for p in batch.parameters]
+
+    def __call__(self, batch: Batch) -> StructuredEvaluation:
+        tele = self.teleporter
+        loss, grads, deltas = first_order_pass(batch, self.param_names, self.sites)
+        if not self._probed:
+            self.sites = [(c, s) for c, s in self.sites if (c.name, s.name) in deltas]
+            self._probed = True
+        squared = get_total_norm(grads).square().to(loss.dtype)
+        evaluation = StructuredEvaluation(
+            value=tele.objective.of_squared_norm(squared),
+            loss=loss,
+            grad_norm=squared.sqrt(),
+            deltas=deltas,
+            direction=dict(zip(self.param_names, grads, strict=True)),
+            local_squared=squared,
+        )
+        if tele.replicas.size > 1:
+            evaluation = tele.replicas.combine_structured(evaluation, batch, grads)
+        return evaluation
+
+
+def _op_of(error: Exception) -> str:
+    """The operator an autograd ``NotImplementedError`` names, in a phrase."""
+    match = re.search(r"with ([\w:.]+) that does not support it", str(error))
+    return f"{match[1]} has none" if match else f"an op has none ({error})"
+
 
 def _recorder(captured: dict, module_name: str):
     def record(stream: str, tensor: Tensor) -> None:
         captured[(module_name, stream)].append(tensor.detach())
 
     return record
+
+
 
 
 def _restore(params: list[nn.Parameter], saved: list[Tensor]) -> None:

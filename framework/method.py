@@ -14,6 +14,8 @@ from .report import TeleportReport
 if TYPE_CHECKING:
     from .engine import Teleporter
 
+Evaluate = Callable[[Batch], Evaluation]
+
 
 class TeleportMethod(ABC):
     """Base class of teleport methods.
@@ -36,12 +38,15 @@ class TeleportMethod(ABC):
     def run(self, batch: Batch, steps: int, cap: float | None) -> TeleportReport:
         """Teleport on ``batch`` for at most ``steps`` steps, stopping at gradient norm ``cap``."""
 
-    def start(self, batch: Batch, **fields: Any) -> tuple[Evaluation, TeleportReport]:
+    def start(
+        self, batch: Batch, *, evaluate: Evaluate | None = None, **fields: Any
+    ) -> tuple[Evaluation, TeleportReport]:
         """Evaluate the objective before any step and open the report with it (and ``fields``).
 
+        ``evaluate`` is the method's own evaluation (the teleporter's by default).
         A non-finite loss or objective here is bad input, not a failed step: it raises.
         """
-        first = self.teleporter.evaluate(batch)
+        first = (evaluate or self.teleporter.evaluate)(batch)
         if not (torch.isfinite(first.loss) and torch.isfinite(first.value)):
             raise ValueError(f"the loss or objective on the teleport batch is not finite (loss {float(first.loss)})")
         value = float(first.value.detach())
@@ -66,6 +71,7 @@ class TeleportMethod(ABC):
         steps: int,
         cap: float | None,
         step: Callable[[Evaluation], bool],
+        evaluate: Evaluate | None = None,
     ) -> TeleportReport:
         """The loop every method shares: record, stop on a non-finite value or the cap, step.
 
@@ -73,10 +79,11 @@ class TeleportMethod(ABC):
         ``False`` when its update was not finite (nothing moved). The report
         ends with one more evaluation at the final point.
         """
+        evaluate = evaluate or self.teleporter.evaluate
         evaluation = first
         for index in range(steps):
             if index:
-                evaluation = self.teleporter.evaluate(batch)
+                evaluation = evaluate(batch)
             report.losses.append(float(evaluation.loss))
             report.grad_norms.append(float(evaluation.grad_norm))
             if not torch.isfinite(evaluation.value):
@@ -89,7 +96,7 @@ class TeleportMethod(ABC):
                 report.stopped = "non_finite"
                 return report
             report.steps += 1
-        final = self.teleporter.evaluate(batch)
+        final = evaluate(batch)
         report.loss_after = float(final.loss)
         report.grad_norm_after = float(final.grad_norm)
         report.objective_after = float(final.value.detach())

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -67,3 +68,30 @@ class Objective(ABC):
     @abstractmethod
     def evaluate(self, batch: Batch) -> Evaluation:
         """Evaluate the objective on ``batch`` with a graph through the parameters."""
+
+
+class GradientNormObjective(Objective):
+    """An objective ``f(||grad L||^2)`` of the loss gradient over all trainable parameters.
+
+    Subclasses give ``f`` (:meth:`of_squared_norm`). :meth:`evaluate` is the
+    general path (a graph through the gradient: a double backward); because
+    the projected gradient of such an objective is
+    ``2 f'(s) P(delta^T lambda)``, the null-space method can also take the
+    structured path (:mod:`torch_teleport.structured`), with first derivatives only.
+    """
+
+    def of_squared_norm(self, squared: Tensor) -> Tensor:
+        """``f(s)`` for ``s = ||grad L||^2``; differentiable in ``s``."""
+        raise NotImplementedError
+
+    def evaluate(self, batch: Batch) -> Evaluation:
+        loss = batch.loss()
+        grads = torch.autograd.grad(loss, batch.parameters, create_graph=True, allow_unused=True)
+        squared = sum(g.square().sum() for g in grads if g is not None)
+        return Evaluation(self.of_squared_norm(squared), loss, grad_norm=torch.sqrt(squared.detach()))
+
+    def slope(self, squared: Tensor) -> Tensor:
+        """``2 f'(s)``: the objective's gradient is ``2 f'(s) H g`` (``H g`` the Hessian-vector product)."""
+        point = squared.detach().clone().requires_grad_(True)
+        (derivative,) = torch.autograd.grad(self.of_squared_norm(point), point)
+        return 2 * derivative

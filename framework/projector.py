@@ -77,6 +77,24 @@ class Projector(ABC):
         """Parameters of ``module`` this projector deliberately leaves fixed, with the reason."""
         return {}
 
+    def capture_outputs(self, module: nn.Module, record: Record) -> list[RemovableHandle] | None:
+        """Hooks that call ``record(site.name, output)`` with each site's output during a forward.
+
+        Optional: it opens the structured path (first derivatives only, see
+        :mod:`torch_teleport.structured`), which needs the loss gradient at each
+        site's output. ``None`` (the default) sends the module's sites down the
+        general path (the objective's own autograd gradient).
+        """
+        return None
+
+    def output_representation(self, module: nn.Module, site: Site, outputs: Sequence[Tensor]) -> Tensor:
+        """Gradients at ``site``'s outputs as ``(groups, rows, samples)``, columns in :meth:`representation`'s order.
+
+        ``outputs`` holds one tensor per call of the module, shaped like the
+        outputs :meth:`capture_outputs` recorded. Needed with :meth:`capture_outputs`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not provide output representations")
+
     def project(self, module: nn.Module, site: Site, updates: dict[str, Tensor], basis: CoreBasis) -> None:
         """Replace the site's slices of ``updates`` by their null-space projection, in place.
 
@@ -108,6 +126,15 @@ def first_input_hook(stream: str, record: Record) -> Callable:
 
     def hook(module: nn.Module, args: tuple) -> None:
         record(stream, args[0])
+
+    return hook
+
+
+def output_hook(site: str, record: Record) -> Callable:
+    """A forward hook that records the module's output under ``site`` (for :meth:`Projector.capture_outputs`)."""
+
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+        record(site, output)
 
     return hook
 

@@ -10,6 +10,8 @@ class LayerReport:
     """One site of one module: its input dimension (bias included) and null-space dimension.
 
     For grouped sites (grouped convolutions) the dimensions add up over groups.
+    ``gradient`` is the path its projected gradient took: ``"structured"``
+    (first derivatives only) or ``"full"`` (autograd through the objective).
     """
 
     name: str
@@ -17,6 +19,7 @@ class LayerReport:
     null_dim: int
     samples: int
     groups: int = 1
+    gradient: str = "full"
 
 
 @dataclass

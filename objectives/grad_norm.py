@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import torch
+from torch import Tensor
 
-from torch_teleport import Batch, Evaluation, Objective, hookimpl
+from torch_teleport import hookimpl
+from torch_teleport.objective import GradientNormObjective
 
 
-class GradNorm(Objective):
+class GradNorm(GradientNormObjective):
     """Half the squared norm of the loss gradient over all trainable parameters.
 
-    Its gradient is a Hessian-vector product ``H g``, obtained by one double
-    backward pass.
+    Its gradient is the Hessian-vector product ``H g``: by a double backward on
+    the general path, from first derivatives on the structured one.
     """
 
-    def evaluate(self, batch: Batch) -> Evaluation:
-        loss = batch.loss()
-        grads = torch.autograd.grad(loss, batch.parameters, create_graph=True, allow_unused=True)
-        value = 0.5 * sum(g.square().sum() for g in grads if g is not None)
-        return Evaluation(value=value, loss=loss, grad_norm=torch.sqrt(2 * value.detach()))
+    def of_squared_norm(self, squared: Tensor) -> Tensor:
+        return 0.5 * squared
 
 
 @hookimpl

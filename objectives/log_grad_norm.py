@@ -9,18 +9,17 @@ is rescaled to a fixed size, so both objectives take the same path; with
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from torch_teleport import Batch, Evaluation, Objective, hookimpl
+from torch_teleport import hookimpl
+from torch_teleport.objective import GradientNormObjective
 
 
-class LogGradNorm(Objective):
+class LogGradNorm(GradientNormObjective):
     """``0.5 * log ||grad L||^2`` over all trainable parameters (ascend by default)."""
 
-    def evaluate(self, batch: Batch) -> Evaluation:
-        loss = batch.loss()
-        grads = torch.autograd.grad(loss, batch.parameters, create_graph=True, allow_unused=True)
-        squared = sum(g.square().sum() for g in grads if g is not None)
-        return Evaluation(value=0.5 * torch.log(squared), loss=loss, grad_norm=torch.sqrt(squared.detach()))
+    def of_squared_norm(self, squared: Tensor) -> Tensor:
+        return 0.5 * torch.log(squared)
 
 
 @hookimpl

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from torch_teleport import Projector, Site, hookimpl
-from torch_teleport.projector import Record, append_ones, first_input_hook
+from torch_teleport.projector import Record, append_ones, first_input_hook, output_hook
 
 ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
@@ -40,6 +40,19 @@ class ConvProjector(Projector):
         if site.bias is not None:
             columns = append_ones(columns)
         return columns.transpose(-1, -2)
+
+    def capture_outputs(self, module: ConvNd, record: Record) -> list[RemovableHandle]:
+        return [module.register_forward_hook(output_hook("weight", record))]
+
+    def output_representation(self, module: ConvNd, site: Site, outputs: Sequence[Tensor]) -> Tensor:
+        """Per group ``(rows, positions * batch)``, in the order of :func:`conv_patches`' columns."""
+        spatial = len(module.kernel_size)
+        columns = []
+        for y in outputs:
+            if y.dim() == spatial + 1:
+                y = y.unsqueeze(0)
+            columns.append(rearrange(y.flatten(2), "n (g r) p -> g r (n p)", g=module.groups))
+        return torch.cat(columns, dim=-1)
 
 
 def conv_patches(module: ConvNd, inputs: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from torch_teleport import Projector, Site, hookimpl
-from torch_teleport.projector import Record, append_ones, first_input_hook
+from torch_teleport.projector import Record, append_ones, first_input_hook, output_hook
 
 
 class LinearProjector(Projector):
@@ -26,6 +26,12 @@ class LinearProjector(Projector):
         if site.bias is not None:
             samples = append_ones(samples)
         return samples.T.unsqueeze(0)
+
+    def capture_outputs(self, module: nn.Linear, record: Record) -> list[RemovableHandle]:
+        return [module.register_forward_hook(output_hook("weight", record))]
+
+    def output_representation(self, module: nn.Linear, site: Site, outputs: Sequence[Tensor]) -> Tensor:
+        return torch.cat([y.reshape(-1, module.out_features) for y in outputs]).T.unsqueeze(0)
 
 
 @hookimpl

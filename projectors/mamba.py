@@ -23,7 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from torch_teleport import Projector, Site, hookimpl
 from torch_teleport.plugins.mamba_block import AFFINE_MAPS, MambaBlock, mamba_mixer
-from torch_teleport.projector import Record
+from torch_teleport.projector import Record, output_hook
 from torch_teleport.projectors.conv import ConvProjector
 from torch_teleport.projectors.linear import LinearProjector
 
@@ -79,6 +79,21 @@ class MambaProjector(Projector):
         projector = _child_projector(child)
         (child_site,) = projector.sites(child)
         return projector.representation(child, child_site, captured)
+
+
+    def capture_outputs(self, block: nn.Module, record: Record) -> list[RemovableHandle]:
+        """Hooks on the five submodules; ``mamba_ssm``'s block never calls them, so its sites
+        record nothing and take the general path."""
+        return [
+            block.get_submodule(name).register_forward_hook(output_hook(name, record))
+            for name in AFFINE_MAPS
+        ]
+
+    def output_representation(self, block: nn.Module, site: Site, outputs: Sequence[Tensor]) -> Tensor:
+        child = block.get_submodule(site.stream)
+        projector = _child_projector(child)
+        (child_site,) = projector.sites(child)
+        return projector.output_representation(child, child_site, outputs)
 
 
 def _child_projector(child: nn.Module) -> Projector:

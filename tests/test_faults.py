@@ -78,8 +78,11 @@ def test_non_finite_starting_loss_is_rejected():
 @pytest.mark.parametrize(
     "dtype, options, where",
     [
-        # A plain ascent rate so large that the ascent diverges to inf within two steps.
-        (torch.float32, {"lr": 1e10, "normalize": False}, "objective"),
+        # A plain ascent rate so large that the ascent diverges to inf within two steps
+        # (the double-backward objective overflows first) ...
+        (torch.float32, {"lr": 1e10, "normalize": False, "method_options": {"gradient": "full"}}, "objective"),
+        # ... or, on the structured path (no double backward), the weights themselves overflow.
+        (torch.float32, {"lr": 1e20, "normalize": False}, "weights"),
         # A finite objective with an infinite gradient: the update itself is non-finite.
         (torch.float64, {"objective": InfiniteSlope()}, "update"),
     ],
@@ -286,7 +289,8 @@ def test_teleports_keep_no_graph_alive_and_memory_does_not_grow():
         for handle in handles:
             handle.remove()
     gc.collect()
-    assert report.steps == 2 and len(outputs) == 4 * len(model)  # capture, 2 steps, final check
+    # capture, three evaluations (before each of 2 steps, final check), one forward-mode pass per step
+    assert report.steps == 2 and len(outputs) == 6 * len(model)
     assert [ref for ref in outputs if ref() is not None] == [], "a teleport left autograd graphs alive"
 
     for _ in range(20):  # warm-up: allocator pools and lazily built kernels
