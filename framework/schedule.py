@@ -23,8 +23,10 @@ class TeleportPlan:
 class Schedule(ABC):
     """Base class of teleport schedules.
 
-    The trainer asks :meth:`plan` before every optimisation step; a schedule
-    keeps whatever it needs to remember in :meth:`state_dict`.
+    The trainer asks :meth:`plan` once before every optimisation step (before
+    the first micro-batch of a gradient-accumulation window), with ``step``
+    the number of optimizer steps taken so far; a schedule keeps whatever it
+    needs to remember in :meth:`state_dict`.
     """
 
     @abstractmethod

@@ -14,6 +14,8 @@ class EpochSchedule(Schedule):
     ``batches`` x ``steps`` per teleport (32 x 8 in the paper); no teleport
     before global step ``warmup`` (40 for the paper's CNNs): an epoch in K
     whose start falls in the warm-up teleports at its first step after it.
+    ``EpochSchedule()`` is the schedule :class:`~torch_teleport.TeleportTrainer`
+    uses when it teleports without one.
     """
 
     def __init__(
