@@ -230,23 +230,33 @@ def _join(path: str, name: str) -> str:
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
-def dumps_toml(config: dict[str, Any]) -> str:
+def dumps_toml(config: dict[str, Any], *, unset: bool = False) -> str:
     """``config`` as TOML: top-level tables as ``[sections]``, deeper ones inline; ``None`` left out.
 
     ``tomllib`` only reads; this covers what configs hold (tables, arrays,
     strings, numbers, booleans) so a run folder's config can be run again.
+    TOML has no null: with ``unset=True`` a ``None`` at the top level or in a
+    section becomes a ``# key: not set`` comment, so a printed config still
+    shows every key.
     """
     lines: list[str] = []
     sections: list[tuple[str, dict]] = []
     for key, value in config.items():
         if isinstance(value, dict):
             sections.append((key, value))
-        elif value is not None:
-            lines.append(f"{_key(key)} = {_value(value)}")
+        else:
+            lines += _assignment(key, value, unset)
     for key, table in sections:
         lines += ["", f"[{_key(key)}]"]
-        lines += [f"{_key(k)} = {_value(v)}" for k, v in table.items() if v is not None]
+        for k, v in table.items():
+            lines += _assignment(k, v, unset)
     return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _assignment(key: str, value: Any, unset: bool) -> list[str]:
+    if value is not None:
+        return [f"{_key(key)} = {_value(value)}"]
+    return [f"# {_key(key)}: not set"] if unset else []
 
 
 def _key(key: str) -> str:

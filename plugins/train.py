@@ -242,11 +242,10 @@ def prepare(config: dict[str, Any], registry: Registry | None = None) -> TrainSe
     :class:`~torch_teleport.data.MissingDataError`.
     """
     registry = registry or default_registry()
-    config = resolve(config, SCHEMA)
+    config = resolve_config(config)
     with _rejected("device", f"using device {config['device']!r}"):
         device = torch.device(config["device"])
         torch.empty(0, device=device)
-    _label_optimizers(config["training"]["optimizers"])
     dataset = config["dataset"]
     factory = registry.get("dataset", dataset["name"])
     setup = TrainSetup(config, registry, device)
@@ -273,6 +272,16 @@ def prepare(config: dict[str, Any], registry: Registry | None = None) -> TrainSe
         setup.splits = factory(dataset["root"], **dataset["options"])
     _check_fit(probe, setup.splits, device, config)
     return setup
+
+
+def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` checked against :data:`SCHEMA`, defaults and optimizer labels filled in; nothing is built.
+
+    What a run writes to its ``config.toml``, and what ``teleport config`` prints.
+    """
+    config = resolve(config, SCHEMA)
+    _label_optimizers(config["training"]["optimizers"])
+    return config
 
 
 @contextlib.contextmanager
@@ -423,7 +432,8 @@ class Run:
         )
 
     def _log_teleport(self, report: TeleportReport, epoch: int) -> None:
-        index = len(self.history.teleports)
+        # At the global step, as train/batch_loss: the teleport came before that step's update.
+        step = self.trainer.global_step
         gain = (
             report.grad_norm_after / report.grad_norm_before if report.grad_norm_before > 0 else 1.0
         )
@@ -431,7 +441,7 @@ class Run:
         self.history.teleports.append(
             {
                 "epoch": epoch,
-                "step": self.trainer.global_step,
+                "step": step,
                 "loss_before": report.loss_before,
                 "loss_after": report.loss_after,
                 "loss_change": report.loss_change,
@@ -443,10 +453,10 @@ class Run:
                 "seconds": report.seconds,
             }
         )
-        self.writer.add_scalar("teleport/grad_norm_gain", gain, index)
-        self.writer.add_scalar("teleport/grad_norm_after", report.grad_norm_after, index)
-        self.writer.add_scalar("teleport/loss_change", report.loss_change, index)
-        self.writer.add_scalar("teleport/seconds", report.seconds, index)
+        self.writer.add_scalar("teleport/grad_norm_gain", gain, step)
+        self.writer.add_scalar("teleport/grad_norm_after", report.grad_norm_after, step)
+        self.writer.add_scalar("teleport/loss_change", report.loss_change, step)
+        self.writer.add_scalar("teleport/seconds", report.seconds, step)
 
     def _record(self, seconds: float, cpu_seconds: float) -> None:
         epoch = self.trainer.epoch
@@ -647,6 +657,9 @@ def run_train(config: dict[str, Any], out_dir: Path) -> None:
             leave_launch()
 
 
+run_train.resolve_config = resolve_config  # what `teleport config` prints for this kind
+
+
 def _train_and_report(setup: TrainSetup, out_dir: Path) -> None:
     main = is_main_process()  # rank 0 alone writes files and prints
     if main:
@@ -684,3 +697,4 @@ def _train_and_report(setup: TrainSetup, out_dir: Path) -> None:
 @hookimpl
 def teleport_register_experiments(registry) -> None:
     registry.add_experiment("train", run_train)
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import json
 import math
@@ -11,11 +12,15 @@ from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
 
+import torch_teleport
 from torch_teleport import Teleporter, build_registry
 from torch_teleport import cli as cli_module
 from torch_teleport.cli import main
-from torch_teleport.config import tomllib
+from torch_teleport.config import apply_overrides, load_config, tomllib
+from torch_teleport.plugins.train import resolve_config
+from torch_teleport.projectors.frozen import EmbeddingPolicy
 from torch_teleport.registry import BUILTIN_ORIGIN
 
 TINY = """
@@ -264,3 +269,120 @@ def test_bench_runs_the_registered_kind_with_overrides(capsys, monkeypatch, tmp_
     monkeypatch.setattr(cli_module, "default_registry", lambda: registry)
     assert main(["bench", "alpha", "--set", "repeats=5", "--out", str(tmp_path)]) == 0
     assert calls == [({"kind": "bench.alpha", "repeats": 5}, tmp_path)]
+
+
+def test_version_prints_the_installed_version(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    installed = importlib.metadata.version("torch-teleport")
+    assert capsys.readouterr().out == f"torch-teleport {installed}\n"
+    assert installed == torch_teleport.__version__
+
+
+def test_config_prints_the_resolved_default_and_runs_nothing(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["config"]) == 0
+    printed = capsys.readouterr().out
+    resolved = resolve_config(load_config())
+    assert tomllib.loads(printed) == _without_none(resolved)
+    assert resolved["teleport"]["cap"] is None and "# cap: not set" in printed.splitlines()
+    assert resolved["training"]["optimizers"][0]["label"] == "sgd"  # labels filled in
+    assert resolve_config(tomllib.loads(printed)) == resolved  # what it prints runs as it is
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_applies_the_file_and_the_overrides(capsys, tiny):
+    argv = ["config", str(tiny), "--set", "training.epochs=4", "--set", "teleport.cap=2.5"]
+    assert main(argv) == 0
+    printed = tomllib.loads(capsys.readouterr().out)
+    expected = resolve_config(
+        apply_overrides(load_config(tiny), ["training.epochs=4", "teleport.cap=2.5"])
+    )
+    assert printed == _without_none(expected)
+    assert printed["training"]["epochs"] == 4 and printed["teleport"]["cap"] == 2.5
+    assert printed["teleport"]["batch_size"] == 8 and printed["training"]["eval_batch_size"] == 1024
+
+
+def test_config_errors_are_one_line(capsys, tiny):
+    message = _error(capsys, ["config", "--set", "training.epochs=0"])
+    assert message == "teleport: error: --set training.epochs=0: training.epochs must be at least 1, got 0"
+    message = _error(capsys, ["config", str(tiny), "--set", "training.epoch=3"])
+    assert "unknown key 'training.epoch'" in message
+
+
+def test_config_of_a_kind_without_a_resolver_is_printed_as_given(capsys, monkeypatch):
+    registry = build_registry()
+    registry.add_experiment("bench.alpha", lambda config, out_dir: None)
+    monkeypatch.setattr(cli_module, "default_registry", lambda: registry)
+    assert main(["config", "--set", "kind=bench.alpha", "--set", "repeats=3"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("# kind 'bench.alpha' does not resolve its config")
+    assert tomllib.loads(printed)["repeats"] == 3
+
+
+def _short(reason: str) -> str:
+    return reason.split(":")[0]
+
+
+def _table_rows(printed: str) -> dict[str, list[str]]:
+    lines = printed.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["module", "type", "status"])
+    return {line.split()[0]: line.split() for line in lines[header + 1 :] if line.strip()}
+
+
+def test_check_prints_the_table_of_a_registered_model(capsys):
+    assert main(["check", "mlp"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("mlp on random normal inputs of shape (32, 784)")
+    rows = _table_rows(printed)
+    # The paper's 784-1024-1024-10 MLP on 32 samples: each layer's null space is its inputs + 1 - 32.
+    assert rows["1"] == ["1", "Linear", "covered", "weight", "785", "753", "32"]
+    assert rows["3"][3:] == ["weight", "1025", "993", "32"]
+    assert rows["5"][3:] == ["weight", "1025", "993", "32"]
+    assert printed.rstrip().endswith(
+        "Sequential: 3 modules with trainable parameters: 3 covered, 0 frozen, 0 uncovered; "
+        "3 of 3 sites have room on this batch of 32"
+    )
+
+
+def test_check_takes_model_options_batch_size_and_json(capsys):
+    argv = ["check", "mlp", "--set", "input_dim=6", "--set", "hidden=[5]", "--batch", "4", "--json"]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["model"] == "mlp" and data["type"] == "Sequential" and data["batch"] == 4
+    assert [(m["name"], m["sites"][0]["input_dim"], m["sites"][0]["null_dim"]) for m in data["modules"]] == [
+        ("1", 7, 3),
+        ("3", 6, 2),
+    ]
+
+
+def test_check_a_token_model_with_frozen_layers(capsys):
+    argv = ["check", "transformer_lm", "--set", "vocab_size=50", "--set", "seq_len=6", "--batch", "2"]
+    argv += ["--set", "layers=1", "--set", "heads=1", "--set", "head_dim=8"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("transformer_lm on random token ids below 50, shape (2, 6)")
+    rows = _table_rows(printed)
+    assert " ".join(rows["embed"][1:]) == "Embedding frozen " + _short(EmbeddingPolicy.reason)
+    assert rows["body.encoder.layers.0.norm1"][1:3] == ["LayerNorm", "frozen"]
+    assert rows["head"][1:4] == ["Linear", "covered", "weight"]
+
+
+def test_check_needs_a_shape_for_a_model_without_a_built_in_example(capsys, monkeypatch):
+    registry = build_registry()
+    registry.add_model("pair", lambda width=3: nn.Sequential(nn.Linear(width, 2), nn.Linear(2, 2)))
+    monkeypatch.setattr(cli_module, "default_registry", lambda: registry)
+    message = _error(capsys, ["check", "pair"])
+    assert "no built-in example inputs for model 'pair': give the shape of one sample with --shape" in message
+    assert main(["check", "pair", "--shape", "3", "--batch", "2"]) == 0
+    assert _table_rows(capsys.readouterr().out)["0"][3:7] == ["weight", "4", "2", "2"]
+
+
+def test_check_errors_are_one_line(capsys):
+    message = _error(capsys, ["check", "perceptron"])
+    assert "unknown model 'perceptron'; registered: " in message and "mlp" in message
+    message = _error(capsys, ["check", "mlp", "--set", "widths=[3]"])
+    assert "building model 'mlp' failed:" in message and "widths" in message
+    message = _error(capsys, ["check", "mlp", "--shape", "5"])
+    assert "running model 'mlp' on random normal inputs of shape (32, 5) failed:" in message

@@ -200,3 +200,23 @@ def test_none_values_are_left_out_and_infinities_survive():
         {"cap": None, "teleport": {"cap": None, "lr": math.inf, "o": {"a": None, "b": -math.inf}}}
     )
     assert tomllib.loads(text) == {"teleport": {"lr": math.inf, "o": {"b": -math.inf}}}
+
+
+def test_unset_values_can_be_shown_as_comments():
+    config = {"cap": None, "kind": "x", "teleport": {"cap": None, "lr": 0.5, "o": {"a": None, "b": 1}}}
+    text = dumps_toml(config, unset=True)
+    lines = text.splitlines()
+    assert "# cap: not set" in lines and lines.count("# cap: not set") == 2
+    assert lines.index("[teleport]") < lines.index("# cap: not set", 2)  # under its section
+    assert tomllib.loads(text) == tomllib.loads(dumps_toml(config)) == {
+        "kind": "x",
+        "teleport": {"lr": 0.5, "o": {"b": 1}},
+    }
+    assert "# " not in dumps_toml(config)
+
+
+@given(
+    st.dictionaries(toml_keys, values | st.none() | st.dictionaries(toml_keys, values | st.none(), max_size=4), max_size=5)
+)
+def test_comments_for_unset_values_keep_the_toml_valid(config):
+    assert tomllib.loads(dumps_toml(config, unset=True)) == tomllib.loads(dumps_toml(config))

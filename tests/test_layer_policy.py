@@ -175,3 +175,70 @@ def test_a_registered_offset_policy_names_its_reason_without_a_warning():
             tokens, targets
         )
     assert report.frozen["positions.weight"] == AdditiveOffsetPolicy.reason
+
+
+class Gain(nn.Module):
+    """An elementwise gain and shift, standing for a layer type no projector knows (GPT-2's Conv1D)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(width))
+        self.shift = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gain + self.shift
+
+
+def gains(count: int, width: int = 4) -> list[nn.Module]:
+    return [Gain(width) for _ in range(count)]
+
+
+def test_nothing_to_move_names_the_uncovered_types_apart_from_the_frozen_ones():
+    model = nn.Sequential(nn.Embedding(5, 4), *gains(12), nn.LayerNorm(4))
+    with pytest.raises(ValueError) as raised:
+        Teleporter(model, F.cross_entropy, uncovered="freeze")
+    message = str(raised.value)
+    assert message.startswith("no parameter of Sequential can be teleported (27 trainable: ")
+    assert "No projector for the module types Gain x12 (1.gain, 1.shift, 2.gain, ... (24 in all))" in message
+    assert f"Kept fixed: Embedding x1 (0.weight), reason: {EmbeddingPolicy.reason}" in message
+    assert f"LayerNorm x1 (13.weight, 13.bias), reason: {NormalizationPolicy.reason}" in message
+    assert message.index("No projector") < message.index("Kept fixed")
+    assert "Embedding" not in message[message.index("No projector") : message.index("Kept fixed")]
+    assert "registry.add_projector(ModuleType, ProjectorClass)" in message
+    assert "teleport_register_projectors" in message and "docs/plugins.md" in message
+    assert "7.gain" not in message  # counted, not listed
+
+
+def test_a_model_without_trainable_parameters_says_so():
+    model = nn.Linear(3, 3).requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter of Linear can be teleported: it has no trainable parameters"):
+        Teleporter(model, F.cross_entropy)
+
+
+def test_the_warning_groups_uncovered_parameters_by_module_type():
+    model = nn.Sequential(nn.Linear(4, 4), *gains(10), nn.Linear(4, 3))
+    with pytest.warns(UserWarning) as warned:
+        teleporter = Teleporter(model, F.cross_entropy)
+    (warning,) = [w for w in warned if "leaves these parameters fixed" in str(w.message)]
+    message = str(warning.message)
+    assert (
+        "teleport leaves these parameters fixed (no projector for their module): "
+        "Gain x10 (1.gain, 1.shift, 2.gain, ... (20 in all))" in message
+    )
+    assert "registry.add_projector" in message and "5.gain" not in message
+    inputs, targets = torch.randn(2, 4), torch.tensor([0, 2])
+    report = teleporter.teleport(inputs, targets)
+    uncovered = [name for name, reason in report.frozen.items() if reason == "no projector for its module"]
+    assert uncovered == [f"{i}.{p}" for i in range(1, 11) for p in ("gain", "shift")]
+
+
+def test_the_error_policy_names_parameters_and_counts_module_types():
+    model = nn.Sequential(nn.Linear(4, 4), *gains(3), nn.PReLU(4))
+    with pytest.raises(ValueError) as raised:
+        Teleporter(model, F.cross_entropy, uncovered="error")
+    message = str(raised.value)
+    assert message.startswith(
+        "no projector covers these parameters: 1.gain, 1.shift, 2.gain, 2.shift, 3.gain, 3.shift, "
+        "... (7 in all); by module type: Gain x3 (6 parameters); PReLU x1 (1 parameter)."
+    )
+    assert 'uncovered policy "warn" or "freeze"' in message

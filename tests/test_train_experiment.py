@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from torch_teleport.cli import main
 from torch_teleport.config import ConfigError, apply_overrides, load_config, resolve
@@ -230,3 +231,28 @@ def test_mnist_reads_raw_idx_files_and_trains_one_epoch(tmp_path, capsys):
     assert "torchvision MNIST" in capsys.readouterr().out
     results = (out / "results.json").read_text()
     assert '"teleport": true' in results and '"teleport": false' in results
+
+
+def test_teleport_scalars_are_logged_at_the_training_step(tmp_path):
+    setup = prepare(tiny_config("training.seeds=[3]", "training.with_teleport=[true]"))
+    (result,) = train_all(setup, tmp_path)
+    events = EventAccumulator(str(tmp_path / "tensorboard" / result["name"]))
+    events.Reload()
+    batch_steps = [event.step for event in events.Scalars("train/batch_loss")]
+    per_epoch = len(batch_steps) // 2
+    assert batch_steps == list(range(1, 2 * per_epoch + 1)) and per_epoch > 2
+    # Two teleport batches before epochs 0 and 1: before the first step of each epoch, logged at
+    # that step, where train/batch_loss shows the loss of the update that followed.
+    expected = [1, 1, per_epoch + 1, per_epoch + 1]
+    assert [t["step"] for t in result["teleports"]] == expected
+    for tag, key in (
+        ("teleport/grad_norm_gain", "grad_norm_gain"),
+        ("teleport/grad_norm_after", "grad_norm_after"),
+        ("teleport/loss_change", "loss_change"),
+        ("teleport/seconds", "seconds"),
+    ):
+        scalars = events.Scalars(tag)
+        assert [event.step for event in scalars] == expected, tag
+        assert [event.value for event in scalars] == pytest.approx(
+            [t[key] for t in result["teleports"]], rel=1e-6, abs=1e-12
+        ), tag
