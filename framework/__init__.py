@@ -7,10 +7,11 @@ schedule, model and dataset is a plugin.
 """
 
 # The engine and trainer import the interfaces above; keep them last.
-from .engine import NullSpaceMethod, Teleporter  # noqa: E402
+from .engine import Teleporter  # noqa: E402
 from .hookspecs import hookimpl
 from .method import TeleportMethod  # noqa: E402
 from .null_space import CoreBasis, NullSpace
+from .null_space_method import NullSpaceMethod  # noqa: E402
 from .objective import Batch, Evaluation, Objective
 from .projector import Projector, Site
 from .registry import Registry, UnknownPluginError, build_registry, default_registry

@@ -33,15 +33,20 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.func import functional_call
+from torch.nn.utils import get_total_norm
 
 from .coverage import CoveredModule
 from .objective import Batch, Evaluation
 from .projector import Site
+
+if TYPE_CHECKING:
+    from .engine import Teleporter
 
 SiteKey = tuple[str, str]
 """``(module name, site name)``."""
@@ -61,13 +66,46 @@ class StructuredEvaluation(Evaluation):
     share: float = 1.0  # this rank's weight in the mean of the ranks' objectives
 
 
+class StructuredEvaluator:
+    """Evaluations from one forward and one first-order backward (no graph kept).
+
+    ``sites`` starts as every site whose projector can record outputs and,
+    after the first call, keeps those whose outputs were recorded.
+    """
+
+    def __init__(self, teleporter: Teleporter, batch: Batch, sites: list) -> None:
+        self.teleporter = teleporter
+        self.sites = sites
+        self._probed = False
+        names = {id(p): name for name, p in teleporter.model.named_parameters()}
+        self.param_names = [names[id(p)] for p in batch.parameters]
+
+    def __call__(self, batch: Batch) -> StructuredEvaluation:
+        tele = self.teleporter
+        loss, grads, deltas = first_order_pass(batch, self.sites)
+        if not self._probed:
+            self.sites = [(c, s) for c, s in self.sites if (c.name, s.name) in deltas]
+            self._probed = True
+        squared = get_total_norm(grads).square().to(loss.dtype)
+        evaluation = StructuredEvaluation(
+            value=tele.objective.of_squared_norm(squared),
+            loss=loss,
+            grad_norm=squared.sqrt(),
+            deltas=deltas,
+            direction=dict(zip(self.param_names, grads, strict=True)),
+            local_squared=squared,
+        )
+        if tele.replicas.size > 1:
+            evaluation = tele.replicas.combine_structured(evaluation, batch, grads)
+        return evaluation
+
+
 def first_order_pass(
-    batch: Batch, names: Sequence[str], sites: Sequence[tuple[CoveredModule, Site]]
+    batch: Batch, sites: Sequence[tuple[CoveredModule, Site]]
 ) -> tuple[Tensor, list[Tensor], dict[SiteKey, Tensor]]:
     """The loss, its gradient for ``batch.parameters`` and the output gradients of ``sites``.
 
-    One forward with the projectors' output hooks and one first-order
-    backward. ``names`` are the parameters' names (for error messages).
+    One forward with the projectors' output hooks and one first-order backward.
     Returns the detached loss, the gradients (zeros where unused) and each
     site's ``delta`` as ``(groups, rows, samples)``; a site whose module
     computed its map without calling the hooked submodule (it multiplies

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from torch_teleport import hookimpl
-from torch_teleport.engine import NullSpaceMethod
+from torch_teleport.null_space_method import NullSpaceMethod
 
 
 @hookimpl

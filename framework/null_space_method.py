@@ -1,0 +1,372 @@
+"""The null-space projection method (Algorithm 1 of the paper): capture -> bases -> ascent -> report."""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import get_total_norm
+
+from .coverage import Coverage, CoveredModule, find_coverage
+from .method import Evaluate, TeleportMethod
+from .null_space import CoreBasis, NullSpace
+from .objective import Batch, Evaluation, GradientNormObjective
+from .projector import Projector, Site, _site_view
+from .report import LayerReport, TeleportReport
+from .structured import (
+    StructuredEvaluation,
+    StructuredEvaluator,
+    tangent_representation,
+    tangent_streams,
+)
+
+if TYPE_CHECKING:
+    from .engine import Teleporter
+
+GRADIENT_PATHS = ("auto", "structured", "full")
+
+SiteRef = tuple[CoveredModule, Site]
+
+
+@dataclass
+class Bases:
+    """The null-space side of one teleport batch: a core basis per site with room, and what stays fixed.
+
+    A site without room whose parameter another site moves (the key block
+    of a packed attention projection whose query block has room) is
+    *pinned*: its rows of the update are zeroed.
+    """
+
+    of: dict[tuple[str, str], CoreBasis] = field(default_factory=dict)
+    pinned: list[SiteRef] = field(default_factory=list)
+    layers: list[LayerReport] = field(default_factory=list)
+    frozen: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class FactoredSite:
+    """A site's structured update ``left @ right`` kept as its two factors.
+
+    ``left`` is ``(groups, rows, samples)`` (the output gradients, times the
+    objective's slope) and ``right`` ``(groups, samples, inputs)`` (the
+    projected tangent inputs, the folded bias last). Never formed as a
+    dense matrix before it is added to the weights.
+    """
+
+    covered: CoveredModule
+    site: Site
+    left: Tensor
+    right: Tensor
+
+    def squared_norm(self) -> Tensor:
+        """``||left @ right||_F^2`` from the two ``samples x samples`` Gram matrices (in float64)."""
+        left, right = self.left.double(), self.right.double()
+        return ((left.transpose(-1, -2) @ left) * (right @ right.transpose(-1, -2))).sum()
+
+    def add_to_weights(self, scale: float) -> None:
+        module, site = self.covered.module, self.site
+        weight = _site_view(module.get_parameter(site.weight), site)
+        width = weight.shape[-1]
+        weight.baddbmm_(self.left, self.right[..., :width], alpha=scale)
+        if site.bias is not None:
+            bias = _site_view(module.get_parameter(site.bias), site, bias=True)
+            bias.baddbmm_(self.left, self.right[..., width:], alpha=scale)
+
+
+@dataclass
+class ProjectedStep:
+    """One projected objective gradient: dense per-parameter tensors plus factored sites."""
+
+    dense: dict[str, Tensor]
+    factored: list[FactoredSite]
+
+    def norm(self) -> Tensor:
+        """The Frobenius norm over every parameter, accumulated in float64 (squares overflow float32)."""
+        squares = [get_total_norm(list(self.dense.values())).double().square()] if self.dense else []
+        squares += [part.squared_norm() for part in self.factored]
+        return torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=torch.float64)
+
+    def add_to_weights(self, params: dict[str, nn.Parameter], scale: float) -> None:
+        with torch.no_grad():
+            for name, update in self.dense.items():
+                params[name].add_(update, alpha=scale)
+            for part in self.factored:
+                part.add_to_weights(scale)
+
+
+class NullSpaceMethod(TeleportMethod):
+    """Null-space gradient projection (Algorithm 1 of the paper).
+
+    Inputs of every covered layer are captured during the first forward
+    pass; one core basis per site is built from them and reused for all
+    steps (exact steps leave every layer's inputs on the batch unchanged).
+
+    ``gradient`` chooses how the projected objective gradient is computed:
+    ``"structured"`` from first derivatives only (:mod:`~torch_teleport.structured`;
+    needs a :class:`~torch_teleport.objective.GradientNormObjective`),
+    ``"full"`` by autograd through the objective (a double backward for
+    gradient-norm objectives), ``"auto"`` (default) structured wherever the
+    objective and the site's projector allow it. Sites whose projector
+    provides no output gradients take the full path; the report names each
+    site's path. A model with an op that has no forward-mode derivative
+    takes the full path with a warning naming the op.
+    """
+
+    keeps_replicas_in_sync = True
+
+    def __init__(self, teleporter: Teleporter, gradient: str = "auto") -> None:
+        super().__init__(teleporter)
+        if gradient not in GRADIENT_PATHS:
+            raise ValueError(f"gradient must be one of {GRADIENT_PATHS}, got {gradient!r}")
+        structured_objective = isinstance(teleporter.objective, GradientNormObjective)
+        if gradient == "structured" and not structured_objective:
+            raise ValueError(
+                f"gradient='structured' needs an objective of the gradient norm (f(||grad L||^2)); "
+                f"{type(teleporter.objective).__name__} takes gradient='full' or 'auto'"
+            )
+        self.structured = gradient != "full" and structured_objective
+        null_space = teleporter.null_space
+        if not isinstance(null_space, NullSpace):
+            null_space = teleporter.registry.get("null_space", null_space)(tau=teleporter.tau)
+        self.null_space = null_space
+        self.coverage: Coverage = find_coverage(teleporter.model, teleporter.registry, teleporter.uncovered)
+        for name, param in self.coverage.movable().items():
+            if param.is_meta:
+                raise ValueError(
+                    f"{name} is on the meta device and holds no values; materialise the model "
+                    "(model.to_empty(device=...) and load its weights) before teleporting it"
+                )
+            if param.dtype not in (torch.float32, torch.float64):
+                raise TypeError(
+                    f"teleport needs float32 or float64 parameters, {name} is {param.dtype}; "
+                    "teleport a float32 copy (e.g. the optimizer's master weights) instead"
+                )
+
+    # -- capture ---------------------------------------------------------------------------
+    def capture_inputs(self, inputs: Tensor) -> dict[tuple[str, str], list[Tensor]]:
+        """Every covered module's input streams on ``inputs``, keyed by (module, stream).
+
+        A no-grad forward of its own, with the projectors' hooks removed
+        afterwards even on error: objectives may run extra (e.g. perturbed)
+        forwards whose inputs must not enter the representations.
+        """
+        captured: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
+        handles = []
+        try:
+            for covered in self.coverage.modules:
+                handles += covered.projector.capture(covered.module, _recorder(captured, covered.name))
+            with torch.no_grad():
+                self.teleporter.model(inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured
+
+    # -- the pipeline ------------------------------------------------------------------------
+    def run(self, batch: Batch, steps: int, cap: float | None) -> TeleportReport:
+        captured = self.capture_inputs(batch.inputs)
+        evaluate: Evaluate = self.teleporter.evaluate
+        if self.structured:
+            evaluate = StructuredEvaluator(self.teleporter, batch, self._capable_sites())
+        first, report = self.start(batch, evaluate=evaluate, frozen=dict(self.coverage.frozen))
+        structured: list[SiteRef] = evaluate.sites if self.structured else []  # outputs recorded
+        modules = list({id(c): c for c, _ in structured}.values())
+        first_tangents = None
+        if structured:
+            try:
+                first_tangents = tangent_streams(batch, first.direction, modules)
+            except NotImplementedError as error:  # an op without forward-mode derivatives
+                warnings.warn(
+                    "teleport takes the full (double-backward) path: the structured path needs "
+                    f"forward-mode derivatives, and {_op_of(error)}",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                structured, modules, evaluate = [], [], self.teleporter.evaluate
+                first = evaluate(batch)
+        basis_started = time.perf_counter()
+        bases = self._bases(captured, {(c.name, s.name) for c, s in structured})
+        report.basis_seconds = time.perf_counter() - basis_started
+        report.layers = bases.layers
+        report.frozen.update(bases.frozen)
+        if not bases.of:
+            report.stopped = "no_room"
+            return report
+        params = {name: p for name, p in self.coverage.movable().items() if name not in bases.frozen}
+        moving = [(c, s) for c, s in structured if (c.name, s.name) in bases.of]
+
+        def step(evaluation: Evaluation) -> bool:
+            tangents = None
+            if moving:
+                tangents = first_tangents if evaluation is first else tangent_streams(batch, evaluation.direction, modules)
+            projected = self._projected_gradient(batch, evaluation, params, bases, moving, tangents)
+            norm = projected.norm()
+            if not torch.isfinite(norm):
+                return False
+            tele = self.teleporter
+            scale = tele.lr if tele.objective.ascend else -tele.lr
+            if tele.normalize:
+                if norm == 0:  # every site was wholly in its core space (see CoreBasis.project)
+                    return True
+                scale = scale * float(get_total_norm([p.detach() for p in params.values()]) / norm)
+            projected.add_to_weights(params, scale)
+            return True
+
+        return self.ascend(batch, first, report, steps, cap, step, evaluate=evaluate)
+
+    def _capable_sites(self) -> list[SiteRef]:
+        """Sites whose projector can record their outputs (a probe install, removed at once)."""
+        sites = []
+        for covered in self.coverage.modules:
+            handles = covered.projector.capture_outputs(covered.module, lambda site, tensor: None)
+            if handles is not None:
+                for handle in handles:
+                    handle.remove()
+                sites += [(covered, site) for site in covered.sites]
+        return sites
+
+    def _bases(self, captured: dict, structured: set) -> Bases:
+        """One core basis per site; sites whose module never ran, or with no room, stay fixed."""
+        bases = Bases()
+        no_room: list = []
+        for covered in self.coverage.modules:
+            for site in covered.sites:
+                names = [covered.qualified(p) for p in (site.weight, site.bias) if p]
+                tensors = captured.get((covered.name, site.stream))
+                representation = (
+                    covered.projector.representation(covered.module, site, tensors).detach() if tensors else None
+                )
+                spectrum = self.teleporter.replicas.spectrum(representation)  # of the global batch
+                if spectrum is None:
+                    bases.frozen.update(dict.fromkeys(names, "its module did not run on the teleport batch"))
+                    continue
+                basis = self.null_space.basis_of(spectrum)
+                bases.layers.append(
+                    LayerReport(
+                        name=covered.qualified(site.name),
+                        input_dim=basis.input_dim * site.groups,
+                        null_dim=basis.null_dim,
+                        samples=spectrum.samples,
+                        groups=site.groups,
+                        gradient="structured" if (covered.name, site.name) in structured else "full",
+                    )
+                )
+                if basis.null_dim == 0:
+                    no_room.append((covered, site, names))
+                else:
+                    bases.of[(covered.name, site.name)] = basis
+        moving = {
+            covered.qualified(p)
+            for covered in self.coverage.modules
+            for site in covered.sites
+            if (covered.name, site.name) in bases.of
+            for p in (site.weight, site.bias)
+            if p
+        }
+        bases.pinned = [(covered, site) for covered, site, names in no_room if moving.intersection(names)]
+        for _, _, names in no_room:
+            bases.frozen.update({name: "no null space on the teleport batch" for name in names if name not in moving})
+        return bases
+
+    # -- one step ----------------------------------------------------------------------------
+    def _projected_gradient(
+        self,
+        batch: Batch,
+        evaluation: Evaluation,
+        params: dict[str, nn.Parameter],
+        bases: Bases,
+        structured: list[SiteRef],
+        tangents: dict | None,
+    ) -> ProjectedStep:
+        """The projected objective gradient (global under data parallelism), unscaled.
+
+        Structured sites contribute ``2 f'(s) delta^T lambda``, whose
+        projection is the projected gradient; where fewer samples than rows
+        and inputs make it cheaper (and the site owns its parameters), the
+        tangent factor is projected and the update stays factored. Every
+        other parameter gets autograd's gradient of the objective.
+        """
+        tele = self.teleporter
+        dense: dict[str, Tensor] = {}
+        factored: list[FactoredSite] = []
+        fast = {covered.qualified(p) for covered, site in structured for p in (site.weight, site.bias) if p}
+        rest = [name for name in params if name not in fast]
+        if rest:
+            full = self.teleporter.evaluate(batch) if isinstance(evaluation, StructuredEvaluation) else evaluation
+            grads = torch.autograd.grad(full.value, [params[n] for n in rest], allow_unused=True)
+            for name, g in zip(rest, grads, strict=True):
+                dense[name] = (g if g is not None else torch.zeros_like(params[name])).detach().contiguous()
+        if structured:
+            assert isinstance(evaluation, StructuredEvaluation) and tangents is not None
+            coefficient = tele.objective.slope(evaluation.local_squared) * evaluation.share
+            owners = Counter(covered.qualified(p) for covered in self.coverage.modules for s in covered.sites for p in (s.weight, s.bias) if p)
+            for covered, site in structured:
+                left = evaluation.deltas[(covered.name, site.name)] * coefficient
+                right = tangent_representation(covered, site, tangents[(covered.name, site.stream)]).transpose(-1, -2)
+                names = [covered.qualified(p) for p in (site.weight, site.bias) if p]
+                if tele.replicas.size == 1 and _factored_is_cheaper(covered, site, left, right, names, owners):
+                    basis = bases.of[(covered.name, site.name)]
+                    width = _site_view(covered.module.get_parameter(site.weight), site).shape[-1]
+                    bias_part = right[..., width:] if site.bias is not None else None
+                    projected_w, projected_b = basis.project(right[..., :width], bias_part)
+                    right = torch.cat([projected_w, projected_b], -1) if projected_b is not None else projected_w
+                    factored.append(FactoredSite(covered, site, left, right))
+                    continue
+                product = left @ right
+                for name in names:
+                    dense.setdefault(name, torch.zeros_like(params[name]))
+                weight = _site_view(dense[covered.qualified(site.weight)], site)
+                weight.copy_(product[..., : weight.shape[-1]])
+                if site.bias is not None:
+                    _site_view(dense[covered.qualified(site.bias)], site, bias=True).copy_(product[..., weight.shape[-1] :])
+        dense = tele.replicas.sum(dense)  # the global objective's gradient, the same on every rank
+        done = {(part.covered.name, part.site.name) for part in factored}
+        for covered in self.coverage.modules:
+            for site in covered.sites:
+                basis = bases.of.get((covered.name, site.name))
+                if basis is not None and (covered.name, site.name) not in done:
+                    local = {p: dense[covered.qualified(p)] for p in (site.weight, site.bias) if p}
+                    covered.projector.project(covered.module, site, local, basis)
+        for covered, site in bases.pinned:
+            for local, is_bias in ((site.weight, False), (site.bias, True)):
+                if local and covered.qualified(local) in dense:
+                    _site_view(dense[covered.qualified(local)], site, bias=is_bias).zero_()
+        return ProjectedStep(dense, factored)
+
+
+def _factored_is_cheaper(
+    covered: CoveredModule, site: Site, left: Tensor, right: Tensor, names: list[str], owners: Counter
+) -> bool:
+    """Whether to keep the site's update factored: few samples, the base projection, sole owner.
+
+    Projecting the ``samples x inputs`` factor instead of the ``rows x
+    inputs`` update, and taking norms from ``samples x samples`` Gram
+    matrices, pays when there are fewer samples than rows and inputs.
+    """
+    samples = left.shape[-1]
+    params = [covered.module.get_parameter(p) for p in (site.weight, site.bias) if p]
+    return (
+        samples <= min(left.shape[-2], right.shape[-1])
+        and type(covered.projector).project is Projector.project
+        and all(owners[name] == 1 for name in names)
+        and all(p.is_contiguous() for p in params)
+    )
+
+
+def _op_of(error: Exception) -> str:
+    """The operator an autograd ``NotImplementedError`` names, in a phrase."""
+    match = re.search(r"with ([\w:.]+) that does not support it", str(error))
+    return f"{match[1]} has none" if match else f"an op has none ({error})"
+
+
+def _recorder(captured: dict, module_name: str):
+    def record(stream: str, tensor: Tensor) -> None:
+        captured[(module_name, stream)].append(tensor.detach())
+
+    return record

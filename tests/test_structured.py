@@ -1,0 +1,154 @@
+"""The structured path: the projected ascent step from first derivatives equals the projected full HVP.
+
+At tau = 1 the two are equal in exact arithmetic (docs/architecture.md, "The
+structured gradient"); in float64 they agree to 1e-10 relative, for every
+built-in projector (hypothesis draws shapes and options as the projector
+tests do) and every zoo model. A site the structured path cannot serve takes
+the full path, and the report says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_models import CASES, build
+from torch import nn
+from torch.nn import functional as F
+
+import torch_teleport as tt
+from torch_teleport.testing import (
+    assert_structured_matches_full,
+    attention_problems,
+    conv_problems,
+    mamba_problems,
+    mlp_problems,
+    transformer_problems,
+)
+
+F64 = (torch.float64,)
+
+
+@settings(max_examples=40)
+@given(problem=mlp_problems(dtypes=F64))
+def test_linear_chains(problem):
+    report = assert_structured_matches_full(problem.model, problem.loss_fn, problem.inputs, problem.targets)
+    assert all(layer.gradient == "structured" for layer in report.layers)
+
+
+@settings(max_examples=25)
+@given(problem=conv_problems(dtypes=F64))
+def test_convolutions(problem):
+    assert_structured_matches_full(problem.model, problem.loss_fn, problem.inputs, problem.targets)
+
+
+@settings(max_examples=15)
+@given(problem=attention_problems(dtypes=F64))
+def test_attention_models_mix_paths(problem):
+    """Attention's four maps run inside one functional call: they take the full path, the
+    Linear layers around them the structured one, in the same step."""
+    report = assert_structured_matches_full(problem.model, problem.loss_fn, problem.inputs, problem.targets)
+    paths = {layer.name.rsplit(".", 1)[-1]: layer.gradient for layer in report.layers}
+    assert paths.get("out_proj", "full") == "full"
+
+
+@settings(max_examples=10)
+@given(problem=transformer_problems(dtypes=F64))
+def test_transformer_layers(problem):
+    assert_structured_matches_full(problem.model, problem.loss_fn, problem.inputs, problem.targets)
+
+
+@settings(max_examples=10)
+@given(problem=mamba_problems(dtypes=F64))
+def test_mamba_blocks(problem):
+    assert_structured_matches_full(problem.model, problem.loss_fn, problem.inputs, problem.targets)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@settings(max_examples=3)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_every_zoo_model(name, seed):
+    case = CASES[name]
+    model, inputs, targets = build(case, seed)
+    assert_structured_matches_full(model, case.loss, inputs, targets)
+
+
+@pytest.mark.parametrize("objective", ["grad_norm", "log_grad_norm"])
+def test_both_gradient_norm_objectives_and_several_steps(objective):
+    """Over 4 normalised steps the two paths stay together (each step from the moved point)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    inputs, targets = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    moved = []
+    start = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    for gradient in ("structured", "full"):
+        subject = copy.deepcopy(model)
+        tt.Teleporter(subject, F.cross_entropy, objective=objective, steps=4, lr=0.05,
+                      method_options={"gradient": gradient}).teleport(inputs, targets)
+        moved.append(torch.nn.utils.parameters_to_vector(subject.parameters()).detach())
+    assert float((moved[0] - moved[1]).norm()) <= 1e-10 * float((moved[1] - start).detach().norm())
+
+
+def test_batch_norm_in_training_mode_keeps_its_buffers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 3))
+    model = model.double().train()
+    inputs, targets = torch.randn(2, 2, 6, 6, dtype=torch.float64), torch.tensor([0, 2])
+    buffers = [b.clone() for b in model.buffers()]
+    report = assert_structured_matches_full(model, F.cross_entropy, inputs, targets)
+    tt.Teleporter(model, F.cross_entropy).teleport(inputs, targets)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
+    assert report.layers[0].gradient == "structured"
+
+
+def test_ops_without_a_double_backward_teleport_on_the_structured_path():
+    """Hardsigmoid has no double backward: the full path raises, the default teleports invariantly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 24), nn.Hardsigmoid(), nn.Linear(24, 24), nn.Hardswish(), nn.Linear(24, 3))
+    inputs, targets = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with pytest.raises(RuntimeError, match="hardsigmoid_backward"):
+        tt.Teleporter(copy.deepcopy(model), F.cross_entropy, method_options={"gradient": "full"}).teleport(inputs, targets)
+    report = tt.testing.assert_teleport_invariant(model, F.cross_entropy, inputs, targets, steps=8)
+    assert report.grad_norm_after > report.grad_norm_before
+
+
+def test_a_model_without_forward_mode_derivatives_falls_back_with_a_warning():
+    """Packed sequences have no forward-mode derivative: the teleport warns, names the op and
+    takes the full path; the report says every site went that way."""
+    torch.manual_seed(0)
+
+    class Packed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(3, 4)
+            self.rnn = nn.RNN(4, 8, batch_first=True)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            packed = nn.utils.rnn.pack_padded_sequence(self.embed(x), torch.tensor([3, 2]), batch_first=True)
+            _, hidden = self.rnn(packed)
+            return self.head(hidden[-1])
+
+    model = Packed().double()
+    inputs, targets = torch.randn(2, 3, 3, dtype=torch.float64), torch.tensor([0, 1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = tt.Teleporter(model, F.cross_entropy).teleport(inputs, targets)
+    assert any("_pack_padded_sequence" in str(w.message) for w in caught)
+    assert {layer.gradient for layer in report.layers} == {"full"}
+    assert report.loss_change <= 1e-10
+
+
+def test_full_path_is_there_for_objectives_without_structure():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    with pytest.raises(ValueError, match="gradient='structured' needs an objective of the gradient norm"):
+        tt.Teleporter(model, F.cross_entropy, objective="sharpness", method_options={"gradient": "structured"})
+    report = tt.Teleporter(model, F.cross_entropy, objective="sharpness").teleport(
+        torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 0])
+    )
+    assert {layer.gradient for layer in report.layers} == {"full"}
