@@ -72,12 +72,15 @@ class TeleportMethod(ABC):
         cap: float | None,
         step: Callable[[Evaluation], bool],
         evaluate: Evaluate | None = None,
+        final: Evaluate | None = None,
     ) -> TeleportReport:
         """The loop every method shares: record, stop on a non-finite value or the cap, step.
 
         ``step(evaluation)`` moves the parameters once, in place, and returns
-        ``False`` when its update was not finite (nothing moved). The report
-        ends with one more evaluation at the final point.
+        ``False`` when its update was not finite (nothing moved). ``evaluate``
+        (the teleporter's by default) evaluates before each step; the report
+        ends with one more evaluation at the final point, by ``final`` (a real
+        forward pass; ``evaluate`` by default).
         """
         evaluate = evaluate or self.teleporter.evaluate
         evaluation = first
@@ -96,7 +99,7 @@ class TeleportMethod(ABC):
                 report.stopped = "non_finite"
                 return report
             report.steps += 1
-        final = evaluate(batch)
+        final = (final or evaluate)(batch)
         report.loss_after = float(final.loss)
         report.grad_norm_after = float(final.grad_norm)
         report.objective_after = float(final.value.detach())

@@ -163,6 +163,13 @@ class NullSpace(ABC):
             raise ValueError(f"tau must lie in (0, 1], got {tau!r}")
         self.tau = float(tau)
 
+    @property
+    def exact(self) -> bool:
+        """Whether the core space is the whole numerical span (``tau = 1``): projected steps are then
+        exact and every forward quantity on the batch stays constant, which the closed form of
+        :mod:`~torch_teleport.chain` relies on. Override when ``core_rank`` keeps less at ``tau = 1``."""
+        return self.tau >= 1.0
+
     @abstractmethod
     def core_rank(self, spectrum: Spectrum) -> Tensor:
         """How many leading directions form the core space, per group (int tensor)."""

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import get_total_norm
 
+from .chain import LinearChain
 from .coverage import Coverage, CoveredModule, find_coverage
 from .method import Evaluate, TeleportMethod
 from .null_space import CoreBasis, NullSpace
@@ -29,7 +30,7 @@ from .structured import (
 if TYPE_CHECKING:
     from .engine import Teleporter
 
-GRADIENT_PATHS = ("auto", "structured", "full")
+GRADIENT_PATHS = ("auto", "closed_form", "structured", "full")
 
 SiteRef = tuple[CoveredModule, Site]
 
@@ -110,12 +111,15 @@ class NullSpaceMethod(TeleportMethod):
     ``gradient`` chooses how the projected objective gradient is computed:
     ``"structured"`` from first derivatives only (:mod:`~torch_teleport.structured`;
     needs a :class:`~torch_teleport.objective.GradientNormObjective`),
+    ``"closed_form"`` the structured step's closed form for chains of Linear
+    layers (:mod:`~torch_teleport.chain`; exact null spaces, one process),
     ``"full"`` by autograd through the objective (a double backward for
-    gradient-norm objectives), ``"auto"`` (default) structured wherever the
-    objective and the site's projector allow it. Sites whose projector
-    provides no output gradients take the full path; the report names each
-    site's path. A model with an op that has no forward-mode derivative
-    takes the full path with a warning naming the op.
+    gradient-norm objectives), ``"auto"`` (default) the closed form where it
+    applies, else structured wherever the objective and the site's
+    projector allow it. Sites whose projector provides no output gradients
+    take the full path; the report names each site's path. A model with an
+    op that has no forward-mode derivative takes the full path with a
+    warning naming the op.
     """
 
     keeps_replicas_in_sync = True
@@ -136,6 +140,15 @@ class NullSpaceMethod(TeleportMethod):
             null_space = teleporter.registry.get("null_space", null_space)(tau=teleporter.tau)
         self.null_space = null_space
         self.coverage: Coverage = find_coverage(teleporter.model, teleporter.registry, teleporter.uncovered)
+        self.chain = LinearChain.of(teleporter.model) if gradient in ("auto", "closed_form") and self.structured else None
+        if self.chain is not None and not self._covers(self.chain):
+            self.chain = None
+        if gradient == "closed_form" and (self.chain is None or not null_space.exact):
+            raise ValueError(
+                "gradient='closed_form' needs an nn.Sequential of Linear layers and elementwise "
+                "activations whose trainable parameters are all the Linear layers', an exact null "
+                "space (tau = 1) and a gradient-norm objective; use gradient='structured'"
+            )
         for name, param in self.coverage.movable().items():
             if param.is_meta:
                 raise ValueError(
@@ -170,6 +183,8 @@ class NullSpaceMethod(TeleportMethod):
 
     # -- the pipeline ------------------------------------------------------------------------
     def run(self, batch: Batch, steps: int, cap: float | None) -> TeleportReport:
+        if self.chain is not None and self.null_space.exact and self.teleporter.replicas.size == 1:
+            return self._run_closed_form(batch, steps, cap)
         captured = self.capture_inputs(batch.inputs)
         evaluate: Evaluate = self.teleporter.evaluate
         if self.structured:
@@ -205,20 +220,72 @@ class NullSpaceMethod(TeleportMethod):
             tangents = None
             if moving:
                 tangents = first_tangents if evaluation is first else tangent_streams(batch, evaluation.direction, modules)
-            projected = self._projected_gradient(batch, evaluation, params, bases, moving, tangents)
-            norm = projected.norm()
-            if not torch.isfinite(norm):
-                return False
-            tele = self.teleporter
-            scale = tele.lr if tele.objective.ascend else -tele.lr
-            if tele.normalize:
-                if norm == 0:  # every site was wholly in its core space (see CoreBasis.project)
-                    return True
-                scale = scale * float(get_total_norm([p.detach() for p in params.values()]) / norm)
-            projected.add_to_weights(params, scale)
-            return True
+            return self._take(self._projected_gradient(batch, evaluation, params, bases, moving, tangents), params)
 
         return self.ascend(batch, first, report, steps, cap, step, evaluate=evaluate)
+
+    def _covers(self, chain: LinearChain) -> bool:
+        """Whether every layer of ``chain`` is one covered module moving its own weight and bias."""
+        covered = {id(c.module): c for c in self.coverage.modules}
+        return all(
+            id(layer) in covered and len(covered[id(layer)].sites) == 1 for layer in chain.layers
+        ) and len({id(layer) for layer in chain.layers}) == len(chain.layers)
+
+    def _run_closed_form(self, batch: Batch, steps: int, cap: float | None) -> TeleportReport:
+        """The pipeline with :mod:`~torch_teleport.chain`'s closed form: one capture, then no forward
+        pass until the final, real one."""
+        tele = self.teleporter
+        state = self.chain.prepare(batch)
+        sites = {id(c.module): (c, s) for c in self.coverage.modules for s in c.sites}
+        layers = [sites[id(layer)] for layer in self.chain.layers]
+
+        def evaluate(_: Batch) -> Evaluation:
+            return state.evaluate(tele.objective)
+
+        first, report = self.start(batch, evaluate=evaluate, frozen=dict(self.coverage.frozen))
+        captured = {
+            (covered.name, site.stream): [x] for (covered, site), x in zip(layers, state.inputs, strict=True)
+        }
+        basis_started = time.perf_counter()
+        bases = self._bases(captured, {(c.name, s.name) for c, s in layers}, path="closed_form")
+        report.basis_seconds = time.perf_counter() - basis_started
+        report.layers = bases.layers
+        report.frozen.update(bases.frozen)
+        if not bases.of:
+            report.stopped = "no_room"
+            return report
+        params = {name: p for name, p in self.coverage.movable().items() if name not in bases.frozen}
+
+        def step(evaluation: Evaluation) -> bool:
+            coefficient = tele.objective.slope(evaluation.squared)
+            factored = []
+            for (covered, site), delta, tangent in zip(layers, evaluation.deltas, state.tangents(evaluation.deltas), strict=True):
+                basis = bases.of.get((covered.name, site.name))
+                if basis is None or tangent is None:
+                    continue
+                bias = torch.zeros_like(tangent[:, :1]) if site.bias is not None else None
+                weight_part, bias_part = basis.project(tangent.unsqueeze(0), None if bias is None else bias.unsqueeze(0))
+                right = weight_part if bias_part is None else torch.cat([weight_part, bias_part], -1)
+                factored.append(FactoredSite(covered, site, (delta.T * coefficient).unsqueeze(0), right))
+            return self._take(ProjectedStep({}, factored), params)
+
+        final = StructuredEvaluator(tele, batch, [])
+        return self.ascend(batch, first, report, steps, cap, step, evaluate=evaluate, final=final)
+
+    def _take(self, projected: ProjectedStep, params: dict[str, nn.Parameter]) -> bool:
+        """The step rule: scale the projected gradient (relative to the weights when normalising) and
+        add it to the weights; ``False`` when it is not finite (nothing moves)."""
+        tele = self.teleporter
+        norm = projected.norm()
+        if not torch.isfinite(norm):
+            return False
+        scale = tele.lr if tele.objective.ascend else -tele.lr
+        if tele.normalize:
+            if norm == 0:  # every site was wholly in its core space (see CoreBasis.project)
+                return True
+            scale = scale * float(get_total_norm([p.detach() for p in params.values()]) / norm)
+        projected.add_to_weights(params, scale)
+        return True
 
     def _capable_sites(self) -> list[SiteRef]:
         """Sites whose projector can record their outputs (a probe install, removed at once)."""
@@ -231,7 +298,7 @@ class NullSpaceMethod(TeleportMethod):
                 sites += [(covered, site) for site in covered.sites]
         return sites
 
-    def _bases(self, captured: dict, structured: set) -> Bases:
+    def _bases(self, captured: dict, structured: set, path: str = "structured") -> Bases:
         """One core basis per site; sites whose module never ran, or with no room, stay fixed."""
         bases = Bases()
         no_room: list = []
@@ -254,7 +321,7 @@ class NullSpaceMethod(TeleportMethod):
                         null_dim=basis.null_dim,
                         samples=spectrum.samples,
                         groups=site.groups,
-                        gradient="structured" if (covered.name, site.name) in structured else "full",
+                        gradient=path if (covered.name, site.name) in structured else "full",
                     )
                 )
                 if basis.null_dim == 0:

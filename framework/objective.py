@@ -28,11 +28,15 @@ class Batch:
 
     def loss(self) -> Tensor:
         """The primary loss on the teleport batch, as a scalar tensor with graph."""
-        loss = self.loss_fn(self.model(self.inputs), self.targets)
-        if not hasattr(loss, "dim") or loss.dim() != 0:
-            shape = tuple(loss.shape) if hasattr(loss, "shape") else type(loss).__name__
-            raise ValueError(f"loss_fn must return a scalar tensor, got {shape}")
-        return loss
+        return checked_loss(self.loss_fn(self.model(self.inputs), self.targets))
+
+
+def checked_loss(loss: object) -> Tensor:
+    """``loss`` if it is a scalar tensor; a clear error otherwise."""
+    if not hasattr(loss, "dim") or loss.dim() != 0:
+        shape = tuple(loss.shape) if hasattr(loss, "shape") else type(loss).__name__
+        raise ValueError(f"loss_fn must return a scalar tensor, got {shape}")
+    return loss
 
 
 @dataclass

@@ -112,21 +112,23 @@ def assert_structured_matches_full(
     targets: Tensor,
     *,
     rtol: float = DEFAULT_EQUIVALENCE,
+    path: str = "structured",
     **teleporter_options,
 ) -> TeleportReport:
     """Check that the structured step equals the projection of the full Hessian-vector product.
 
     Teleports two deep copies of ``model`` one plain step (``normalize=False``,
-    ``lr=1``) on ``(inputs, targets)``, one with ``gradient="structured"`` and one
-    with ``gradient="full"``, and compares every parameter's change:
+    ``lr=1``) on ``(inputs, targets)``, one with ``gradient=path`` (``"structured"``
+    or the chain's ``"closed_form"``) and one with ``gradient="full"``, and
+    compares every parameter's change:
     ``||d_structured - d_full|| <= rtol * max(||d_full||, tiny)`` parameter by
     parameter. Meant for float64 models at ``tau = 1``, where the two are equal
     in exact arithmetic. Fails if no site took the structured path (the check
-    would say nothing). Returns the structured run's report.
+    would say nothing). Returns the report of the ``path`` run.
     """
     options = {"steps": 1, "lr": 1.0, "normalize": False, **teleporter_options}
     reports, changes = [], []
-    for gradient in ("structured", "full"):
+    for gradient in (path, "full"):
         subject = copy.deepcopy(model)
         before = {name: p.detach().clone() for name, p in subject.named_parameters()}
         method_options = {**options.pop("method_options", {}), "gradient": gradient}
@@ -135,8 +137,8 @@ def assert_structured_matches_full(
         assert not report.rolled_back, f"the {gradient} teleport rolled back: {report.summary()}"
         reports.append(report)
         changes.append({name: p.detach() - before[name] for name, p in subject.named_parameters()})
-    structured_sites = [layer.name for layer in reports[0].layers if layer.gradient == "structured"]
-    assert structured_sites, "no site took the structured path: nothing to compare"
+    structured_sites = [layer.name for layer in reports[0].layers if layer.gradient == path]
+    assert structured_sites, f"no site took the {path} path: nothing to compare"
     structured, full = changes
     scale = max((float(change.norm()) for change in full.values()), default=0.0)
     for name, reference in full.items():

@@ -33,17 +33,17 @@ def test_recurrent_teleport_keeps_the_batch_loss(problem):
 
 
 @pytest.mark.parametrize(
-    "rnn",
+    "make_rnn",
     [
-        nn.RNN(3, 6, num_layers=2, bidirectional=True),
-        nn.GRU(3, 6, num_layers=2, bidirectional=True, batch_first=True),
-        nn.LSTM(3, 6, num_layers=2, bidirectional=True, proj_size=5),
+        lambda: nn.RNN(3, 6, num_layers=2, bidirectional=True),
+        lambda: nn.GRU(3, 6, num_layers=2, bidirectional=True, batch_first=True),
+        lambda: nn.LSTM(3, 6, num_layers=2, bidirectional=True, proj_size=5),
     ],
     ids=["rnn", "gru", "lstm-proj"],
 )
-def test_recurrent_weights_move_where_there_is_room(rnn):
-    torch.manual_seed(0)
-    rnn = rnn.double()
+def test_recurrent_weights_move_where_there_is_room(make_rnn):
+    torch.manual_seed(0)  # before the module is built: its weights must not depend on collection order
+    rnn = make_rnn().double()
     directions, width = 2, rnn.proj_size or rnn.hidden_size
     initial = torch.randn(2 * directions, 1, rnn.hidden_size, dtype=torch.float64)
     model = TokenClassifier(

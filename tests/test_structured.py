@@ -33,11 +33,37 @@ from torch_teleport.testing import (
 F64 = (torch.float64,)
 
 
+@pytest.mark.parametrize("path", ["structured", "closed_form"])
 @settings(max_examples=40)
 @given(problem=mlp_problems(dtypes=F64))
-def test_linear_chains(problem):
-    report = assert_structured_matches_full(problem.model, problem.loss_fn, problem.inputs, problem.targets)
-    assert all(layer.gradient == "structured" for layer in report.layers)
+def test_linear_chains(path, problem):
+    report = assert_structured_matches_full(
+        problem.model, problem.loss_fn, problem.inputs, problem.targets, path=path
+    )
+    assert all(layer.gradient == path for layer in report.layers)
+
+
+@settings(max_examples=40)
+@given(problem=mlp_problems(dtypes=(torch.float32,)))
+def test_the_closed_form_keeps_the_batch_loss_in_float32(problem):
+    """The closed form never re-runs the forward pass between steps: the final, real one checks it."""
+    report = tt.testing.assert_teleport_invariant(
+        problem.model, problem.loss_fn, problem.inputs, problem.targets, steps=8
+    )
+    assert {layer.gradient for layer in report.layers} == {"closed_form"}
+
+
+def test_the_default_takes_the_closed_form_only_where_it_is_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+    inputs, targets = torch.randn(4, 3, 4), torch.tensor([0, 1, 2, 0])
+    paths = lambda report: {layer.gradient for layer in report.layers}  # noqa: E731
+    assert paths(tt.Teleporter(model, F.cross_entropy).teleport(inputs, targets)) == {"closed_form"}
+    thresholded = tt.Teleporter(model, F.cross_entropy, null_space="svd", tau=0.99)
+    assert paths(thresholded.teleport(inputs, targets)) == {"structured"}
+    with pytest.raises(ValueError, match="closed_form"):
+        tt.Teleporter(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Linear(3, 2)), F.cross_entropy,
+                      method_options={"gradient": "closed_form"})
 
 
 @settings(max_examples=25)
