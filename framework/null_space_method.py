@@ -205,13 +205,8 @@ class NullSpaceMethod(TeleportMethod):
                 )
                 structured, modules, evaluate = [], [], self.teleporter.evaluate
                 first = evaluate(batch)
-        basis_started = time.perf_counter()
-        bases = self._bases(captured, {(c.name, s.name) for c, s in structured})
-        report.basis_seconds = time.perf_counter() - basis_started
-        report.layers = bases.layers
-        report.frozen.update(bases.frozen)
+        bases = self._bases_into(report, captured, structured, "structured")
         if not bases.of:
-            report.stopped = "no_room"
             return report
         params = {name: p for name, p in self.coverage.movable().items() if name not in bases.frozen}
         moving = [(c, s) for c, s in structured if (c.name, s.name) in bases.of]
@@ -246,13 +241,8 @@ class NullSpaceMethod(TeleportMethod):
         captured = {
             (covered.name, site.stream): [x] for (covered, site), x in zip(layers, state.inputs, strict=True)
         }
-        basis_started = time.perf_counter()
-        bases = self._bases(captured, {(c.name, s.name) for c, s in layers}, path="closed_form")
-        report.basis_seconds = time.perf_counter() - basis_started
-        report.layers = bases.layers
-        report.frozen.update(bases.frozen)
+        bases = self._bases_into(report, captured, layers, "closed_form")
         if not bases.of:
-            report.stopped = "no_room"
             return report
         params = {name: p for name, p in self.coverage.movable().items() if name not in bases.frozen}
 
@@ -298,7 +288,18 @@ class NullSpaceMethod(TeleportMethod):
                 sites += [(covered, site) for site in covered.sites]
         return sites
 
-    def _bases(self, captured: dict, structured: set, path: str = "structured") -> Bases:
+    def _bases_into(self, report: TeleportReport, captured: dict, sites: list[SiteRef], path: str) -> Bases:
+        """The bases, timed and entered in the report (``stopped="no_room"`` when nothing can move)."""
+        started = time.perf_counter()
+        bases = self._bases(captured, {(c.name, s.name) for c, s in sites}, path)
+        report.basis_seconds = time.perf_counter() - started
+        report.layers = bases.layers
+        report.frozen.update(bases.frozen)
+        if not bases.of:
+            report.stopped = "no_room"
+        return bases
+
+    def _bases(self, captured: dict, structured: set, path: str) -> Bases:
         """One core basis per site; sites whose module never ran, or with no room, stay fixed."""
         bases = Bases()
         no_room: list = []
