@@ -60,15 +60,22 @@ class InvalidBatchElsewhereError(ValueError):
 
 
 def underlying_module(model: nn.Module) -> nn.Module:
-    """The module a data-parallel wrapper replicates (``model`` itself when it is not wrapped).
+    """The module a wrapper runs (``model`` itself when it is not wrapped).
 
     A teleport runs on the underlying module: a forward through the
     ``DistributedDataParallel`` wrapper would prepare a gradient reduction
-    that the teleport's own ``autograd.grad`` calls never complete.
+    that the teleport's own ``autograd.grad`` calls never complete, and a
+    ``torch.compile``d module (``OptimizedModule``) shares its parameters with
+    the original in ``_orig_mod``, which runs eagerly with hooks and
+    forward-mode derivatives. Wrappers may nest (a compiled DDP model).
     """
-    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-        model = model.module
-    return model
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 class Replicas:

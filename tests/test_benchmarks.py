@@ -67,9 +67,11 @@ def test_step_cost(tmp_path):
     paper = data["paper_mlp"]
     assert paper["model"] == "mlp" and paper["input_shape"] == [8, 784]
     numbers(
-        paper["sgd_seconds"], paper["ascent_seconds"], paper["basis_seconds"], paper["hvp_seconds"]
+        paper["sgd_seconds"], paper["ascent_seconds"], paper["basis_seconds"], paper["full_ascent_seconds"]
     )
     numbers(paper["ascent_over_sgd"], paper["basis_over_sgd"], data["target_ascent_over_sgd"])
+    numbers(paper["full_ascent_over_sgd"], paper["teleport_over_sgd_steps"])
+    assert paper["paths"] == "closed_form"
     assert paper["null_space"] == "exact" and paper["moved_sites"] == paper["sites"] == 3
     assert data["models"][0] == paper
     assert data["profile"] and all(row["op"] and row["calls"] > 0 for row in data["profile"])

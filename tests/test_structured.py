@@ -178,3 +178,17 @@ def test_full_path_is_there_for_objectives_without_structure():
         torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 0])
     )
     assert {layer.gradient for layer in report.layers} == {"full"}
+
+
+def test_compiled_models_teleport_through_the_original_module():
+    """``torch.compile`` wraps the model; the teleport runs the original (shared parameters)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Hardswish(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    compiled = torch.compile(model, backend="aot_eager")
+    inputs, targets = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    before = float(F.cross_entropy(compiled(inputs), targets))
+    report = tt.Teleporter(compiled, F.cross_entropy).teleport(inputs, targets)
+    assert report.steps == 8 and not report.rolled_back
+    assert report.grad_norm_after > report.grad_norm_before
+    assert abs(float(F.cross_entropy(compiled(inputs), targets)) - before) <= 1e-5 * before
+    assert all(p is q for p, q in zip(compiled.parameters(), model.parameters(), strict=True))
