@@ -18,14 +18,9 @@ from .coverage import Coverage, CoveredModule, find_coverage
 from .method import Evaluate, TeleportMethod
 from .null_space import CoreBasis, NullSpace
 from .objective import Batch, Evaluation, GradientNormObjective
-from .projector import Projector, Site, _site_view
+from .projector import Projector, Site, _site_view, tangent_representation
 from .report import LayerReport, TeleportReport
-from .structured import (
-    StructuredEvaluation,
-    StructuredEvaluator,
-    tangent_representation,
-    tangent_streams,
-)
+from .structured import StructuredEvaluation, StructuredEvaluator, tangent_streams
 
 if TYPE_CHECKING:
     from .engine import Teleporter
@@ -375,10 +370,11 @@ class NullSpaceMethod(TeleportMethod):
             coefficient = tele.objective.slope(evaluation.local_squared) * evaluation.share
             owners = Counter(covered.qualified(p) for covered in self.coverage.modules for s in covered.sites for p in (s.weight, s.bias) if p)
             for covered, site in structured:
-                left = evaluation.deltas[(covered.name, site.name)] * coefficient
-                right = tangent_representation(covered, site, tangents[(covered.name, site.stream)]).transpose(-1, -2)
+                grads, streams = evaluation.deltas[(covered.name, site.name)], tangents[(covered.name, site.stream)]
                 names = [covered.qualified(p) for p in (site.weight, site.bias) if p]
-                if tele.replicas.size == 1 and _factored_is_cheaper(covered, site, left, right, names, owners):
+                if tele.replicas.size == 1 and _factored_is_cheaper(covered, site, grads, names, owners):
+                    left = covered.projector.output_representation(covered.module, site, grads) * coefficient
+                    right = tangent_representation(covered.projector, covered.module, site, streams).transpose(-1, -2)
                     basis = bases.of[(covered.name, site.name)]
                     width = _site_view(covered.module.get_parameter(site.weight), site).shape[-1]
                     bias_part = right[..., width:] if site.bias is not None else None
@@ -386,7 +382,7 @@ class NullSpaceMethod(TeleportMethod):
                     right = torch.cat([projected_w, projected_b], -1) if projected_b is not None else projected_w
                     factored.append(FactoredSite(covered, site, left, right))
                     continue
-                product = left @ right
+                product = covered.projector.structured_gradient(covered.module, site, grads, streams) * coefficient
                 for name in names:
                     dense.setdefault(name, torch.zeros_like(params[name]))
                 weight = _site_view(dense[covered.qualified(site.weight)], site)
@@ -409,7 +405,7 @@ class NullSpaceMethod(TeleportMethod):
 
 
 def _factored_is_cheaper(
-    covered: CoveredModule, site: Site, left: Tensor, right: Tensor, names: list[str], owners: Counter
+    covered: CoveredModule, site: Site, output_grads: list[Tensor], names: list[str], owners: Counter
 ) -> bool:
     """Whether to keep the site's update factored: few samples, the base projection, sole owner.
 
@@ -417,10 +413,12 @@ def _factored_is_cheaper(
     inputs`` update, and taking norms from ``samples x samples`` Gram
     matrices, pays when there are fewer samples than rows and inputs.
     """
-    samples = left.shape[-1]
+    weight = _site_view(covered.module.get_parameter(site.weight), site)
+    rows, inputs = weight.shape[-2:]
+    samples = sum(grad.numel() for grad in output_grads) // (rows * site.groups)
     params = [covered.module.get_parameter(p) for p in (site.weight, site.bias) if p]
     return (
-        samples <= min(left.shape[-2], right.shape[-1])
+        samples <= min(rows, inputs)
         and type(covered.projector).project is Projector.project
         and all(owners[name] == 1 for name in names)
         and all(p.is_contiguous() for p in params)

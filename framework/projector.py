@@ -108,10 +108,35 @@ class Projector(ABC):
         if bias is not None:
             bias.copy_(bias_out)
 
+    def structured_gradient(
+        self, module: nn.Module, site: Site, output_grads: Sequence[Tensor], input_tangents: Sequence[Tensor]
+    ) -> Tensor:
+        """``delta^T lambda`` for ``site`` as ``(groups, rows, inputs)``, the folded bias last.
+
+        ``output_grads`` are the loss gradients at the outputs
+        :meth:`capture_outputs` recorded, ``input_tangents`` the forward-mode
+        tangents of the site's input stream (see :mod:`torch_teleport.structured`).
+        The default multiplies the two representations; a projector may
+        override it with a cheaper kernel (a convolution's weight gradient).
+        """
+        delta = self.output_representation(module, site, output_grads)
+        return delta @ tangent_representation(self, module, site, input_tangents).transpose(-1, -2)
+
     def input_dim(self, module: nn.Module, site: Site) -> int:
         """Inputs of one group of ``site``, the folded bias included."""
         weight = module.get_parameter(site.weight)
         return _site_view(weight, site).shape[-1] + (site.bias is not None)
+
+
+def tangent_representation(
+    projector: Projector, module: nn.Module, site: Site, tangents: Sequence[Tensor]
+) -> Tensor:
+    """The representation of a site's input tangents; the folded 1 of the bias has none."""
+    representation = projector.representation(module, site, tangents)
+    if site.bias is not None:
+        representation = representation.clone()
+        representation[:, -1, :] = 0
+    return representation
 
 
 def _site_view(tensor: Tensor, site: Site, *, bias: bool = False) -> Tensor:

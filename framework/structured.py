@@ -54,13 +54,13 @@ SiteKey = tuple[str, str]
 
 @dataclass
 class StructuredEvaluation(Evaluation):
-    """An evaluation with what the structured step needs: every ``delta`` and the direction ``g``.
+    """An evaluation with what the structured step needs: every site's output gradients and ``g``.
 
     ``value`` carries no graph. ``direction`` maps parameter names to the
     loss gradient (this rank's, under data parallelism).
     """
 
-    deltas: dict[SiteKey, Tensor] = field(default_factory=dict)
+    deltas: dict[SiteKey, list[Tensor]] = field(default_factory=dict)
     direction: dict[str, Tensor] = field(default_factory=dict)
     local_squared: Tensor | None = None  # this rank's ||g||^2, where its objective's slope is taken
     share: float = 1.0  # this rank's weight in the mean of the ranks' objectives
@@ -107,7 +107,7 @@ def first_order_pass(
 
     One forward with the projectors' output hooks and one first-order backward.
     Returns the detached loss, the gradients (zeros where unused) and each
-    site's ``delta`` as ``(groups, rows, samples)``; a site whose module
+    site's output gradients, one tensor per call; a site whose module
     computed its map without calling the hooked submodule (it multiplies
     the weight itself) records nothing and is left out.
     """
@@ -133,9 +133,7 @@ def first_order_pass(
         grad = next(output_grads) if tensor.requires_grad else None
         by_site[key].append(torch.zeros_like(tensor) if grad is None else grad.detach())
     deltas = {
-        (covered.name, site.name): covered.projector.output_representation(
-            covered.module, site, by_site[(covered.name, site.name)]
-        )
+        (covered.name, site.name): by_site[(covered.name, site.name)]
         for covered, site in sites
         if by_site[(covered.name, site.name)]
     }
@@ -176,15 +174,6 @@ def tangent_streams(
         for handle in handles:
             handle.remove()
     return tangents
-
-
-def tangent_representation(covered: CoveredModule, site: Site, streams: Sequence[Tensor]) -> Tensor:
-    """The site's tangent inputs ``lambda`` as ``(groups, inputs, samples)``; the folded 1 has none."""
-    representation = covered.projector.representation(covered.module, site, streams)
-    if site.bias is not None:
-        representation = representation.clone()
-        representation[:, -1, :] = 0
-    return representation
 
 
 def _named(batch: Batch, direction: dict[str, Tensor]):

@@ -84,6 +84,28 @@ class MultiheadAttentionProjector(Projector):
 
         return [module.register_forward_pre_hook(hook, with_kwargs=True)]
 
+    def capture_outputs(self, module: nn.MultiheadAttention, record: Record) -> list[RemovableHandle]:
+        """The outputs of ``q``, ``k``, ``v`` and ``out_proj``: the module's result is recomputed
+        with the four maps as explicit tensors (:func:`decomposed_attention`) and returned in its
+        place, so gradients reach them. ``bias_k`` records nothing and takes the full path."""
+        signature = inspect.signature(module.forward)
+
+        def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output: Any) -> Any:
+            call = signature.bind(*args, **kwargs)
+            call.apply_defaults()
+            result, maps = decomposed_attention(module, call.arguments)
+            for site, tensor in maps.items():
+                record(site, tensor)
+            return result
+
+        return [module.register_forward_hook(hook, with_kwargs=True)]
+
+    def output_representation(
+        self, module: nn.MultiheadAttention, site: Site, outputs: Sequence[Tensor]
+    ) -> Tensor:
+        tokens = torch.cat([y.reshape(-1, module.embed_dim) for y in outputs])
+        return tokens.T.unsqueeze(0)
+
     def representation(
         self, module: nn.MultiheadAttention, site: Site, captured: Sequence[Tensor]
     ) -> Tensor:
@@ -137,6 +159,63 @@ def concatenated_heads(module: nn.MultiheadAttention, arguments: dict[str, Any])
         is_causal=arguments["is_causal"],
     )
     return heads
+
+
+def decomposed_attention(
+    module: nn.MultiheadAttention, arguments: dict[str, Any]
+) -> tuple[tuple[Tensor, Tensor | None], dict[str, Tensor]]:
+    """The module's ``(output, weights)`` for one call, with its four affine maps as tensors.
+
+    The projections ``q``, ``k``, ``v`` (laid out like the query, key and value
+    inputs) and the output projection (laid out like :func:`concatenated_heads`)
+    are computed explicitly; the attention between them is the module's own
+    functional call with identity projections, so masks, ``bias_kv``,
+    ``add_zero_attn`` and ``is_causal`` act exactly as in the call.
+    """
+    query, key, value = arguments["query"], arguments["key"], arguments["value"]
+    embed = module.embed_dim
+    packed = module.in_proj_weight
+    weights = (
+        packed.split(embed) if packed is not None
+        else (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
+    )  # fmt: skip
+    biases = module.in_proj_bias.split(embed) if module.in_proj_bias is not None else (None,) * 3
+    maps = {
+        name: F.linear(x, weight, bias)
+        for name, x, weight, bias in zip("qkv", (query, key, value), weights, biases, strict=True)
+    }
+    q, k, v = maps["q"], maps["k"], maps["v"]
+    batch_first = module.batch_first and query.dim() == 3
+    if batch_first:
+        q, k, v = (x.transpose(0, 1) for x in (q, k, v))
+    identity = torch.eye(embed, dtype=q.dtype, device=q.device)
+    heads, attention = F.multi_head_attention_forward(
+        q,
+        k,
+        v,
+        embed,
+        module.num_heads,
+        None,
+        None,
+        module.bias_k,
+        module.bias_v,
+        module.add_zero_attn,
+        0.0,
+        identity,
+        None,
+        training=False,
+        key_padding_mask=arguments["key_padding_mask"],
+        need_weights=arguments["need_weights"],
+        attn_mask=arguments["attn_mask"],
+        use_separate_proj_weight=True,
+        q_proj_weight=identity,
+        k_proj_weight=identity,
+        v_proj_weight=identity,
+        average_attn_weights=arguments["average_attn_weights"],
+        is_causal=arguments["is_causal"],
+    )
+    maps["out_proj"] = output = F.linear(heads, module.out_proj.weight, module.out_proj.bias)
+    return (output.transpose(0, 1) if batch_first else output, attention), maps
 
 
 def _query_projection(module: nn.MultiheadAttention) -> tuple[Tensor, Tensor | None]:

@@ -44,6 +44,25 @@ class ConvProjector(Projector):
     def capture_outputs(self, module: ConvNd, record: Record) -> list[RemovableHandle]:
         return [module.register_forward_hook(output_hook("weight", record))]
 
+    def structured_gradient(
+        self, module: ConvNd, site: Site, output_grads: Sequence[Tensor], input_tangents: Sequence[Tensor]
+    ) -> Tensor:
+        """The convolution's own weight gradient with the tangents as inputs: no unfolded patches."""
+        spatial = len(module.kernel_size)
+        weight_grad = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}[spatial]
+        total = torch.zeros_like(module.weight)
+        for grad, tangent in zip(output_grads, input_tangents, strict=True):
+            if tangent.dim() == spatial + 1:
+                grad, tangent = grad.unsqueeze(0), tangent.unsqueeze(0)
+            padded = F.pad(tangent, _pad_widths(module), mode=_pad_mode(module))
+            total += weight_grad(
+                padded, module.weight.shape, grad, module.stride, 0, module.dilation, module.groups
+            )
+        columns = rearrange(total, "(g r) c ... -> g r (c ...)", g=module.groups)
+        if site.bias is not None:
+            columns = F.pad(columns, (0, 1))  # the folded 1 has no tangent: a zero bias column
+        return columns
+
     def output_representation(self, module: ConvNd, site: Site, outputs: Sequence[Tensor]) -> Tensor:
         """Per group ``(rows, positions * batch)``, in the order of :func:`conv_patches`' columns."""
         spatial = len(module.kernel_size)
