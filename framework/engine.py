@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import get_total_norm
 
 from .distributed import Replicas, underlying_module
-from .method import TeleportMethod
+from .method import MethodContext, StepRule, TeleportMethod, evaluate_objective, finite_positive
 from .model_state import double_backward_safe, preserved_state
 from .null_space import NullSpace
-from .objective import Batch, Evaluation, LossFn, Objective
+from .objective import Batch, LossFn, Objective
 from .registry import Registry, default_registry
 from .report import TeleportReport
 
@@ -28,26 +28,25 @@ class Teleporter:
     loss is invariant to floating point.
 
     Args:
-        model: the network; its parameters are updated in place.
+        model: the network; its parameters are updated in place. A
+            ``DistributedDataParallel`` or ``torch.compile`` wrapper is
+            teleported through the module it wraps.
         loss_fn: ``loss_fn(model(inputs), targets)`` returns a scalar tensor.
         method: a registered teleport method (``"null_space"``, or a baseline).
         objective: a registered objective name or an :class:`Objective`.
-        null_space: a registered null-space name (``"exact"``, ``"svd"``) or a
-            :class:`NullSpace`.
-        tau: energy threshold of the ``"svd"`` null space (eq. 3); must be 1 for ``"exact"``.
+        null_space, tau, uncovered, gradient: options of the null-space
+            method, passed to it when given (see
+            :class:`~torch_teleport.null_space_method.NullSpaceMethod`; its
+            defaults: ``"exact"``, ``1.0``, ``"warn"``, ``"auto"``).
         lr: step size. With ``normalize=True`` (default) each step moves the
             movable parameters by ``lr`` times their norm, which makes one
             default work across models and training stages; with
             ``normalize=False`` it is the plain ascent rate of eq. 5.
         steps: ascent steps per teleport (the paper's t).
         cap: stop once the gradient norm reaches this value (the paper's CAP).
-        uncovered: what to do with trainable parameters no projector covers:
-            ``"error"``, ``"warn"`` (default) or ``"freeze"``.
         replicas: the data-parallel replicas to keep identical; by default
             every rank of an initialised ``torch.distributed`` default group
-            (see :class:`~torch_teleport.distributed.Replicas`). A
-            ``DistributedDataParallel`` model is teleported through its
-            underlying module.
+            (see :class:`~torch_teleport.distributed.Replicas`).
         max_loss_change: roll the teleport back (``stopped="loss_changed"``)
             when the relative change of the teleport-batch loss exceeds
             this; ``None`` (default) never does.
@@ -63,13 +62,14 @@ class Teleporter:
         *,
         method: str = "null_space",
         objective: str | Objective = "grad_norm",
-        null_space: str | NullSpace = "exact",
-        tau: float = 1.0,
+        null_space: str | NullSpace | None = None,
+        tau: float | None = None,
+        uncovered: str | None = None,
+        gradient: str | None = None,
         lr: float = 0.005,
         steps: int = 8,
         cap: float | None = None,
         normalize: bool = True,
-        uncovered: str = "warn",
         replicas: Replicas | None = None,
         max_loss_change: float | None = None,
         objective_options: dict[str, Any] | None = None,
@@ -79,10 +79,9 @@ class Teleporter:
         self.registry = registry or default_registry()
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(model(inputs), targets)")
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps!r}")
+        lr = finite_positive(lr, "lr")
+        self.steps = _check_steps(steps)
+        self.cap = _check_cap(cap)
         if max_loss_change is not None and not max_loss_change >= 0:
             raise ValueError(f"max_loss_change must be None or a non-negative number, got {max_loss_change!r}")
         self.model = underlying_module(model)
@@ -91,16 +90,27 @@ class Teleporter:
             self.objective = objective
         else:
             self.objective = self.registry.get("objective", objective)(**(objective_options or {}))
-        self.null_space = null_space
-        self.tau = tau
-        self.lr = float(lr)
-        self.steps = int(steps)
-        self.cap = cap
-        self.normalize = normalize
-        self.uncovered = uncovered
         self.replicas = replicas or Replicas()
         self.max_loss_change = max_loss_change
-        self.method: TeleportMethod = self.registry.get("method", method)(self, **(method_options or {}))
+        self.evaluate = evaluate_objective(self.objective, self.replicas)
+        context = MethodContext(
+            model=self.model,
+            loss_fn=loss_fn,
+            objective=self.objective,
+            evaluate=self.evaluate,
+            replicas=self.replicas,
+            step=StepRule(lr, bool(normalize), self.objective.ascend),
+            registry=self.registry,
+        )
+        given = {"null_space": null_space, "tau": tau, "uncovered": uncovered, "gradient": gradient}
+        options = {**{k: v for k, v in given.items() if v is not None}, **(method_options or {})}
+        method_class = self.registry.get("method", method)
+        try:
+            self.method: TeleportMethod = method_class(context, **options)
+        except TypeError as error:
+            if "unexpected keyword argument" not in str(error):
+                raise
+            raise TypeError(f"the {method!r} method does not take that option: {error}") from None
 
     def teleport(
         self, inputs: Tensor, targets: Tensor, *, steps: int | None = None, cap: float | None = None
@@ -111,11 +121,11 @@ class Teleporter:
         parameter update; on an exception, or when a non-finite value appears,
         the parameters are restored too and the report says so.
         """
+        steps = self.steps if steps is None else _check_steps(steps)
+        cap = self.cap if cap is None else _check_cap(cap)
         if self.replicas.size > 1 and not self.method.keeps_replicas_in_sync:
             raise NotImplementedError(f"{type(self.method).__name__} cannot keep data-parallel replicas identical")
         self.replicas.check_together(_check_batch, inputs, targets)
-        steps = self.steps if steps is None else steps
-        cap = self.cap if cap is None else cap
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         saved = [p.detach().clone() for p in trainable]
         batch = Batch(self.model, self.loss_fn, inputs, targets, trainable)
@@ -140,16 +150,17 @@ class Teleporter:
         self.replicas.verify(self.model)
         return report
 
-    def evaluate(self, batch: Batch) -> Evaluation:
-        """The objective on ``batch``, with the loss detached and the gradient norm filled in."""
-        evaluation = self.objective.evaluate(batch)
-        if self.replicas.size > 1:
-            return self.replicas.combine(evaluation, batch)
-        if evaluation.grad_norm is None:
-            grads = torch.autograd.grad(evaluation.loss, batch.parameters, retain_graph=True, allow_unused=True)
-            evaluation.grad_norm = get_total_norm([g.detach() for g in grads if g is not None])
-        evaluation.loss = evaluation.loss.detach()
-        return evaluation
+
+def _check_steps(steps: object) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"steps must be a whole number, got {steps!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps!r}")
+    return int(steps)
+
+
+def _check_cap(cap: object) -> float | None:
+    return None if cap is None else finite_positive(cap, "cap")
 
 
 def _restore(params: list[nn.Parameter], saved: list[Tensor]) -> None:

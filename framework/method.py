@@ -2,37 +2,72 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
-from .objective import Batch, Evaluation
+from .distributed import Replicas
+from .objective import Batch, Evaluation, LossFn, Objective
+from .registry import Registry
 from .report import TeleportReport
 
-if TYPE_CHECKING:
-    from .engine import Teleporter
-
 Evaluate = Callable[[Batch], Evaluation]
+
+
+@dataclass(frozen=True)
+class StepRule:
+    """How far a step goes along a direction: the one rule every method shares.
+
+    With ``normalize`` a direction of norm ``n`` is scaled to ``lr`` times a
+    reference norm (the moved weights' norm, or 1 in a method's own
+    coordinates); without it the step is ``lr`` times the direction (eq. 5).
+    The sign follows the objective's direction.
+    """
+
+    lr: float
+    normalize: bool
+    ascend: bool
+
+    def scale(self, direction_norm: float, reference_norm: float = 1.0) -> float:
+        """The signed multiplier of a direction of norm ``direction_norm``."""
+        size = self.lr * reference_norm / direction_norm if self.normalize else self.lr
+        return size if self.ascend else -size
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method works with: the model, its loss and objective, how to evaluate, the replicas,
+    the step rule and the registry. Methods never call back into the facade that built them."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    objective: Objective
+    evaluate: Evaluate
+    replicas: Replicas
+    step: StepRule
+    registry: Registry
 
 
 class TeleportMethod(ABC):
     """Base class of teleport methods.
 
-    A method is built once per :class:`~torch_teleport.Teleporter` (it reads
-    the model, loss, objective, ``lr``, ``steps`` and options from it) and
-    runs on one batch at a time. The teleporter wraps every run: it checks
-    the batch, keeps the model's modes and buffers, disables autocast and
-    restores the parameters when the run raises or reports
-    ``stopped="non_finite"``.
+    A method is built once per :class:`~torch_teleport.Teleporter` from a
+    :class:`MethodContext` and its own options, and runs on one batch at a
+    time. The teleporter wraps every run: it checks the batch, keeps the
+    model's modes and buffers, disables autocast and restores the
+    parameters when the run raises or reports ``stopped="non_finite"``.
     """
 
     keeps_replicas_in_sync = False
-    """Whether :meth:`run` reduces through ``teleporter.replicas`` (required under data parallelism)."""
+    """Whether :meth:`run` reduces through ``context.replicas`` (required under data parallelism)."""
 
-    def __init__(self, teleporter: Teleporter) -> None:
-        self.teleporter = teleporter
+    def __init__(self, context: MethodContext) -> None:
+        self.context = context
 
     @abstractmethod
     def run(self, batch: Batch, steps: int, cap: float | None) -> TeleportReport:
@@ -43,10 +78,10 @@ class TeleportMethod(ABC):
     ) -> tuple[Evaluation, TeleportReport]:
         """Evaluate the objective before any step and open the report with it (and ``fields``).
 
-        ``evaluate`` is the method's own evaluation (the teleporter's by default).
+        ``evaluate`` is the method's own evaluation (the context's by default).
         A non-finite loss or objective here is bad input, not a failed step: it raises.
         """
-        first = (evaluate or self.teleporter.evaluate)(batch)
+        first = (evaluate or self.context.evaluate)(batch)
         if not (torch.isfinite(first.loss) and torch.isfinite(first.value)):
             raise ValueError(f"the loss or objective on the teleport batch is not finite (loss {float(first.loss)})")
         value = float(first.value.detach())
@@ -78,11 +113,11 @@ class TeleportMethod(ABC):
 
         ``step(evaluation)`` moves the parameters once, in place, and returns
         ``False`` when its update was not finite (nothing moved). ``evaluate``
-        (the teleporter's by default) evaluates before each step; the report
+        (the context's by default) evaluates before each step; the report
         ends with one more evaluation at the final point, by ``final`` (a real
         forward pass; ``evaluate`` by default).
         """
-        evaluate = evaluate or self.teleporter.evaluate
+        evaluate = evaluate or self.context.evaluate
         evaluation = first
         for index in range(steps):
             if index:
@@ -106,3 +141,27 @@ class TeleportMethod(ABC):
         if not torch.isfinite(final.value):
             report.stopped = "non_finite"
         return report
+
+
+def evaluate_objective(objective: Objective, replicas: Replicas) -> Evaluate:
+    """The objective's evaluation with the loss detached and the gradient norm filled in
+    (those of the global batch under data parallelism)."""
+
+    def evaluate(batch: Batch) -> Evaluation:
+        evaluation = objective.evaluate(batch)
+        if replicas.size > 1:
+            return replicas.combine(evaluation, batch)
+        if evaluation.grad_norm is None:
+            grads = torch.autograd.grad(evaluation.loss, batch.parameters, retain_graph=True, allow_unused=True)
+            evaluation.grad_norm = torch.nn.utils.get_total_norm([g.detach() for g in grads if g is not None])
+        evaluation.loss = evaluation.loss.detach()
+        return evaluation
+
+    return evaluate
+
+
+def finite_positive(value: float, name: str) -> float:
+    """``value`` as a float if it is a finite positive number; a clear error otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -15,15 +15,12 @@ from torch.nn.utils import get_total_norm
 
 from .chain import LinearChain
 from .coverage import Coverage, CoveredModule, find_coverage
-from .method import Evaluate, TeleportMethod
+from .method import Evaluate, MethodContext, TeleportMethod
 from .null_space import CoreBasis, NullSpace
 from .objective import Batch, Evaluation, GradientNormObjective
 from .projector import Projector, Site, _site_view, tangent_representation
 from .report import LayerReport, TeleportReport
 from .structured import StructuredEvaluation, StructuredEvaluator, tangent_streams
-
-if TYPE_CHECKING:
-    from .engine import Teleporter
 
 GRADIENT_PATHS = ("auto", "closed_form", "structured", "full")
 
@@ -119,23 +116,32 @@ class NullSpaceMethod(TeleportMethod):
 
     keeps_replicas_in_sync = True
 
-    def __init__(self, teleporter: Teleporter, gradient: str = "auto") -> None:
-        super().__init__(teleporter)
+    def __init__(
+        self,
+        context: MethodContext,
+        *,
+        null_space: str | NullSpace = "exact",
+        tau: float = 1.0,
+        uncovered: str = "warn",
+        gradient: str = "auto",
+    ) -> None:
+        super().__init__(context)
         if gradient not in GRADIENT_PATHS:
             raise ValueError(f"gradient must be one of {GRADIENT_PATHS}, got {gradient!r}")
-        structured_objective = isinstance(teleporter.objective, GradientNormObjective)
+        structured_objective = isinstance(context.objective, GradientNormObjective)
         if gradient == "structured" and not structured_objective:
             raise ValueError(
                 f"gradient='structured' needs an objective of the gradient norm (f(||grad L||^2)); "
-                f"{type(teleporter.objective).__name__} takes gradient='full' or 'auto'"
+                f"{type(context.objective).__name__} takes gradient='full' or 'auto'"
             )
         self.structured = gradient != "full" and structured_objective
-        null_space = teleporter.null_space
         if not isinstance(null_space, NullSpace):
-            null_space = teleporter.registry.get("null_space", null_space)(tau=teleporter.tau)
+            null_space = context.registry.get("null_space", null_space)(tau=tau)
+        elif tau != 1.0:
+            raise ValueError("give tau to the null space object itself, not beside it")
         self.null_space = null_space
-        self.coverage: Coverage = find_coverage(teleporter.model, teleporter.registry, teleporter.uncovered)
-        self.chain = LinearChain.of(teleporter.model) if gradient in ("auto", "closed_form") and self.structured else None
+        self.coverage: Coverage = find_coverage(context.model, context.registry, uncovered)
+        self.chain = LinearChain.of(context.model) if gradient in ("auto", "closed_form") and self.structured else None
         if self.chain is not None and not self._covers(self.chain):
             self.chain = None
         if gradient == "closed_form" and (self.chain is None or not null_space.exact):
@@ -170,7 +176,7 @@ class NullSpaceMethod(TeleportMethod):
             for covered in self.coverage.modules:
                 handles += covered.projector.capture(covered.module, _recorder(captured, covered.name))
             with torch.no_grad():
-                self.teleporter.model(inputs)
+                self.context.model(inputs)
         finally:
             for handle in handles:
                 handle.remove()
@@ -178,12 +184,12 @@ class NullSpaceMethod(TeleportMethod):
 
     # -- the pipeline ------------------------------------------------------------------------
     def run(self, batch: Batch, steps: int, cap: float | None) -> TeleportReport:
-        if self.chain is not None and self.null_space.exact and self.teleporter.replicas.size == 1:
+        if self.chain is not None and self.null_space.exact and self.context.replicas.size == 1:
             return self._run_closed_form(batch, steps, cap)
         captured = self.capture_inputs(batch.inputs)
-        evaluate: Evaluate = self.teleporter.evaluate
+        evaluate: Evaluate = self.context.evaluate
         if self.structured:
-            evaluate = StructuredEvaluator(self.teleporter, batch, self._capable_sites())
+            evaluate = StructuredEvaluator(self.context, batch, self._capable_sites())
         first, report = self.start(batch, evaluate=evaluate, frozen=dict(self.coverage.frozen))
         structured: list[SiteRef] = evaluate.sites if self.structured else []  # outputs recorded
         modules = list({id(c): c for c, _ in structured}.values())
@@ -198,7 +204,7 @@ class NullSpaceMethod(TeleportMethod):
                     RuntimeWarning,
                     stacklevel=4,
                 )
-                structured, modules, evaluate = [], [], self.teleporter.evaluate
+                structured, modules, evaluate = [], [], self.context.evaluate
                 first = evaluate(batch)
         bases = self._bases_into(report, captured, structured, "structured")
         if not bases.of:
@@ -224,13 +230,12 @@ class NullSpaceMethod(TeleportMethod):
     def _run_closed_form(self, batch: Batch, steps: int, cap: float | None) -> TeleportReport:
         """The pipeline with :mod:`~torch_teleport.chain`'s closed form: one capture, then no forward
         pass until the final, real one."""
-        tele = self.teleporter
         state = self.chain.prepare(batch)
         sites = {id(c.module): (c, s) for c in self.coverage.modules for s in c.sites}
         layers = [sites[id(layer)] for layer in self.chain.layers]
 
         def evaluate(_: Batch) -> Evaluation:
-            return state.evaluate(tele.objective)
+            return state.evaluate(self.context.objective)
 
         first, report = self.start(batch, evaluate=evaluate, frozen=dict(self.coverage.frozen))
         captured = {
@@ -242,7 +247,7 @@ class NullSpaceMethod(TeleportMethod):
         params = {name: p for name, p in self.coverage.movable().items() if name not in bases.frozen}
 
         def step(evaluation: Evaluation) -> bool:
-            coefficient = tele.objective.slope(evaluation.squared)
+            coefficient = self.context.objective.slope(evaluation.squared)
             factored = []
             for (covered, site), delta, tangent in zip(layers, evaluation.deltas, state.tangents(evaluation.deltas), strict=True):
                 basis = bases.of.get((covered.name, site.name))
@@ -254,22 +259,19 @@ class NullSpaceMethod(TeleportMethod):
                 factored.append(FactoredSite(covered, site, (delta.T * coefficient).unsqueeze(0), right))
             return self._take(ProjectedStep({}, factored), params)
 
-        final = StructuredEvaluator(tele, batch, [])
+        final = StructuredEvaluator(self.context, batch, [])
         return self.ascend(batch, first, report, steps, cap, step, evaluate=evaluate, final=final)
 
     def _take(self, projected: ProjectedStep, params: dict[str, nn.Parameter]) -> bool:
         """The step rule: scale the projected gradient (relative to the weights when normalising) and
         add it to the weights; ``False`` when it is not finite (nothing moves)."""
-        tele = self.teleporter
-        norm = projected.norm()
-        if not torch.isfinite(norm):
+        norm = float(projected.norm())
+        if not math.isfinite(norm):
             return False
-        scale = tele.lr if tele.objective.ascend else -tele.lr
-        if tele.normalize:
-            if norm == 0:  # every site was wholly in its core space (see CoreBasis.project)
-                return True
-            scale = scale * float(get_total_norm([p.detach() for p in params.values()]) / norm)
-        projected.add_to_weights(params, scale)
+        if norm == 0:  # every site was wholly in its core space (see CoreBasis.project)
+            return True
+        weights = float(get_total_norm([p.detach() for p in params.values()]))
+        projected.add_to_weights(params, self.context.step.scale(norm, weights))
         return True
 
     def _capable_sites(self) -> list[SiteRef]:
@@ -305,7 +307,7 @@ class NullSpaceMethod(TeleportMethod):
                 representation = (
                     covered.projector.representation(covered.module, site, tensors).detach() if tensors else None
                 )
-                spectrum = self.teleporter.replicas.spectrum(representation)  # of the global batch
+                spectrum = self.context.replicas.spectrum(representation)  # of the global batch
                 if spectrum is None:
                     bases.frozen.update(dict.fromkeys(names, "its module did not run on the teleport batch"))
                     continue
@@ -355,24 +357,24 @@ class NullSpaceMethod(TeleportMethod):
         tangent factor is projected and the update stays factored. Every
         other parameter gets autograd's gradient of the objective.
         """
-        tele = self.teleporter
+        context = self.context
         dense: dict[str, Tensor] = {}
         factored: list[FactoredSite] = []
         fast = {covered.qualified(p) for covered, site in structured for p in (site.weight, site.bias) if p}
         rest = [name for name in params if name not in fast]
         if rest:
-            full = self.teleporter.evaluate(batch) if isinstance(evaluation, StructuredEvaluation) else evaluation
+            full = context.evaluate(batch) if isinstance(evaluation, StructuredEvaluation) else evaluation
             grads = torch.autograd.grad(full.value, [params[n] for n in rest], allow_unused=True)
             for name, g in zip(rest, grads, strict=True):
                 dense[name] = (g if g is not None else torch.zeros_like(params[name])).detach().contiguous()
         if structured:
             assert isinstance(evaluation, StructuredEvaluation) and tangents is not None
-            coefficient = tele.objective.slope(evaluation.local_squared) * evaluation.share
+            coefficient = context.objective.slope(evaluation.local_squared) * evaluation.share
             owners = Counter(covered.qualified(p) for covered in self.coverage.modules for s in covered.sites for p in (s.weight, s.bias) if p)
             for covered, site in structured:
                 grads, streams = evaluation.deltas[(covered.name, site.name)], tangents[(covered.name, site.stream)]
                 names = [covered.qualified(p) for p in (site.weight, site.bias) if p]
-                if tele.replicas.size == 1 and _factored_is_cheaper(covered, site, grads, names, owners):
+                if context.replicas.size == 1 and _factored_is_cheaper(covered, site, grads, names, owners):
                     left = covered.projector.output_representation(covered.module, site, grads) * coefficient
                     right = tangent_representation(covered.projector, covered.module, site, streams).transpose(-1, -2)
                     basis = bases.of[(covered.name, site.name)]
@@ -389,7 +391,7 @@ class NullSpaceMethod(TeleportMethod):
                 weight.copy_(product[..., : weight.shape[-1]])
                 if site.bias is not None:
                     _site_view(dense[covered.qualified(site.bias)], site, bias=True).copy_(product[..., weight.shape[-1] :])
-        dense = tele.replicas.sum(dense)  # the global objective's gradient, the same on every rank
+        dense = context.replicas.sum(dense)  # the global objective's gradient, the same on every rank
         done = {(part.covered.name, part.site.name) for part in factored}
         for covered in self.coverage.modules:
             for site in covered.sites:

@@ -45,6 +45,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "torch_teleport.plugins.benchmarks.accuracy",
     "torch_teleport.plugins.benchmarks.error_control",
     "torch_teleport.plugins.benchmarks.time_to_target",
+    "torch_teleport.plugins.benchmarks.gradient_paths",
     "torch_teleport.plugins.studies.correlation",
     "torch_teleport.plugins.studies.teleport_generalization",
     "torch_teleport.plugins.studies.displacement",

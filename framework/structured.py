@@ -46,7 +46,7 @@ from .objective import Batch, Evaluation
 from .projector import Site
 
 if TYPE_CHECKING:
-    from .engine import Teleporter
+    from .method import MethodContext
 
 SiteKey = tuple[str, str]
 """``(module name, site name)``."""
@@ -73,30 +73,30 @@ class StructuredEvaluator:
     after the first call, keeps those whose outputs were recorded.
     """
 
-    def __init__(self, teleporter: Teleporter, batch: Batch, sites: list) -> None:
-        self.teleporter = teleporter
+    def __init__(self, context: MethodContext, batch: Batch, sites: list) -> None:
+        self.context = context
         self.sites = sites
         self._probed = False
-        names = {id(p): name for name, p in teleporter.model.named_parameters()}
+        names = {id(p): name for name, p in context.model.named_parameters()}
         self.param_names = [names[id(p)] for p in batch.parameters]
 
     def __call__(self, batch: Batch) -> StructuredEvaluation:
-        tele = self.teleporter
+        context = self.context
         loss, grads, deltas = first_order_pass(batch, self.sites)
         if not self._probed:
             self.sites = [(c, s) for c, s in self.sites if (c.name, s.name) in deltas]
             self._probed = True
         squared = get_total_norm(grads).square().to(loss.dtype)
         evaluation = StructuredEvaluation(
-            value=tele.objective.of_squared_norm(squared),
+            value=context.objective.of_squared_norm(squared),
             loss=loss,
             grad_norm=squared.sqrt(),
             deltas=deltas,
             direction=dict(zip(self.param_names, grads, strict=True)),
             local_squared=squared,
         )
-        if tele.replicas.size > 1:
-            evaluation = tele.replicas.combine_structured(evaluation, batch, grads)
+        if context.replicas.size > 1:
+            evaluation = context.replicas.combine_structured(evaluation, batch, grads)
         return evaluation
 
 

@@ -24,7 +24,8 @@ import math
 import torch
 from torch import Tensor
 
-from torch_teleport import Batch, TeleportMethod, TeleportReport, hookimpl
+from torch_teleport import Batch, Objective, TeleportMethod, TeleportReport, hookimpl
+from torch_teleport.method import MethodContext
 
 
 class LevelSetMethod(TeleportMethod):
@@ -47,7 +48,7 @@ class LevelSetMethod(TeleportMethod):
 
     def __init__(
         self,
-        teleporter,
+        context: MethodContext,
         *,
         kkt_tol: float = 1e-6,
         constraint_tol: float = 1e-6,
@@ -56,7 +57,7 @@ class LevelSetMethod(TeleportMethod):
         max_backtracks: int = 30,
         line_search: bool = True,
     ) -> None:
-        super().__init__(teleporter)
+        super().__init__(context)
         if not 0 < armijo < 1:
             raise ValueError(f"armijo must lie in (0, 1), got {armijo!r}")
         if not 0 < backtrack < 1:
@@ -69,17 +70,17 @@ class LevelSetMethod(TeleportMethod):
         self.backtrack = float(backtrack)
         self.max_backtracks = int(max_backtracks)
         self.line_search = bool(line_search)
-        for name, param in teleporter.model.named_parameters():
+        for name, param in context.model.named_parameters():
             if param.requires_grad and param.dtype not in (torch.float32, torch.float64):
                 raise TypeError(
                     f"teleport needs float32 or float64 parameters, {name} is {param.dtype}"
                 )
 
     def run(self, batch: Batch, steps: int, cap: float | None) -> TeleportReport:
-        tele = self.teleporter
         params = list(batch.parameters)
-        sign = 1.0 if tele.objective.ascend else -1.0
-        point = _Point(tele, batch, params, sign)
+        rule = self.context.step
+        sign = 1.0 if rule.ascend else -1.0
+        point = _Point(self.context.objective, batch, params, sign)
         if not point.finite:
             raise ValueError(
                 f"the loss or objective on the teleport batch is not finite (loss {point.loss})"
@@ -121,9 +122,8 @@ class LevelSetMethod(TeleportMethod):
                 report.stopped = "kkt"
                 break
             penalty = max(penalty, 2 * abs(subproblem.multiplier))
-            rho = tele.lr * shrink
-            if tele.normalize:
-                rho *= math.sqrt(_dot(params, params)) / max(subproblem.residual_norm, 1e-30)
+            weights = math.sqrt(_dot(params, params))
+            rho = shrink * abs(rule.scale(max(subproblem.residual_norm, 1e-30), weights))
             accepted, backtracks = self._line_search(
                 batch, params, sign, point, subproblem, penalty, rho
             )
@@ -167,7 +167,7 @@ class LevelSetMethod(TeleportMethod):
             with torch.no_grad():
                 for param, origin, delta in zip(params, start, step, strict=True):
                     param.copy_(origin + delta)
-            candidate = _Point(self.teleporter, batch, params, sign)
+            candidate = _Point(self.context.objective, batch, params, sign)
             if candidate.finite and not self.line_search:
                 return candidate, backtracks
             if candidate.finite and candidate.value > 0:
@@ -190,8 +190,8 @@ class _Point:
     only taken for points the line search accepts.
     """
 
-    def __init__(self, tele, batch: Batch, params: list[Tensor], sign: float) -> None:
-        evaluation = tele.objective.evaluate(batch)
+    def __init__(self, objective: Objective, batch: Batch, params: list[Tensor], sign: float) -> None:
+        evaluation = objective.evaluate(batch)
         grads = torch.autograd.grad(evaluation.loss, params, retain_graph=True, allow_unused=True)
         self.grad_f = [_zero_if_none(g, p) for g, p in zip(grads, params, strict=True)]
         self.value_graph = evaluation.value

@@ -25,6 +25,7 @@ null-space method avoids).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 from torch.nn.utils import get_total_norm
 
 from torch_teleport import Batch, Evaluation, TeleportMethod, TeleportReport, hookimpl
+from torch_teleport.method import MethodContext
 
 PASSIVE = (nn.Flatten, nn.Identity, nn.Dropout)
 """Parameter-free modules allowed before the first layer (dropout is off during a teleport)."""
@@ -68,12 +70,11 @@ class SymmetryMethod(TeleportMethod):
     pseudo-inverses.
     """
 
-    def __init__(self, teleporter) -> None:
-        super().__init__(teleporter)
-        self.prefix, self.pairs = _parse_mlp(teleporter.model)
+    def __init__(self, context: MethodContext) -> None:
+        super().__init__(context)
+        self.prefix, self.pairs = _parse_mlp(context.model)
 
     def run(self, batch: Batch, steps: int, cap: float | None) -> TeleportReport:
-        tele = self.teleporter
         first, report = self.start(batch, frozen=self._fixed())
         params = list(batch.parameters)
         with torch.no_grad():
@@ -89,12 +90,10 @@ class SymmetryMethod(TeleportMethod):
                 if inputs is None:
                     inputs = self._act(first_input, None, None, report)
                 directions = [self._group_gradient(pair, inputs[i], grads) for i, pair in enumerate(self.pairs)]
-                norm = get_total_norm(directions)
-                if not torch.isfinite(norm):
+                norm = float(get_total_norm(directions))
+                if not math.isfinite(norm):
                     return False
-                scale = tele.lr if tele.objective.ascend else -tele.lr
-                if tele.normalize:
-                    scale = scale / norm if norm > 0 else 0.0
+                scale = self.context.step.scale(norm) if norm > 0 else 0.0  # T of norm lr in total
                 try:
                     inputs = self._act(first_input, [t * scale for t in directions], inputs, report)
                 except torch.linalg.LinAlgError:
@@ -105,7 +104,7 @@ class SymmetryMethod(TeleportMethod):
 
     def _fixed(self) -> dict[str, str]:
         """Trainable parameters the action never moves: the last layer's bias."""
-        names = {id(p): name for name, p in self.teleporter.model.named_parameters()}
+        names = {id(p): name for name, p in self.context.model.named_parameters()}
         bias = self.pairs[-1].upper.bias
         return (
             {names[id(bias)]: "the group action leaves the last layer's bias fixed"}

@@ -77,6 +77,34 @@ def test_step_cost(tmp_path):
     assert data["profile"] and all(row["op"] and row["calls"] > 0 for row in data["profile"])
 
 
+def test_gradient_paths(tmp_path):
+    data = run_tiny("gradient_paths", tmp_path)
+    assert [info["model"] for info in data["models"]] == ["mlp"]
+    assert data["models"][0]["input_shape"] == [4, 784] and data["models"][0]["batchnorm"] is False
+    rows = data["rows"]
+    assert [(row["model"], row["tau"], row["gradient"]) for row in rows] == [
+        ("mlp", 0.99, "structured"),
+        ("mlp", 0.99, "full"),
+    ]
+    for row in rows:
+        assert "error" not in row
+        numbers(row["loss_change"], row["held_out_change"], row["gain"], row["seconds"])
+        numbers(row["held_out_per_log_gain"], row["loss_change_per_log_gain"])
+        assert row["steps"] == 8 and row["stopped"] == ["steps"] and row["rolled_back"] == 0
+        assert row["paths"] == [row["gradient"]]
+        assert row["gain"] > 1
+        assert [run["seed"] for run in row["seeds"]] == [0]
+        assert row["seeds"][0]["gain"] == row["gain"]
+    (summary,) = data["summary"]
+    assert summary["tau"] == 0.99 and summary["models"] == 1
+    ratios = summary["structured_over_full"]
+    numbers(ratios["loss_change"], ratios["held_out_change"], ratios["gain"])
+    numbers(ratios["loss_change_per_log_gain"], ratios["held_out_per_log_gain"])
+    assert ratios["gain"] == pytest.approx(rows[0]["gain"] / rows[1]["gain"])
+    assert set(summary["drifts_less"].values()) <= {"structured", "full", "tie"}
+    assert summary["verdict"].startswith("tau = 0.99") and data["verdict"]
+
+
 def test_scaling(tmp_path):
     data = run_tiny("scaling", tmp_path)
     assert set(data["sweeps"]) == {"t", "d", "n", "l", "b"}

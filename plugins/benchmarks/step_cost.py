@@ -179,7 +179,9 @@ def _measure(
         model = factory(**probe.options).to(device)
         inputs = probe.inputs(generator, options["batch"]).to(device)
         targets = probe.targets(generator, options["batch"]).to(device)
-        teleporter, first = _teleporter_with_room(model, probe, inputs, targets, options, registry)
+        teleporter, first, null_space, tau = _teleporter_with_room(
+            model, probe, inputs, targets, options, registry
+        )
     except Exception as error:  # a zoo model whose factory changed: say so, measure the others
         return {"model": name, "error": f"{type(error).__name__}: {error}"}
     trained = copy.deepcopy(model).train()
@@ -193,8 +195,8 @@ def _measure(
     full = Teleporter(
         model,
         probe.loss,
-        null_space=teleporter.null_space,
-        tau=teleporter.tau,
+        null_space=null_space,
+        tau=tau,
         lr=options["lr"],
         steps=options["steps"],
         uncovered="freeze",
@@ -202,11 +204,11 @@ def _measure(
         method_options={"gradient": "full"},
     )
     sites = representations(teleporter, inputs)
-    null_space = teleporter.method.null_space
+    builder = teleporter.method.null_space
 
     def basis() -> None:
         for representation in sites.values():
-            null_space.basis(representation)
+            builder.basis(representation)
 
     medians = interleaved_medians(
         {
@@ -229,8 +231,8 @@ def _measure(
         "options": probe.options,
         "input_shape": list(inputs.shape),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "null_space": teleporter.null_space,
-        "tau": teleporter.tau,
+        "null_space": null_space,
+        "tau": tau,
         "moved_sites": sum(layer.null_dim > 0 for layer in first.layers),
         "sites": len(first.layers),
         "paths": "+".join(paths),
@@ -266,7 +268,7 @@ def _teleporter_with_room(model, probe: Probe, inputs, targets, options: dict, r
         )
         first = teleporter.teleport(inputs, targets, steps=1)
         if first.steps:
-            return teleporter, first
+            return teleporter, first, null_space, tau
     raise ValueError(f"no room to teleport on this batch even at tau = {options['fallback_tau']}")
 
 
