@@ -225,6 +225,14 @@ class Replicas:
         loss = mean[-2].to(evaluation.loss.device, evaluation.loss.dtype)
         return global_value, loss, torch.linalg.vector_norm(mean[:-2]), samples / float(total)
 
+    def mean(self, value: float, samples: int) -> float:
+        """The sample-weighted mean of ``value`` over ranks (``value`` itself in one process)."""
+        if self.size == 1:
+            return value
+        packed = torch.tensor([value * samples, float(samples)], dtype=torch.float64, device=self._device())
+        dist.all_reduce(packed, group=self.group)
+        return float(packed[0] / packed[1])
+
     def sum(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         """The sum over ranks of each tensor, the same on every rank (one all-reduce, in float64)."""
         if self.size == 1 or not tensors:

@@ -5,13 +5,21 @@ from __future__ import annotations
 import math
 import numbers
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .distributed import Replicas, underlying_module
-from .method import MethodContext, StepRule, TeleportMethod, evaluate_objective, finite_positive
+from .method import (
+    Limits,
+    MethodContext,
+    StepRule,
+    TeleportMethod,
+    evaluate_objective,
+    finite_positive,
+)
 from .model_state import double_backward_safe, preserved_state
 from .null_space import NullSpace
 from .objective import Batch, LossFn, Objective
@@ -50,6 +58,15 @@ class Teleporter:
         max_loss_change: roll the teleport back (``stopped="loss_changed"``)
             when the relative change of the teleport-batch loss exceeds
             this; ``None`` (default) never does.
+        drift_tolerance: a step after which the teleport-batch loss has moved
+            by more than this (relative) is undone and the teleport ends at
+            the last good step (``stopped="drift"``). ``"auto"`` (default): the
+            method's own default (null space: ``1e-5`` when exact, ``1e-3``
+            when thresholded); ``None`` checks nothing.
+        guard_tolerance: with a ``guard`` batch, a step after which the guard
+            loss rose by more than this (relative) is undone (``stopped="guard"``).
+        max_gain: stop once the gradient norm reaches this multiple of its
+            starting value (``stopped="gain"``); ``None`` never does.
         objective_options: keyword arguments for a named objective.
         method_options: keyword arguments for the method.
         registry: where names are looked up; the installed plugins by default.
@@ -72,6 +89,9 @@ class Teleporter:
         normalize: bool = True,
         replicas: Replicas | None = None,
         max_loss_change: float | None = None,
+        drift_tolerance: float | str | None = "auto",
+        guard_tolerance: float = 0.01,
+        max_gain: float | None = 10.0,
         objective_options: dict[str, Any] | None = None,
         method_options: dict[str, Any] | None = None,
         registry: Registry | None = None,
@@ -82,6 +102,11 @@ class Teleporter:
         lr = finite_positive(lr, "lr")
         self.steps = _check_steps(steps)
         self.cap = _check_cap(cap)
+        if normalize and lr > 1:
+            raise ValueError(
+                f"lr is relative to the weights' norm when normalize=True: {lr} would move them by more "
+                "than their own size per step; use lr <= 1 (the default is 0.005)"
+            )
         if max_loss_change is not None and not max_loss_change >= 0:
             raise ValueError(f"max_loss_change must be None or a non-negative number, got {max_loss_change!r}")
         self.model = underlying_module(model)
@@ -101,6 +126,11 @@ class Teleporter:
             replicas=self.replicas,
             step=StepRule(lr, bool(normalize), self.objective.ascend),
             registry=self.registry,
+            limits=Limits(
+                drift=None,
+                guard=finite_positive(guard_tolerance, "guard_tolerance"),
+                max_gain=None if max_gain is None else _at_least_one(max_gain),
+            ),
         )
         given = {"null_space": null_space, "tau": tau, "uncovered": uncovered, "gradient": gradient}
         options = {**{k: v for k, v in given.items() if v is not None}, **(method_options or {})}
@@ -111,24 +141,44 @@ class Teleporter:
             if "unexpected keyword argument" not in str(error):
                 raise
             raise TypeError(f"the {method!r} method does not take that option: {error}") from None
+        if drift_tolerance == "auto":
+            drift_tolerance = self.method.default_drift()
+        elif drift_tolerance is not None:
+            drift_tolerance = finite_positive(drift_tolerance, "drift_tolerance")
+        self.method.context = replace(context, limits=replace(context.limits, drift=drift_tolerance))
 
     def teleport(
-        self, inputs: Tensor, targets: Tensor, *, steps: int | None = None, cap: float | None = None
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        *,
+        guard: tuple[Tensor, Tensor] | None = None,
+        steps: int | None = None,
+        cap: float | None = None,
     ) -> TeleportReport:
         """Run one teleport on the batch ``(inputs, targets)`` and report what happened.
 
-        The model is left as found (modes, buffers, hooks), apart from the
-        parameter update; on an exception, or when a non-finite value appears,
-        the parameters are restored too and the report says so.
+        ``guard`` is an ``(inputs, targets)`` batch of other training data: a
+        step that raises its loss by more than ``guard_tolerance`` is undone
+        and the teleport ends there (the report gives the guard loss before
+        and after). The model is left as found (modes, buffers, hooks), apart
+        from the parameter update; on an exception, or when a non-finite
+        value appears, the parameters are restored too and the report says so.
         """
         steps = self.steps if steps is None else _check_steps(steps)
         cap = self.cap if cap is None else _check_cap(cap)
+        if guard is not None:
+            if not self.method.honours_limits:
+                raise ValueError(f"the {type(self.method).__name__} keeps the loss its own way and takes no guard batch")
+            if not (isinstance(guard, tuple | list) and len(guard) == 2):
+                raise TypeError("guard must be an (inputs, targets) pair")
+            self.replicas.check_together(_check_batch, *guard)
         if self.replicas.size > 1 and not self.method.keeps_replicas_in_sync:
             raise NotImplementedError(f"{type(self.method).__name__} cannot keep data-parallel replicas identical")
         self.replicas.check_together(_check_batch, inputs, targets)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         saved = [p.detach().clone() for p in trainable]
-        batch = Batch(self.model, self.loss_fn, inputs, targets, trainable)
+        batch = Batch(self.model, self.loss_fn, inputs, targets, trainable, None if guard is None else tuple(guard))
         started = time.perf_counter()
         try:
             with preserved_state(self.model), double_backward_safe(inputs.device.type):
@@ -157,6 +207,13 @@ def _check_steps(steps: object) -> int:
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps!r}")
     return int(steps)
+
+
+def _at_least_one(value: object) -> float:
+    value = finite_positive(value, "max_gain")
+    if value < 1:
+        raise ValueError(f"max_gain is a multiple of the starting gradient norm and must be at least 1, got {value}")
+    return value
 
 
 def _check_cap(cap: object) -> float | None:

@@ -40,6 +40,21 @@ class StepRule:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What a teleport may not do; a step that does it is undone and the ascent stops there.
+
+    ``drift``: relative change of the teleport-batch loss (``None``: unchecked).
+    ``guard``: relative rise of the guard batch's loss, when a guard batch is given.
+    ``max_gain``: the gradient norm may not pass this multiple of its starting value
+    (the ascent stops when it does, keeping the step).
+    """
+
+    drift: float | None = None
+    guard: float | None = None
+    max_gain: float | None = None
+
+
+@dataclass(frozen=True)
 class MethodContext:
     """What a method works with: the model, its loss and objective, how to evaluate, the replicas,
     the step rule and the registry. Methods never call back into the facade that built them."""
@@ -51,6 +66,7 @@ class MethodContext:
     replicas: Replicas
     step: StepRule
     registry: Registry
+    limits: Limits = Limits()
 
 
 class TeleportMethod(ABC):
@@ -65,6 +81,13 @@ class TeleportMethod(ABC):
 
     keeps_replicas_in_sync = False
     """Whether :meth:`run` reduces through ``context.replicas`` (required under data parallelism)."""
+
+    honours_limits = True
+    """Whether :meth:`run` goes through :meth:`ascend`, which enforces ``context.limits`` and the guard."""
+
+    def default_drift(self) -> float | None:
+        """The drift tolerance ``drift_tolerance="auto"`` stands for with this method (off by default)."""
+        return None
 
     def __init__(self, context: MethodContext) -> None:
         self.context = context
@@ -109,20 +132,30 @@ class TeleportMethod(ABC):
         evaluate: Evaluate | None = None,
         final: Evaluate | None = None,
     ) -> TeleportReport:
-        """The loop every method shares: record, stop on a non-finite value or the cap, step.
+        """The loop every method shares: record, stop at a limit, step, and backtrack a bad step.
 
         ``step(evaluation)`` moves the parameters once, in place, and returns
         ``False`` when its update was not finite (nothing moved). ``evaluate``
-        (the context's by default) evaluates before each step; the report
-        ends with one more evaluation at the final point, by ``final`` (a real
-        forward pass; ``evaluate`` by default).
+        (the context's by default) evaluates after each step, with a real
+        forward pass for the loss. A step after which the batch loss drifted
+        beyond ``limits.drift`` or the guard batch's loss rose beyond
+        ``limits.guard`` is undone (``stopped="drift"`` or ``"guard"``); the
+        ascent stops at the cap, at ``limits.max_gain`` times the starting
+        gradient norm (``"gain"``) or after ``steps`` steps. ``final`` (default:
+        the last evaluation) gives the figures of the end point.
         """
         evaluate = evaluate or self.context.evaluate
+        limits = self.context.limits
+        guard = _GuardLoss(self.context, batch) if batch.guard is not None else None
+        if guard is not None:
+            report.guard_loss_before = report.guard_loss_after = guard.loss()
+        checked = limits.drift is not None or (guard is not None and limits.guard is not None)
         evaluation = first
-        for index in range(steps):
-            if index:
-                evaluation = evaluate(batch)
-            report.losses.append(float(evaluation.loss))
+        moved = False
+        while True:
+            if report.steps >= steps:
+                break
+            report.losses.append(float(evaluation.loss))  # at the start of each step
             report.grad_norms.append(float(evaluation.grad_norm))
             if not torch.isfinite(evaluation.value):
                 report.stopped = "non_finite"
@@ -130,17 +163,59 @@ class TeleportMethod(ABC):
             if cap is not None and float(evaluation.grad_norm) >= cap:
                 report.stopped = "cap"
                 break
+            if limits.max_gain is not None and float(evaluation.grad_norm) >= limits.max_gain * report.grad_norm_before:
+                report.stopped = "gain"
+                break
+            saved = [p.detach().clone() for p in batch.parameters] if checked else None
             if not step(evaluation):
                 report.stopped = "non_finite"
                 return report
             report.steps += 1
-        final = (final or evaluate)(batch)
-        report.loss_after = float(final.loss)
-        report.grad_norm_after = float(final.grad_norm)
-        report.objective_after = float(final.value.detach())
-        if not torch.isfinite(final.value):
+            after = evaluate(batch)
+            reason = self._limit_reached(after, report, guard)
+            if reason is not None:
+                with torch.no_grad():
+                    for param, value in zip(batch.parameters, saved, strict=True):
+                        param.copy_(value)
+                report.steps -= 1
+                report.stopped = reason
+                break
+            evaluation, moved = after, True
+        if final is not None and moved:
+            evaluation = final(batch)
+        report.loss_after = float(evaluation.loss)
+        report.grad_norm_after = float(evaluation.grad_norm)
+        report.objective_after = float(evaluation.value.detach())
+        if guard is not None:
+            report.guard_loss_after = guard.loss() if moved else report.guard_loss_before
+        if not torch.isfinite(evaluation.value):
             report.stopped = "non_finite"
         return report
+
+    def _limit_reached(self, evaluation: Evaluation, report: TeleportReport, guard: _GuardLoss | None) -> str | None:
+        """``"drift"`` or ``"guard"`` when the step just taken broke that limit; ``None`` otherwise."""
+        limits = self.context.limits
+        loss = float(evaluation.loss)
+        if limits.drift is not None and math.isfinite(loss):
+            if abs(loss - report.loss_before) > limits.drift * max(abs(report.loss_before), 1e-30):
+                return "drift"
+        if guard is not None and limits.guard is not None:
+            rise = guard.loss() - report.guard_loss_before
+            if not rise <= limits.guard * max(abs(report.guard_loss_before), 1e-30):
+                return "guard"
+        return None
+
+
+class _GuardLoss:
+    """The loss on the guard batch (a no-grad forward; the global batch's under data parallelism)."""
+
+    def __init__(self, context: MethodContext, batch: Batch) -> None:
+        self.context, self.inputs, self.targets = context, *batch.guard
+
+    def loss(self) -> float:
+        with torch.no_grad():
+            loss = float(self.context.loss_fn(self.context.model(self.inputs), self.targets))
+        return self.context.replicas.mean(loss, self.inputs.shape[0])
 
 
 def evaluate_objective(objective: Objective, replicas: Replicas) -> Evaluate:

@@ -25,10 +25,33 @@ class Batch:
     inputs: Tensor
     targets: Tensor
     parameters: Sequence[nn.Parameter]
+    guard: tuple[Tensor, Tensor] | None = None  # other data whose loss the teleport must not raise
 
     def loss(self) -> Tensor:
         """The primary loss on the teleport batch, as a scalar tensor with graph."""
-        return checked_loss(self.loss_fn(self.model(self.inputs), self.targets))
+        output = self.model(self.inputs)
+        loss = checked_loss(call_loss(self.loss_fn, output, self.targets))
+        if not loss.requires_grad and any(p.requires_grad for p in self.parameters) and torch.is_grad_enabled():
+            raise ValueError(
+                "loss_fn returned a loss detached from the parameters (no graph): compute it from the "
+                "model's output without .detach(), .item() or torch.no_grad()"
+            )
+        return loss
+
+
+def call_loss(loss_fn: LossFn, output: object, targets: Tensor) -> object:
+    """``loss_fn(output, targets)``; an error it raises keeps its type and message and gains a note
+    naming the targets' and the output's shapes (the usual cause is targets the loss cannot take)."""
+    try:
+        return loss_fn(output, targets)
+    except Exception as error:
+        shape = tuple(output.shape) if hasattr(output, "shape") else type(output).__name__
+        if hasattr(error, "add_note"):
+            error.add_note(
+                f"raised by loss_fn(model(inputs), targets) with targets of shape {tuple(targets.shape)} "
+                f"({targets.dtype}) and a model output of shape {shape}: check that the targets fit the loss"
+            )
+        raise
 
 
 def checked_loss(loss: object) -> Tensor:

@@ -27,8 +27,12 @@ class TeleportReport:
     """The outcome of :meth:`Teleporter.teleport`.
 
     ``stopped`` is one of ``"steps"`` (all steps taken), ``"cap"`` (the
-    gradient norm reached the cap), ``"no_room"`` (no parameter has a
-    non-trivial null space), ``"non_finite"`` (rolled back), ``"loss_changed"``
+    gradient norm reached the cap), ``"gain"`` (it reached ``max_gain`` times
+    its starting value), ``"drift"`` / ``"guard"`` (the last step moved the
+    batch loss beyond the drift tolerance / raised the guard batch's loss
+    beyond its tolerance, and was undone: the teleport ends at the last good
+    step), ``"no_room"`` (no parameter has a non-trivial null space),
+    ``"non_finite"`` (rolled back), ``"loss_changed"``
     (the batch loss moved more than the teleporter's ``max_loss_change``; rolled back);
     level-set teleport adds ``"kkt"`` (a KKT point reached) and ``"line_search"`` (no step
     passed the line search).
@@ -48,6 +52,8 @@ class TeleportReport:
     frozen: dict[str, str] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
+    guard_loss_before: float | None = None
+    guard_loss_after: float | None = None
     basis_seconds: float = 0.0
     seconds: float = 0.0
 

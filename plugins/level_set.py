@@ -31,6 +31,9 @@ from torch_teleport.method import MethodContext
 class LevelSetMethod(TeleportMethod):
     """Sequential linear programming with a line search, selected by ``method="level_set"``.
 
+    It keeps the loss by its own constraint and line search, not through the
+    shared limits (drift, guard batch, gain cap).
+
     Options (``method_options``):
         kkt_tol: stop when ``||grad m - lambda grad f||^2`` is at most this
             and ``|f - f0|`` at most ``constraint_tol`` (``stopped="kkt"``).
@@ -45,6 +48,8 @@ class LevelSetMethod(TeleportMethod):
     first trial moves the parameters by about ``lr`` times their norm; a
     step accepted at once lets the next start larger again (up to that).
     """
+
+    honours_limits = False
 
     def __init__(
         self,

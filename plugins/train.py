@@ -175,18 +175,21 @@ class TrainSetup:
 
     def build_teleporter(self, model: nn.Module) -> Teleporter:
         teleport = self.config["teleport"]
+        null_space_options = (  # options of the null-space method; baselines take their own
+            {key: teleport[key] for key in ("null_space", "tau", "uncovered")}
+            if teleport["method"] == "null_space"
+            else {}
+        )
         return Teleporter(
             model,
             self.loss_fn,
             method=teleport["method"],
             objective=teleport["objective"],
-            null_space=teleport["null_space"],
-            tau=teleport["tau"],
+            **null_space_options,
             lr=teleport["lr"],
             steps=teleport["steps"],
             cap=teleport["cap"],
             normalize=teleport["normalize"],
-            uncovered=teleport["uncovered"],
             objective_options=teleport["objective_options"],
             method_options=teleport["method_options"],
             max_loss_change=teleport["max_loss_change"],

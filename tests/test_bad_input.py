@@ -256,3 +256,65 @@ def test_non_finite_objective_mid_ascent_rolls_back():
     assert report.steps == 1
     assert report.rolled_back and report.stopped == "non_finite"
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    "where, value, error, match",
+    [
+        ("teleport", {"steps": 0}, ValueError, "steps must be at least 1, got 0"),
+        ("teleport", {"steps": -3}, ValueError, "steps must be at least 1, got -3"),
+        ("teleport", {"steps": 2.5}, TypeError, "steps must be a whole number, got 2.5"),
+        ("teleport", {"steps": True}, TypeError, "steps must be a whole number"),
+        ("teleport", {"cap": -1}, ValueError, "cap must be a positive finite number, got -1"),
+        ("teleport", {"cap": math.nan}, ValueError, "cap must be a positive finite number"),
+        ("build", {"steps": 0}, ValueError, "steps must be at least 1"),
+        ("build", {"cap": 0}, ValueError, "cap must be a positive finite number"),
+        ("build", {"lr": 10}, ValueError, "lr is relative to the weights' norm"),
+        ("build", {"max_gain": 0.5}, ValueError, "max_gain .* at least 1"),
+        ("build", {"drift_tolerance": -1}, ValueError, "drift_tolerance must be a positive finite number"),
+        ("build", {"guard_tolerance": math.inf}, ValueError, "guard_tolerance must be a positive finite"),
+    ],
+)
+def test_bad_counts_and_limits_are_refused(where, value, error, match):
+    model = make_model()
+    inputs, targets = make_batch()
+    if where == "build":
+        expect_error(model, error, match, build=lambda: Teleporter(
+            model, nn.functional.cross_entropy, uncovered="freeze", **value))
+    else:
+        expect_error(model, error, match, run=lambda t: t.teleport(inputs, targets, **value))
+
+
+def test_a_detached_loss_is_named():
+    model = make_model()
+    inputs, targets = make_batch()
+    expect_error(
+        model,
+        ValueError,
+        "loss_fn returned a loss detached from the parameters",
+        build=lambda: Teleporter(model, lambda out, y: nn.functional.cross_entropy(out.detach(), y), uncovered="freeze"),
+        run=lambda t: t.teleport(inputs, targets),
+    )
+
+
+def test_targets_the_loss_cannot_take_are_named():
+    """The loss's own error, with a note that names the targets and the output's shape."""
+    model = make_model()
+    inputs, _ = make_batch()
+    wrong = torch.full((5,), 7)  # class 7 of a 3-class output
+    before = snapshot(model)
+    with pytest.raises(IndexError) as caught:
+        Teleporter(model, nn.functional.cross_entropy, uncovered="freeze").teleport(inputs, wrong)
+    notes = " ".join(getattr(caught.value, "__notes__", []))
+    if hasattr(caught.value, "add_note"):  # Python 3.11+
+        assert "targets of shape (5,) (torch.int64) and a model output of shape (5, 3)" in notes
+    assert_unchanged(model, before)
+
+
+def test_a_guard_batch_must_be_a_pair_of_good_tensors():
+    model = make_model()
+    inputs, targets = make_batch()
+    expect_error(model, TypeError, "guard must be an", run=lambda t: t.teleport(inputs, targets, guard=inputs))
+    bad = (inputs.clone(), targets)
+    bad[0][0, 0] = math.nan
+    expect_error(model, ValueError, "non-finite", run=lambda t: t.teleport(inputs, targets, guard=bad))

@@ -90,7 +90,7 @@ def test_gradient_paths(tmp_path):
         assert "error" not in row
         numbers(row["loss_change"], row["held_out_change"], row["gain"], row["seconds"])
         numbers(row["held_out_per_log_gain"], row["loss_change_per_log_gain"])
-        assert row["steps"] == 8 and row["stopped"] == ["steps"] and row["rolled_back"] == 0
+        assert 1 <= row["steps"] <= 8 and row["stopped"] and row["rolled_back"] == 0
         assert row["paths"] == [row["gradient"]]
         assert row["gain"] > 1
         assert [run["seed"] for run in row["seeds"]] == [0]

@@ -79,8 +79,9 @@ def test_non_finite_starting_loss_is_rejected():
     "dtype, options, where",
     [
         # A plain ascent rate so large that the first step overflows the weights, on either path.
-        (torch.float32, {"lr": 1e38, "normalize": False, "method_options": {"gradient": "full"}}, "weights"),
-        (torch.float32, {"lr": 1e38, "normalize": False}, "weights"),
+        # (drift tolerance off: with it, the step would be undone before anything was rolled back)
+        (torch.float32, {"lr": 1e38, "normalize": False, "gradient": "full", "drift_tolerance": None}, "weights"),
+        (torch.float32, {"lr": 1e38, "normalize": False, "drift_tolerance": None}, "weights"),
         # A finite objective with an infinite gradient: the update itself is non-finite.
         (torch.float64, {"objective": InfiniteSlope()}, "update"),
     ],
@@ -95,20 +96,49 @@ def test_non_finite_during_the_teleport_is_rolled_back(dtype, options, where):
 
 
 def test_far_too_large_rate_moves_the_loss_and_the_guard_rolls_it_back():
-    inputs, targets = batch()
-    unguarded = mlp()
-    report = tt.Teleporter(unguarded, F.cross_entropy, lr=1e3).teleport(inputs, targets)
-    # Without a guard the damage is applied and shows in the report ...
-    assert not report.rolled_back and report.loss_change > 1e-3
-    guarded = mlp()
+    """lr = 1 (each step the size of the weights) with every default limit off: in float32 the
+    weights grow 10^5-fold in the null space and rounding moves the batch loss."""
+    inputs, targets = batch(dtype=torch.float32)
+    unguarded = mlp(torch.float32)
+    absurd = {"lr": 1.0, "drift_tolerance": None, "max_gain": None}
+    report = tt.Teleporter(unguarded, F.cross_entropy, **absurd).teleport(inputs, targets)
+    # Without any guard the damage is applied and shows in the report ...
+    assert not report.rolled_back and report.loss_change > 2e-5
+    guarded = mlp(torch.float32)
     before = snapshot(guarded)
-    report = tt.Teleporter(guarded, F.cross_entropy, lr=1e3, max_loss_change=1e-6).teleport(inputs, targets)
+    report = tt.Teleporter(guarded, F.cross_entropy, **absurd, max_loss_change=1e-6).teleport(inputs, targets)
     # ... with one, the teleport is undone.
     assert report.rolled_back and report.stopped == "loss_changed"
     assert_unchanged(guarded, before)
     # A sane rate passes the same guard.
     report = tt.Teleporter(guarded, F.cross_entropy, max_loss_change=1e-6).teleport(inputs, targets)
     assert not report.rolled_back and report.steps == 8
+
+
+def test_the_default_drift_tolerance_backtracks_to_the_last_good_step():
+    """The same absurd rate with the default drift tolerance: the step that drifts is undone and
+    the teleport ends at the last good step, with the batch loss kept to float32 precision."""
+    inputs, targets = batch(dtype=torch.float32)
+    model = mlp(torch.float32)
+    report = tt.Teleporter(model, F.cross_entropy, lr=1.0, max_gain=None).teleport(inputs, targets)
+    assert report.stopped == "drift" and not report.rolled_back and 0 < report.steps < 8
+    assert report.loss_change <= 1e-5
+    with torch.no_grad():
+        assert abs(float(F.cross_entropy(model(inputs), targets)) - report.loss_before) <= 1e-5 * report.loss_before
+
+
+def test_the_default_gain_cap_stops_a_runaway_ascent():
+    inputs, targets = batch(dtype=torch.float32)
+    report = tt.Teleporter(mlp(torch.float32), F.cross_entropy, lr=1.0).teleport(inputs, targets)
+    assert report.stopped == "gain" and report.grad_norm_after >= 10 * report.grad_norm_before
+    # the step that crossed it was the last one taken
+    assert all(norm < 10 * report.grad_norm_before for norm in report.grad_norms[:-1])
+
+
+def test_relative_rates_above_one_are_refused():
+    with pytest.raises(ValueError, match="lr is relative to the weights' norm"):
+        tt.Teleporter(mlp(), F.cross_entropy, lr=10)
+    tt.Teleporter(mlp(), F.cross_entropy, lr=10, normalize=False)  # a plain rate may be anything positive
 
 
 def test_max_loss_change_must_be_a_non_negative_number():
@@ -273,10 +303,11 @@ def live_tensors() -> int:
     return sum(issubclass(type(obj), torch.Tensor) for obj in gc.get_objects())
 
 
-# Forwards of a 2-step teleport: the chain closed form captures once and checks once at the end;
-# the structured path adds an evaluation before each step and a forward-mode pass per step; the
-# full path evaluates before each step.
-FORWARDS = {"closed_form": 2, "structured": 6, "full": 4}
+# Forwards of a 2-step teleport. Every path evaluates at the start and after each step (the last
+# evaluation gives the final figures); the structured path adds a forward-mode pass per step. The
+# chain closed form captures once, measures the real loss after each step (the drift check) and
+# ends with one real evaluation.
+FORWARDS = {"closed_form": 4, "structured": 6, "full": 4}
 
 
 @pytest.mark.parametrize("gradient", sorted(FORWARDS))

@@ -106,6 +106,7 @@ def run_accuracy(config: dict[str, Any], out_dir: Path) -> None:
                     lr=options["lr"],
                     steps=steps,
                     registry=registry,
+                    drift_tolerance=None,  # the drift is what this benchmark measures
                     **teleport_options,
                 )
                 report = teleporter.teleport(inputs, targets)

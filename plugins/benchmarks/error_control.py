@@ -193,6 +193,7 @@ def _trajectories(
                 steps=options["steps"],
                 uncovered="freeze",
                 registry=registry,
+                drift_tolerance=None,  # the drift is what this benchmark measures
             )
             report = teleporter.teleport(inputs, targets)
             runs.setdefault(str(lr), {})[str(tau)] = {
