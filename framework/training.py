@@ -62,7 +62,10 @@ class TeleportTrainer:
 
     ``teleport_data`` yields ``(inputs, targets)`` teleport batches (a
     shuffled ``DataLoader`` gives the paper's random batches; it is cycled);
-    without it the teleport uses the current training batch.
+    without it the teleport uses the current training batch. With
+    ``teleport_data`` and ``guard=True`` (the default) every teleport also
+    draws the next batch as its guard: a step that raises that batch's loss
+    beyond the teleporter's ``guard_tolerance`` is undone.
     ``optimizer_state`` says what happens to the optimizer's state after a
     teleport: ``"reset"`` (default: moments from the old point are stale),
     ``"keep"``, or a callable ``(optimizer, reports)``; it is applied when at
@@ -117,6 +120,7 @@ class TeleportTrainer:
         schedule: Schedule | None = None,
         teleport_data: Iterable[tuple[Tensor, Tensor]] | None = None,
         teleport: bool = True,
+        guard: bool = True,
         lr_scheduler: Any | None = None,
         optimizer_state: StatePolicy = "reset",
         device: torch.device | str | None = None,
@@ -168,6 +172,7 @@ class TeleportTrainer:
         self.teleporter = teleporter
         self.schedule = schedule
         self.teleport_data = teleport_data
+        self.guard = bool(guard)
         self.lr_scheduler = lr_scheduler
         self.optimizer_state = optimizer_state
         self.device = device
@@ -250,8 +255,11 @@ class TeleportTrainer:
             return reports, failures
         for _ in range(plan.batches):
             tele_inputs, tele_targets = self._teleport_batch(inputs, targets)
+            guard = self._teleport_batch(inputs, targets) if self.guard and self.teleport_data is not None else None
             try:
-                report = self.teleporter.teleport(tele_inputs, tele_targets, steps=plan.steps, cap=plan.cap)
+                report = self.teleporter.teleport(
+                    tele_inputs, tele_targets, guard=guard, steps=plan.steps, cap=plan.cap
+                )
             except ValueError as error:
                 failures.append(self._failed(f"teleport rejected at step {self.global_step}: {error}", error))
                 continue

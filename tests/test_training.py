@@ -122,7 +122,7 @@ def test_teleport_data_supplies_the_teleport_batches():
     original = teleporter.teleport
 
     def recording(inputs, targets, **options):
-        seen.append(inputs)
+        seen.append((inputs, options["guard"][0]))
         return original(inputs, targets, **options)
 
     teleporter.teleport = recording
@@ -136,8 +136,10 @@ def test_teleport_data_supplies_the_teleport_batches():
         teleport_data=tele_batches,
     )
     trainer.step(*batches(1)[0])
-    expected = [tele_batches[0][0], tele_batches[1][0], tele_batches[0][0]]  # cycled
-    assert len(seen) == 3 and all(torch.equal(s, b) for s, b in zip(seen, expected, strict=True))
+    # each teleport batch is followed by its guard batch, the data cycled: 0 (1), 0 (1), 0 (1)
+    first, second = tele_batches[0][0], tele_batches[1][0]
+    assert len(seen) == 3
+    assert all(torch.equal(batch, first) and torch.equal(guard, second) for batch, guard in seen)
 
 
 def test_trainer_options_are_checked():
@@ -452,3 +454,22 @@ def test_end_epoch_finishes_an_incomplete_window_with_the_mean_gradient():
     trainer.end_epoch()
     assert (trainer.global_step, trainer.epoch) == (2, 1)
     assert same(model, weights(reference_model), atol=1e-12)
+
+
+def test_teleports_from_teleport_data_are_guarded_by_the_next_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+    data = [(torch.randn(6, 4), torch.randint(0, 3, (6,))) for _ in range(4)]
+    trainer = TeleportTrainer(
+        model, nn.functional.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.01),
+        teleporter=Teleporter(model, nn.functional.cross_entropy, steps=2),
+        schedule=EveryStepsSchedule(every=1, batches=1, steps=2), teleport_data=data,
+    )
+    result = trainer.step(*data[0])
+    (report,) = result.teleports
+    assert report.guard_loss_before is not None and report.guard_loss_after is not None
+    unguarded = TeleportTrainer(
+        model, nn.functional.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.01),
+        schedule=EveryStepsSchedule(every=1, batches=1, steps=2), teleport_data=data, guard=False,
+    )
+    assert unguarded.step(*data[0]).teleports[0].guard_loss_before is None
