@@ -44,10 +44,8 @@ freed, so each run touches its pages afresh and the two operations are measured 
 def measure(case: str, operation: str, device: str) -> list[int]:
     """Peak bytes of ``operation`` (``"step"`` or ``"teleport"``): first run, then a repeat."""
     import torch
-    from torch.nn import functional as F
 
     import torch_teleport as tt
-
     from torch_teleport.plugins.benchmarks.step_cost import PROBES
 
     torch.manual_seed(0)
