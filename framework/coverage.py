@@ -5,11 +5,11 @@ from __future__ import annotations
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .inputs import batch_size, call_model
 from .model_state import preserved_state
 from .null_space import spectrum
 from .projector import Projector, Site
@@ -371,7 +371,7 @@ def check_coverage(
         try:
             for covered in coverage.modules:
                 handles += covered.projector.capture(covered.module, recorder(covered.name))
-            model(inputs)
+            call_model(model, inputs)
         finally:
             for handle in handles:
                 handle.remove()
@@ -423,8 +423,4 @@ def check_coverage(
                 frozen,
             )
         )
-    return CoverageTable(type(model).__name__, _batch_size(inputs), rows)
-
-
-def _batch_size(inputs: Any) -> int:
-    return int(inputs.shape[0]) if isinstance(inputs, Tensor) and inputs.dim() else 1
+    return CoverageTable(type(model).__name__, batch_size(inputs), rows)

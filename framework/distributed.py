@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .inputs import batch_size
 from .null_space import Spectrum, gram_spectrum, spectrum, uses_gram_route
 from .objective import Batch, Evaluation
 
@@ -211,7 +212,7 @@ class Replicas:
     ) -> tuple[Tensor, Tensor, Tensor, float]:
         """Global objective, loss and gradient norm, and this rank's fraction of the samples."""
         device = self._device()
-        samples = float(batch.inputs.shape[0])
+        samples = float(batch_size(batch.inputs))
         flat = [
             (g if g is not None else torch.zeros_like(p)).detach().reshape(-1).to(device, torch.float64)
             for g, p in zip(grads, batch.parameters, strict=True)

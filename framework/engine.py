@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import Replicas, underlying_module
+from .inputs import Inputs, batch_size, tensors
 from .method import (
     Limits,
     MethodContext,
@@ -149,14 +150,19 @@ class Teleporter:
 
     def teleport(
         self,
-        inputs: Tensor,
+        inputs: Inputs,
         targets: Tensor,
         *,
-        guard: tuple[Tensor, Tensor] | None = None,
+        guard: tuple[Inputs, Tensor] | None = None,
         steps: int | None = None,
         cap: float | None = None,
     ) -> TeleportReport:
         """Run one teleport on the batch ``(inputs, targets)`` and report what happened.
+
+        ``inputs`` is what the model takes: a tensor (``model(inputs)``), a
+        sequence (``model(*inputs)``) or a mapping (``model(**inputs)``, e.g. a
+        Hugging Face tokenizer's output); ``loss_fn`` receives the model's
+        output as it is.
 
         ``guard`` is an ``(inputs, targets)`` batch of other training data: a
         step that raises its loss by more than ``guard_tolerance`` is undone
@@ -181,7 +187,7 @@ class Teleporter:
         batch = Batch(self.model, self.loss_fn, inputs, targets, trainable, None if guard is None else tuple(guard))
         started = time.perf_counter()
         try:
-            with preserved_state(self.model), double_backward_safe(inputs.device.type):
+            with preserved_state(self.model), double_backward_safe(tensors(inputs)[0].device.type):
                 report = self.method.run(batch, steps, cap)
         except BaseException:
             _restore(trainable, saved)
@@ -226,13 +232,18 @@ def _restore(params: list[nn.Parameter], saved: list[Tensor]) -> None:
             param.copy_(value)
 
 
-def _check_batch(inputs: Tensor, targets: Tensor) -> None:
-    for label, tensor in (("inputs", inputs), ("targets", targets)):
-        if not isinstance(tensor, Tensor):
-            raise TypeError(f"{label} must be a tensor, got {type(tensor).__name__}")
-        if tensor.dim() == 0 or tensor.shape[0] == 0:
-            raise ValueError(f"{label} must hold at least one sample, got shape {tuple(tensor.shape)}")
+def _check_batch(inputs: Inputs, targets: Tensor) -> None:
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
+    given = tensors(inputs)  # raises for a form that is none of tensor, sequence, mapping
+    if not given:
+        raise TypeError("inputs hold no tensor")
+    for label, tensor in (*(("inputs", t) for t in given), ("targets", targets)):
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"{label} contain non-finite values")
-    if inputs.shape[0] != targets.shape[0]:
-        raise ValueError(f"inputs and targets disagree on the batch size: {inputs.shape[0]} vs {targets.shape[0]}")
+    for label, tensor in (("inputs", given[0]), ("targets", targets)):
+        if tensor.dim() == 0 or tensor.shape[0] == 0:
+            raise ValueError(f"{label} must hold at least one sample, got shape {tuple(tensor.shape)}")
+    samples = batch_size(inputs)
+    if samples != targets.shape[0]:
+        raise ValueError(f"inputs and targets disagree on the batch size: {samples} vs {targets.shape[0]}")

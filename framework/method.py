@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .distributed import Replicas
+from .inputs import batch_size, call_model
 from .objective import Batch, Evaluation, LossFn, Objective
 from .registry import Registry
 from .report import TeleportReport
@@ -214,8 +215,8 @@ class _GuardLoss:
 
     def loss(self) -> float:
         with torch.no_grad():
-            loss = float(self.context.loss_fn(self.context.model(self.inputs), self.targets))
-        return self.context.replicas.mean(loss, self.inputs.shape[0])
+            loss = float(self.context.loss_fn(call_model(self.context.model, self.inputs), self.targets))
+        return self.context.replicas.mean(loss, batch_size(self.inputs))
 
 
 def evaluate_objective(objective: Objective, replicas: Replicas) -> Evaluate:

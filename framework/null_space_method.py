@@ -15,6 +15,7 @@ from torch.nn.utils import get_total_norm
 
 from .chain import LinearChain
 from .coverage import Coverage, CoveredModule, find_coverage
+from .inputs import Inputs, call_model
 from .method import Evaluate, MethodContext, TeleportMethod
 from .null_space import CoreBasis, NullSpace
 from .objective import Batch, Evaluation, GradientNormObjective, checked_loss
@@ -174,7 +175,7 @@ class NullSpaceMethod(TeleportMethod):
         return EXACT_DRIFT if self.null_space.exact else THRESHOLDED_DRIFT
 
     # -- capture ---------------------------------------------------------------------------
-    def capture_inputs(self, inputs: Tensor) -> dict[tuple[str, str], list[Tensor]]:
+    def capture_inputs(self, inputs: Inputs) -> dict[tuple[str, str], list[Tensor]]:
         """Every covered module's input streams on ``inputs``, keyed by (module, stream).
 
         A no-grad forward of its own, with the projectors' hooks removed
@@ -187,7 +188,7 @@ class NullSpaceMethod(TeleportMethod):
             for covered in self.coverage.modules:
                 handles += covered.projector.capture(covered.module, _recorder(captured, covered.name))
             with torch.no_grad():
-                self.context.model(inputs)
+                call_model(self.context.model, inputs)
         finally:
             for handle in handles:
                 handle.remove()
@@ -195,7 +196,12 @@ class NullSpaceMethod(TeleportMethod):
 
     # -- the pipeline ------------------------------------------------------------------------
     def run(self, batch: Batch, steps: int, cap: float | None) -> TeleportReport:
-        if self.chain is not None and self.null_space.exact and self.context.replicas.size == 1:
+        if (
+            self.chain is not None
+            and self.null_space.exact
+            and self.context.replicas.size == 1
+            and isinstance(batch.inputs, Tensor)
+        ):
             return self._run_closed_form(batch, steps, cap)
         captured = self.capture_inputs(batch.inputs)
         evaluate: Evaluate = self.context.evaluate
@@ -250,7 +256,7 @@ class NullSpaceMethod(TeleportMethod):
             evaluation = state.evaluate(self.context.objective)
             if measured:
                 with torch.no_grad():
-                    evaluation.loss = checked_loss(batch.loss_fn(batch.model(batch.inputs), batch.targets))
+                    evaluation.loss = checked_loss(batch.loss_fn(call_model(batch.model, batch.inputs), batch.targets))
             return evaluation
 
         first, report = self.start(batch, evaluate=lambda _: state.evaluate(self.context.objective), frozen=dict(self.coverage.frozen))

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .inputs import Inputs, call_model
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -22,14 +24,14 @@ class Batch:
 
     model: nn.Module
     loss_fn: LossFn
-    inputs: Tensor
+    inputs: Inputs  # a tensor, a sequence or a mapping of model arguments
     targets: Tensor
     parameters: Sequence[nn.Parameter]
-    guard: tuple[Tensor, Tensor] | None = None  # other data whose loss the teleport must not raise
+    guard: tuple[Inputs, Tensor] | None = None  # other data whose loss the teleport must not raise
 
     def loss(self) -> Tensor:
         """The primary loss on the teleport batch, as a scalar tensor with graph."""
-        output = self.model(self.inputs)
+        output = call_model(self.model, self.inputs)
         loss = checked_loss(call_loss(self.loss_fn, output, self.targets))
         if not loss.requires_grad and any(p.requires_grad for p in self.parameters) and torch.is_grad_enabled():
             raise ValueError(

@@ -42,6 +42,7 @@ from torch.func import functional_call
 from torch.nn.utils import get_total_norm
 
 from .coverage import CoveredModule
+from .inputs import as_call
 from .objective import Batch, Evaluation
 from .projector import Site
 
@@ -168,7 +169,8 @@ def tangent_streams(
             handles += covered.projector.capture(covered.module, recorder(covered.name))
         with fwAD.dual_level(), torch.no_grad():
             duals = {name: fwAD.make_dual(p.detach(), direction[name]) for name, p in _named(batch, direction)}
-            functional_call(batch.model, duals, (batch.inputs,), strict=False)
+            args, kwargs = as_call(batch.inputs)
+            functional_call(batch.model, duals, args, kwargs, strict=False)
     finally:
         torch.backends.mha.set_fastpath_enabled(fast_path)
         for handle in handles:

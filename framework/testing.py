@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from .engine import Teleporter
+from .inputs import tensors
 from .model_state import double_backward_safe, preserved_state
 from .null_space_method import NullSpaceMethod
 from .projector import _site_view
@@ -154,7 +155,7 @@ def assert_structured_matches_full(
 def _representations(method: NullSpaceMethod, inputs: Tensor, targets: Tensor, teleporter: Teleporter) -> dict:
     """Every site's representation on the batch, captured through the projectors themselves."""
     # The modes the engine teleports in (BatchNorm keeps its mode), so the inputs match its own.
-    with preserved_state(teleporter.model), double_backward_safe(inputs.device.type):
+    with preserved_state(teleporter.model), double_backward_safe(tensors(inputs)[0].device.type):
         captured = method.capture_inputs(inputs)
     return {
         (covered.name, site.name): covered.projector.representation(covered.module, site, captured[(covered.name, site.stream)])

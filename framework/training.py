@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .engine import Teleporter
+from .inputs import Inputs, call_model, tensors, to_device
 from .objective import LossFn
 from .report import TeleportReport
 from .schedule import Schedule
@@ -207,7 +208,7 @@ class TeleportTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         self.model.train()
         with self._autocast(inputs):
-            loss = self.loss_fn(self.model(inputs), targets)
+            loss = self.loss_fn(call_model(self.model, inputs), targets)
         scaled = loss / self.accumulation_steps if self.accumulation_steps > 1 else loss
         if self.scaler is not None:
             scaled = self.scaler.scale(scaled)
@@ -273,7 +274,7 @@ class TeleportTrainer:
     def _autocast(self, inputs: Tensor) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(inputs.device.type, dtype=self.autocast_dtype)
+        return torch.autocast(tensors(inputs)[0].device.type, dtype=self.autocast_dtype)
 
     def _optimizer_step(self, rescale: float | None = None) -> float | None:
         """Clip, step and update the scaler; zero the window. The norm before clipping, when clipping."""
@@ -343,10 +344,10 @@ class TeleportTrainer:
         elif self.optimizer_state == "reset":
             self.optimizer.state.clear()
 
-    def _to_device(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    def _to_device(self, inputs: Inputs, targets: Tensor) -> tuple[Inputs, Tensor]:
         if self.device is None:
             return inputs, targets
-        return inputs.to(self.device), targets.to(self.device)
+        return to_device(inputs, self.device), targets.to(self.device)
 
     def state_dict(self) -> dict[str, Any]:
         """The trainer's counters, its schedule's state and its place in the teleport data.

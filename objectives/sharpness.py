@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from torch_teleport import Batch, Evaluation, Objective, hookimpl
+from torch_teleport.inputs import as_call
 from torch_teleport.model_state import preserved_state
 from torch_teleport.objective import LossFn
 
@@ -56,7 +57,8 @@ def perturbed_loss(
         unit = {name: (d / norm).to(device=named[name].device, dtype=named[name].dtype) for name, d in draws.items()}
         for radius in radii:
             perturbed = {name: p + radius * unit[name] for name, p in named.items()}
-            loss = loss_fn(functional_call(model, perturbed, (inputs,)), targets)
+            args, kwargs = as_call(inputs)
+            loss = loss_fn(functional_call(model, perturbed, args, kwargs), targets)
             total = loss if total is None else total + loss
     return total / (directions * len(radii))
 
