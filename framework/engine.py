@@ -183,21 +183,22 @@ class Teleporter:
             raise NotImplementedError(f"{type(self.method).__name__} cannot keep data-parallel replicas identical")
         self.replicas.check_together(_check_batch, inputs, targets)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        saved = [p.detach().clone() for p in trainable]
         batch = Batch(self.model, self.loss_fn, inputs, targets, trainable, None if guard is None else tuple(guard))
+        moved = self.method.moved_parameters(batch)
+        saved = [p.detach().clone() for p in moved]
         started = time.perf_counter()
         try:
             with preserved_state(self.model), double_backward_safe(tensors(inputs)[0].device.type):
                 report = self.method.run(batch, steps, cap)
         except BaseException:
-            _restore(trainable, saved)
+            _restore(moved, saved)
             raise
         if not math.isfinite(report.loss_after):
             report.stopped = "non_finite"
         elif self.max_loss_change is not None and report.loss_change > self.max_loss_change:
             report.stopped = "loss_changed"
         if report.stopped in ("non_finite", "loss_changed"):
-            _restore(trainable, saved)
+            _restore(moved, saved)
             report.rolled_back = True
             report.loss_after = report.loss_before
             report.grad_norm_after = report.grad_norm_before

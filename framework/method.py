@@ -86,6 +86,11 @@ class TeleportMethod(ABC):
     honours_limits = True
     """Whether :meth:`run` goes through :meth:`ascend`, which enforces ``context.limits`` and the guard."""
 
+    def moved_parameters(self, batch: Batch) -> list[nn.Parameter]:
+        """The parameters a run may change (all trainable ones unless the method knows better):
+        what the teleporter saves for a roll-back and :meth:`ascend` for undoing a step."""
+        return list(batch.parameters)
+
     def default_drift(self) -> float | None:
         """The drift tolerance ``drift_tolerance="auto"`` stands for with this method (off by default)."""
         return None
@@ -151,6 +156,7 @@ class TeleportMethod(ABC):
         if guard is not None:
             report.guard_loss_before = report.guard_loss_after = guard.loss()
         checked = limits.drift is not None or (guard is not None and limits.guard is not None)
+        moved_params = self.moved_parameters(batch)
         evaluation = first
         moved = False
         while True:
@@ -167,7 +173,7 @@ class TeleportMethod(ABC):
             if limits.max_gain is not None and float(evaluation.grad_norm) >= limits.max_gain * report.grad_norm_before:
                 report.stopped = "gain"
                 break
-            saved = [p.detach().clone() for p in batch.parameters] if checked else None
+            saved = [p.detach().clone() for p in moved_params] if checked else None
             if not step(evaluation):
                 report.stopped = "non_finite"
                 return report
@@ -176,7 +182,7 @@ class TeleportMethod(ABC):
             reason = self._limit_reached(after, report, guard)
             if reason is not None:
                 with torch.no_grad():
-                    for param, value in zip(batch.parameters, saved, strict=True):
+                    for param, value in zip(moved_params, saved, strict=True):
                         param.copy_(value)
                 report.steps -= 1
                 report.stopped = reason

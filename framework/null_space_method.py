@@ -170,6 +170,10 @@ class NullSpaceMethod(TeleportMethod):
                     "teleport a float32 copy (e.g. the optimizer's master weights) instead"
                 )
 
+    def moved_parameters(self, batch: Batch) -> list[nn.Parameter]:
+        """The parameters some covered site moves."""
+        return list(self.coverage.movable().values())
+
     def default_drift(self) -> float | None:
         """:data:`EXACT_DRIFT` with an exact null space, :data:`THRESHOLDED_DRIFT` otherwise."""
         return EXACT_DRIFT if self.null_space.exact else THRESHOLDED_DRIFT
