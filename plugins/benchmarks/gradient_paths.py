@@ -8,7 +8,7 @@ teleport better. For every zoo model (the inputs, targets and loss of
 :data:`~torch_teleport.plugins.benchmarks.step_cost.PROBES`), every ``tau``
 in ``taus`` and both paths, on a model built from a fixed seed and a
 teleport batch and a held-out batch of the same size drawn from a seeded
-generator, one default teleport (``null_space = "svd"``, 8 steps, the
+generator, one default teleport (``null_space = "svd"``, at most 8 steps, the
 default ``lr``, uncovered parameters frozen) of a copy of the model
 records:
 
@@ -27,6 +27,12 @@ median ratio structured / full of the batch-loss change, the held-out change
 and the gain, and of both changes per unit of ``ln(gain)`` (drift at equal
 gain), which the verdict reads: the path whose drift at equal gain is
 smaller by more than 10 % drifts less.
+
+``drift_tolerance`` is passed to the teleporter: ``"auto"`` (default) leaves
+the teleporter's own default (which may end a teleport early, ``stopped =
+"drift"``, so the paths compete on the gain they reach within the drift
+budget), ``"none"`` turns the check off (every teleport takes its 8 steps,
+so the paths compete on drift at equal gain), a number sets it.
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ GRADIENTS = ("structured", "full")
 TIE = 0.1
 """Median ratios within this fraction of 1 count as a tie in the verdict."""
 
+MIN_GAIN = 1.001
+"""Below this gradient-norm gain a run has no drift at equal gain (``None``)."""
+
 FLOOR = 1e-12
 """Values below this are drawn at it on log axes; the JSON keeps the measured values."""
 
@@ -69,6 +78,7 @@ FULL = {
     "batch": 32,
     "taus": [0.99, 0.999],
     "seeds": [0, 1, 2],
+    "drift_tolerance": "auto",
 }
 TINY = {
     "models": ["mlp"],
@@ -89,9 +99,31 @@ HELD_OUT = (
 )
 
 
+def teleporter_options(drift_tolerance: str) -> dict[str, Any]:
+    """Keyword arguments for :class:`Teleporter` from the ``drift_tolerance`` setting.
+
+    ``"auto"`` passes nothing (the teleporter's default), ``"none"`` turns the
+    drift check off, a number sets it.
+    """
+    if drift_tolerance == "auto":
+        return {}
+    if drift_tolerance == "none":
+        return {"drift_tolerance": None}
+    try:
+        return {"drift_tolerance": float(drift_tolerance)}
+    except ValueError:
+        raise ValueError(
+            f"drift_tolerance must be 'auto', 'none' or a number, got {drift_tolerance!r}"
+        ) from None
+
+
 @restores_threads
 def run_gradient_paths(config: dict[str, Any], out_dir: Path) -> None:
+    tolerance = config.get("drift_tolerance")
+    if isinstance(tolerance, int | float) and not isinstance(tolerance, bool):
+        config = {**config, "drift_tolerance": repr(tolerance)}  # `--set drift_tolerance=1e-4`
     options = settings(config, FULL, TINY)
+    extra = teleporter_options(options["drift_tolerance"])
     device = prepare(options)
     registry = default_registry()
     names = options["models"] or ["mlp", *(n for n in PROBES if n != "mlp")]
@@ -106,7 +138,12 @@ def run_gradient_paths(config: dict[str, Any], out_dir: Path) -> None:
         if name == "mlp":
             probe = Probe({"hidden": options["mlp_hidden"]})
         print(f"gradient paths: {name}", flush=True)
-        info, model_rows = _measure(name, registry.get("model", name), probe, options, device)
+        try:
+            factory = registry.get("model", name)
+        except Exception as error:  # a probe for a model no longer registered: say so, go on
+            models.append({"model": name, "error": f"{type(error).__name__}: {error}"})
+            continue
+        info, model_rows = _measure(name, factory, probe, options, extra, device)
         models.append(info)
         rows += model_rows
     summary = [_summary(tau, rows) for tau in options["taus"]]
@@ -118,15 +155,23 @@ def run_gradient_paths(config: dict[str, Any], out_dir: Path) -> None:
         device,
         {
             "method": (
-                "one default teleport (null_space='svd', 8 steps, default lr, uncovered "
+                "one default teleport (null_space='svd', at most 8 steps, default lr, uncovered "
                 "parameters frozen) of a copy of the model per model, tau, gradient path and "
                 "seed; figures are medians over seeds"
+            ),
+            "drift_tolerance": (
+                "the teleporter's default"
+                if not extra
+                else "off" if extra["drift_tolerance"] is None else extra["drift_tolerance"]
             ),
             "held_out": HELD_OUT,
             "batch_loss_change": "report.loss_change: |after - before| / |before| on the teleport batch",
             "gain": "report.grad_norm_after / report.grad_norm_before on the teleport batch",
             "seconds": f"{clock(device)[1]} of the teleport call",
-            "per_log_gain": "a relative loss change / ln(gain): drift at equal gain",
+            "per_log_gain": (
+                f"a relative loss change / ln(gain): drift at equal gain (none below a gain of "
+                f"{MIN_GAIN:g})"
+            ),
             "tie": f"median ratios within {TIE:.0%} of 1 read as a tie",
             "models": models,
             "rows": rows,
@@ -139,7 +184,7 @@ def run_gradient_paths(config: dict[str, Any], out_dir: Path) -> None:
 
 
 def _measure(
-    name: str, factory, probe: Probe, options: dict, device: torch.device
+    name: str, factory, probe: Probe, options: dict, extra: dict, device: torch.device
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """What the model is, and one row per (tau, gradient) with its per-seed runs."""
     info: dict[str, Any] = {"model": name, "options": probe.options}
@@ -166,11 +211,21 @@ def _measure(
                 parameters=sum(p.numel() for p in model.parameters()),
                 batchnorm=any(isinstance(m, _BatchNorm) for m in model.modules()),
             )
-            _warm_up(model, probe, options["taus"][0], (inputs, targets))
+            if info["batchnorm"]:
+                info["held_out_mode"] = "eval (BatchNorm running statistics)"
+            for tau in options["taus"][:1]:
+                _warm_up(model, probe, tau, extra, (inputs, targets))
         for (tau, gradient), seeds in runs.items():
             try:
                 run = _teleport(
-                    model, probe, tau, gradient, (inputs, targets), (held_inputs, held_targets), device
+                    model,
+                    probe,
+                    tau,
+                    gradient,
+                    extra,
+                    (inputs, targets),
+                    (held_inputs, held_targets),
+                    device,
                 )
             except Exception as error:  # one path failing on one model is a result too
                 run = {"error": f"{type(error).__name__}: {error}"}
@@ -187,6 +242,7 @@ def _teleport(
     probe: Probe,
     tau: float,
     gradient: str,
+    extra: dict[str, Any],
     batch: tuple[Tensor, Tensor],
     held_out: tuple[Tensor, Tensor],
     device: torch.device,
@@ -199,6 +255,7 @@ def _teleport(
         tau=tau,
         uncovered="freeze",
         method_options={"gradient": gradient},
+        **extra,
     )
     held_before = _held_out_loss(subject, probe, *held_out)
     timer, _ = clock(device)
@@ -223,7 +280,9 @@ def _teleport(
     }
 
 
-def _warm_up(model: nn.Module, probe: Probe, tau: float, batch: tuple[Tensor, Tensor]) -> None:
+def _warm_up(
+    model: nn.Module, probe: Probe, tau: float, extra: dict[str, Any], batch: tuple[Tensor, Tensor]
+) -> None:
     """One untimed step per path on a throwaway copy, so no path's time holds first-call costs."""
     for gradient in GRADIENTS:
         try:
@@ -234,6 +293,7 @@ def _warm_up(model: nn.Module, probe: Probe, tau: float, batch: tuple[Tensor, Te
                 tau=tau,
                 uncovered="freeze",
                 method_options={"gradient": gradient},
+                **extra,
             ).teleport(*batch, steps=1)
         except Exception:  # the measured run records the error
             pass
@@ -271,8 +331,9 @@ def _row(
 
 
 def _per_log_gain(change: float, gain: float) -> float | None:
-    """A loss change per unit of ``ln(gain)``; ``None`` where the gradient norm did not grow."""
-    if not (math.isfinite(gain) and gain > 1):
+    """A loss change per unit of ``ln(gain)``; ``None`` where the gradient norm grew by less than
+    :data:`MIN_GAIN` (a change over almost no gain is noise over noise)."""
+    if not (math.isfinite(gain) and gain >= MIN_GAIN):
         return None
     return change / math.log(gain)
 
@@ -315,13 +376,21 @@ def _summary(tau: float, rows: list[dict[str, Any]]) -> dict[str, Any]:
         medians[key] = statistics.median(values) if values else None
         medians[f"{key}_models"] = len(values)
     drifts_less = {drift: _winner(medians[key]) for drift, key in DRIFTS.items()}
+    by_winner = {
+        drift: {
+            winner: [model for model, ratios in per_model.items() if _winner(ratios[key]) == winner]
+            for winner in (*GRADIENTS, "tie")
+        }
+        for drift, key in DRIFTS.items()
+    }
     return {
         "tau": tau,
         "models": len(per_model),
         "structured_over_full": medians,
         "per_model": per_model,
         "drifts_less": drifts_less,
-        "verdict": _verdict(tau, len(per_model), medians, drifts_less),
+        "models_drifting_less": by_winner,
+        "verdict": _verdict(tau, len(per_model), medians, drifts_less, by_winner),
     }
 
 
@@ -336,7 +405,9 @@ def _winner(ratio: float | None) -> str | None:
     return "tie"
 
 
-def _verdict(tau: float, models: int, medians: dict[str, Any], drifts_less: dict) -> str:
+def _verdict(
+    tau: float, models: int, medians: dict[str, Any], drifts_less: dict, by_winner: dict
+) -> str:
     def fmt(key: str) -> str:
         value = medians[key]
         return "n/a" if value is None else f"{value:.3g}x"
@@ -347,7 +418,14 @@ def _verdict(tau: float, models: int, medians: dict[str, Any], drifts_less: dict
         f"gain {fmt('gain')}; per unit of log gain: batch loss "
         f"{fmt('loss_change_per_log_gain')}, held-out {fmt('held_out_per_log_gain')}"
     )
-    return f"{figures} -> {_reading(drifts_less)}"
+    counts = ", ".join(
+        f"{label} {len(by_winner[drift]['structured'])} / {len(by_winner[drift]['full'])}"
+        for drift, label in (("batch_loss", "batch loss"), ("held_out", "held-out"))
+    )
+    return (
+        f"{figures} -> {_reading(drifts_less)}; models where structured / full drifts less "
+        f"at equal gain: {counts}"
+    )
 
 
 def _reading(drifts_less: dict[str, str | None]) -> str:
@@ -418,7 +496,7 @@ def _plot(rows: list[dict[str, Any]], taus: list[float], path: Path) -> None:
 def _print(models, rows, summary, verdict) -> None:
     header = (
         f"{'model':>24} {'tau':>6} {'gradient':>10} {'batch loss':>10} {'held-out':>10} "
-        f"{'gain':>8} {'steps':>5} {'stopped':>10} {'rolled':>6} {'paths':>17} {'seconds':>8}"
+        f"{'gain':>8} {'steps':>5} {'stopped':>12} {'rolled':>6} {'paths':>17} {'seconds':>8}"
     )
     print(header)
     for row in rows:
@@ -428,7 +506,7 @@ def _print(models, rows, summary, verdict) -> None:
             continue
         print(
             f"{lead} {row['loss_change']:>10.2e} {row['held_out_change']:>10.2e} "
-            f"{row['gain']:>8.4g} {row['steps']:>5g} {'+'.join(row['stopped']):>10} "
+            f"{row['gain']:>8.4g} {row['steps']:>5g} {'+'.join(row['stopped']):>12} "
             f"{row['rolled_back']:>6} {'+'.join(row['paths']):>17} {row['seconds']:>8.3f}"
             + (f"  ({row['error']})" if "error" in row else "")
         )
