@@ -154,6 +154,7 @@ class Teleporter:
         targets: Tensor,
         *,
         guard: tuple[Inputs, Tensor] | None = None,
+        basis: Inputs | None = None,
         steps: int | None = None,
         cap: float | None = None,
     ) -> TeleportReport:
@@ -167,7 +168,13 @@ class Teleporter:
         ``guard`` is an ``(inputs, targets)`` batch of other training data: a
         step that raises its loss by more than ``guard_tolerance`` is undone
         and the teleport ends there (the report gives the guard loss before
-        and after). The model is left as found (modes, buffers, hooks), apart
+        and after). ``basis`` is the inputs of a larger sample of the training
+        data (no targets): the null-space method keeps its update out of the
+        span of those inputs too, so the loss of the data they represent
+        stays nearly fixed (with ``null_space="svd"``, ``tau < 1``, the core
+        space is then a thresholded basis of the data's inputs, GPM's use of
+        the energy threshold), while the ascent's objective is the teleport
+        batch's. The model is left as found (modes, buffers, hooks), apart
         from the parameter update; on an exception, or when a non-finite
         value appears, the parameters are restored too and the report says so.
         """
@@ -183,7 +190,15 @@ class Teleporter:
             raise NotImplementedError(f"{type(self.method).__name__} cannot keep data-parallel replicas identical")
         self.replicas.check_together(_check_batch, inputs, targets)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        batch = Batch(self.model, self.loss_fn, inputs, targets, trainable, None if guard is None else tuple(guard))
+        if basis is not None:
+            if not self.method.takes_basis_sample:
+                raise ValueError(f"the {type(self.method).__name__} builds no null space and takes no basis sample")
+            if not tensors(basis):
+                raise TypeError("basis must hold the model inputs of a sample (a tensor, a sequence or a mapping)")
+            self.replicas.check_together(lambda b: _check_batch(b, torch.zeros(batch_size(b))), basis)
+        batch = Batch(
+            self.model, self.loss_fn, inputs, targets, trainable, None if guard is None else tuple(guard), basis
+        )
         moved = self.method.moved_parameters(batch)
         saved = [p.detach().clone() for p in moved]
         started = time.perf_counter()

@@ -86,6 +86,9 @@ class TeleportMethod(ABC):
     honours_limits = True
     """Whether :meth:`run` goes through :meth:`ascend`, which enforces ``context.limits`` and the guard."""
 
+    takes_basis_sample = False
+    """Whether :meth:`run` builds its null space from ``batch.basis`` too (a larger data sample)."""
+
     def moved_parameters(self, batch: Batch) -> list[nn.Parameter]:
         """The parameters a run may change (all trainable ones unless the method knows better):
         what the teleporter saves for a roll-back and :meth:`ascend` for undoing a step."""

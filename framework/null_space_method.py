@@ -123,6 +123,7 @@ class NullSpaceMethod(TeleportMethod):
     """
 
     keeps_replicas_in_sync = True
+    takes_basis_sample = True
 
     def __init__(
         self,
@@ -207,7 +208,7 @@ class NullSpaceMethod(TeleportMethod):
             and isinstance(batch.inputs, Tensor)
         ):
             return self._run_closed_form(batch, steps, cap)
-        captured = self.capture_inputs(batch.inputs)
+        captured = self._with_basis_sample(self.capture_inputs(batch.inputs), batch)
         evaluate: Evaluate = self.context.evaluate
         if self.structured:
             evaluate = StructuredEvaluator(self.context, batch, self._capable_sites())
@@ -267,6 +268,7 @@ class NullSpaceMethod(TeleportMethod):
         captured = {
             (covered.name, site.stream): [x] for (covered, site), x in zip(layers, state.inputs, strict=True)
         }
+        captured = self._with_basis_sample(captured, batch)
         bases = self._bases_into(report, captured, layers, "closed_form")
         if not bases.of:
             return report
@@ -300,6 +302,16 @@ class NullSpaceMethod(TeleportMethod):
         weights = float(get_total_norm([p.detach() for p in params.values()]))
         projected.add_to_weights(params, rule.scale(norm, weights))
         return True
+
+    def _with_basis_sample(self, captured: dict, batch: Batch) -> dict:
+        """``captured`` with the input streams of ``batch.basis`` added: the core space then spans
+        the inputs of that larger sample of the data too (see :meth:`Teleporter.teleport`)."""
+        if batch.basis is None:
+            return captured
+        merged = defaultdict(list, {key: list(tensors) for key, tensors in captured.items()})
+        for key, tensors in self.capture_inputs(batch.basis).items():
+            merged[key] += tensors
+        return merged
 
     def _capable_sites(self) -> list[SiteRef]:
         """Sites whose projector can record their outputs (a probe install, removed at once)."""

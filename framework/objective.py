@@ -28,6 +28,7 @@ class Batch:
     targets: Tensor
     parameters: Sequence[nn.Parameter]
     guard: tuple[Inputs, Tensor] | None = None  # other data whose loss the teleport must not raise
+    basis: Inputs | None = None  # a larger sample whose inputs the core space must span too
 
     def loss(self) -> Tensor:
         """The primary loss on the teleport batch, as a scalar tensor with graph."""

@@ -69,3 +69,28 @@ def test_level_set_teleport_refuses_a_guard():
     with pytest.raises(ValueError, match="takes no guard batch"):
         tt.Teleporter(model, F.cross_entropy, method="level_set").teleport(*teleport_batch, guard=guard)
 
+
+
+def test_a_basis_sample_keeps_the_loss_of_the_data_it_represents():
+    """The update avoids the span of a larger sample's inputs too: at tau = 1 that sample's loss
+    is kept exactly (as is the batch's), while the batch alone keeps only itself."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 3)).double()
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(30, 10, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 3, (30,), generator=generator)
+    batch = (sample[:5], labels[:5])
+    alone, with_sample = copy.deepcopy(model), copy.deepcopy(model)
+    tt.Teleporter(alone, F.cross_entropy, lr=0.05, max_gain=None).teleport(*batch)
+    report = tt.Teleporter(with_sample, F.cross_entropy, lr=0.05, max_gain=None).teleport(*batch, basis=sample)
+    start = loss_on(model, (sample, labels))
+    assert abs(loss_on(alone, (sample, labels)) / start - 1) > 1e-4  # the batch alone moves the rest
+    assert abs(loss_on(with_sample, (sample, labels)) / start - 1) < 1e-10
+    assert report.steps > 0 and report.grad_norm_after > report.grad_norm_before
+    assert report.layers[1].samples == 35  # the batch's inputs and the sample's
+
+
+def test_only_the_null_space_method_takes_a_basis_sample():
+    model, teleport_batch, _ = problem(0)
+    with pytest.raises(ValueError, match="takes no basis sample"):
+        tt.Teleporter(model, F.cross_entropy, method="level_set").teleport(*teleport_batch, basis=teleport_batch[0])
