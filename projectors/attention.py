@@ -122,43 +122,9 @@ class MultiheadAttentionProjector(Projector):
 def concatenated_heads(module: nn.MultiheadAttention, arguments: dict[str, Any]) -> Tensor:
     """The input of ``module.out_proj`` for one call, as ``(target tokens, [batch,] embed_dim)``.
 
-    ``arguments`` are the call's bound arguments. The module's own functional
-    call with an identity output projection, no output bias and no dropout, so
-    masks, ``bias_kv``, ``add_zero_attn`` and ``is_causal`` act exactly as in the call.
+    ``arguments`` are the call's bound arguments (see :func:`decomposed_attention`).
     """
-    query, key, value = arguments["query"], arguments["key"], arguments["value"]
-    if module.batch_first and query.dim() == 3:
-        query, key, value = (x.transpose(0, 1) for x in (query, key, value))
-    separate = module.in_proj_weight is None
-    identity = torch.eye(
-        module.embed_dim, dtype=module.out_proj.weight.dtype, device=module.out_proj.weight.device
-    )
-    heads, _ = F.multi_head_attention_forward(
-        query,
-        key,
-        value,
-        module.embed_dim,
-        module.num_heads,
-        module.in_proj_weight,
-        module.in_proj_bias,
-        module.bias_k,
-        module.bias_v,
-        module.add_zero_attn,
-        0.0,
-        identity,
-        None,
-        training=False,
-        key_padding_mask=arguments["key_padding_mask"],
-        need_weights=arguments["need_weights"],
-        attn_mask=arguments["attn_mask"],
-        use_separate_proj_weight=separate,
-        q_proj_weight=module.q_proj_weight,
-        k_proj_weight=module.k_proj_weight,
-        v_proj_weight=module.v_proj_weight,
-        average_attn_weights=arguments["average_attn_weights"],
-        is_causal=arguments["is_causal"],
-    )
-    return heads
+    return _attend(module, arguments)[1]
 
 
 def decomposed_attention(
@@ -168,8 +134,21 @@ def decomposed_attention(
 
     The projections ``q``, ``k``, ``v`` (laid out like the query, key and value
     inputs) and the output projection (laid out like :func:`concatenated_heads`)
-    are computed explicitly; the attention between them is the module's own
-    functional call with identity projections, so masks, ``bias_kv``,
+    are computed explicitly, so gradients reach each of them.
+    """
+    maps, heads, attention = _attend(module, arguments)
+    maps["out_proj"] = output = F.linear(heads, module.out_proj.weight, module.out_proj.bias)
+    batch_first = module.batch_first and arguments["query"].dim() == 3
+    return (output.transpose(0, 1) if batch_first else output, attention), maps
+
+
+def _attend(
+    module: nn.MultiheadAttention, arguments: dict[str, Any]
+) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
+    """The projections ``q``, ``k``, ``v``, the concatenated heads and the attention weights of one call.
+
+    The attention between the projections is the module's own functional call
+    with identity projections and no dropout, so masks, ``bias_kv``,
     ``add_zero_attn`` and ``is_causal`` act exactly as in the call.
     """
     query, key, value = arguments["query"], arguments["key"], arguments["value"]
@@ -185,8 +164,7 @@ def decomposed_attention(
         for name, x, weight, bias in zip("qkv", (query, key, value), weights, biases, strict=True)
     }
     q, k, v = maps["q"], maps["k"], maps["v"]
-    batch_first = module.batch_first and query.dim() == 3
-    if batch_first:
+    if module.batch_first and query.dim() == 3:
         q, k, v = (x.transpose(0, 1) for x in (q, k, v))
     identity = torch.eye(embed, dtype=q.dtype, device=q.device)
     heads, attention = F.multi_head_attention_forward(
@@ -214,8 +192,7 @@ def decomposed_attention(
         average_attn_weights=arguments["average_attn_weights"],
         is_causal=arguments["is_causal"],
     )
-    maps["out_proj"] = output = F.linear(heads, module.out_proj.weight, module.out_proj.bias)
-    return (output.transpose(0, 1) if batch_first else output, attention), maps
+    return maps, heads, attention
 
 
 def _query_projection(module: nn.MultiheadAttention) -> tuple[Tensor, Tensor | None]:

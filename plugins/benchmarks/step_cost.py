@@ -192,17 +192,7 @@ def _measure(
         probe.loss(trained(inputs), targets).backward()
         optimizer.step()
 
-    full = Teleporter(
-        model,
-        probe.loss,
-        null_space=null_space,
-        tau=tau,
-        lr=options["lr"],
-        steps=options["steps"],
-        uncovered="freeze",
-        registry=registry,
-        method_options={"gradient": "full"},
-    )
+    full = _teleporter(model, probe, null_space, tau, options, registry, gradient="full")
     sites = representations(teleporter, inputs)
     builder = teleporter.method.null_space
 
@@ -256,20 +246,25 @@ def _teleporter_with_room(model, probe: Probe, inputs, targets, options: dict, r
     step is timed at ``tau = fallback_tau`` instead (the JSON says which).
     """
     for null_space, tau in (("exact", 1.0), ("svd", options["fallback_tau"])):
-        teleporter = Teleporter(
-            model,
-            probe.loss,
-            null_space=null_space,
-            tau=tau,
-            lr=options["lr"],
-            steps=options["steps"],
-            uncovered="freeze",
-            registry=registry,
-        )
+        teleporter = _teleporter(model, probe, null_space, tau, options, registry)
         first = teleporter.teleport(inputs, targets, steps=1)
         if first.steps:
             return teleporter, first, null_space, tau
     raise ValueError(f"no room to teleport on this batch even at tau = {options['fallback_tau']}")
+
+
+def _teleporter(model, probe: Probe, null_space: str, tau: float, options: dict, registry, gradient: str = "auto"):
+    return Teleporter(
+        model,
+        probe.loss,
+        null_space=null_space,
+        tau=tau,
+        gradient=gradient,
+        lr=options["lr"],
+        steps=options["steps"],
+        uncovered="freeze",
+        registry=registry,
+    )
 
 
 def _profile(
