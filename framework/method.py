@@ -86,6 +86,9 @@ class TeleportMethod(ABC):
     honours_limits = True
     """Whether :meth:`run` goes through :meth:`ascend`, which enforces ``context.limits`` and the guard."""
 
+    undoes_steps = False
+    """Whether the ``step`` given to :meth:`ascend` returns its own undo (saving a copy of the weights)."""
+
     takes_basis_sample = False
     """Whether :meth:`run` builds its null space from ``batch.basis`` too (a larger data sample)."""
 
@@ -144,7 +147,9 @@ class TeleportMethod(ABC):
         """The loop every method shares: record, stop at a limit, step, and backtrack a bad step.
 
         ``step(evaluation)`` moves the parameters once, in place, and returns
-        ``False`` when its update was not finite (nothing moved). ``evaluate``
+        ``False`` when its update was not finite (nothing moved), else ``True``
+        or, for methods with ``undoes_steps``, a callable that undoes the step
+        (otherwise a copy of the moved parameters is kept to undo it). ``evaluate``
         (the context's by default) evaluates after each step, with a real
         forward pass for the loss. A step after which the batch loss drifted
         beyond ``limits.drift`` or the guard batch's loss rose beyond
@@ -176,17 +181,21 @@ class TeleportMethod(ABC):
             if limits.max_gain is not None and float(evaluation.grad_norm) >= limits.max_gain * report.grad_norm_before:
                 report.stopped = "gain"
                 break
-            saved = [p.detach().clone() for p in moved_params] if checked else None
-            if not step(evaluation):
+            saved = [p.detach().clone() for p in moved_params] if checked and not self.undoes_steps else None
+            taken = step(evaluation)
+            if taken is False:
                 report.stopped = "non_finite"
                 return report
             report.steps += 1
             after = evaluate(batch)
             reason = self._limit_reached(after, report, guard)
             if reason is not None:
-                with torch.no_grad():
-                    for param, value in zip(moved_params, saved, strict=True):
-                        param.copy_(value)
+                if callable(taken):
+                    taken()
+                elif saved is not None:  # (a step that moved nothing needs no undo)
+                    with torch.no_grad():
+                        for param, value in zip(moved_params, saved, strict=True):
+                            param.copy_(value)
                 report.steps -= 1
                 report.stopped = reason
                 break

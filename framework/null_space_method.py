@@ -7,6 +7,7 @@ import re
 import time
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -124,6 +125,7 @@ class NullSpaceMethod(TeleportMethod):
 
     keeps_replicas_in_sync = True
     takes_basis_sample = True
+    undoes_steps = True
 
     def __init__(
         self,
@@ -234,7 +236,7 @@ class NullSpaceMethod(TeleportMethod):
         params = {name: p for name, p in self.coverage.movable().items() if name not in bases.frozen}
         moving = [(c, s) for c, s in structured if (c.name, s.name) in bases.of]
 
-        def step(evaluation: Evaluation) -> bool:
+        def step(evaluation: Evaluation) -> Callable[[], None] | bool:
             tangents = None
             if moving:
                 tangents = first_tangents if evaluation is first else tangent_streams(batch, evaluation.direction, modules)
@@ -274,7 +276,7 @@ class NullSpaceMethod(TeleportMethod):
             return report
         params = {name: p for name, p in self.coverage.movable().items() if name not in bases.frozen}
 
-        def step(evaluation: Evaluation) -> bool:
+        def step(evaluation: Evaluation) -> Callable[[], None] | bool:
             coefficient = self.context.objective.slope(evaluation.squared)
             factored = []
             for (covered, site), delta, tangent in zip(layers, evaluation.deltas, state.tangents(evaluation.deltas), strict=True):
@@ -287,12 +289,14 @@ class NullSpaceMethod(TeleportMethod):
                 factored.append(FactoredSite(covered, site, (delta.T * coefficient).unsqueeze(0), right))
             return self._take(ProjectedStep({}, factored), params)
 
-        final = StructuredEvaluator(self.context, batch, [])
+        final = None if measured else StructuredEvaluator(self.context, batch, [])
         return self.ascend(batch, first, report, steps, cap, step, evaluate=evaluate, final=final)
 
-    def _take(self, projected: ProjectedStep, params: dict[str, nn.Parameter]) -> bool:
+    def _take(self, projected: ProjectedStep, params: dict[str, nn.Parameter]) -> Callable[[], None] | bool:
         """The step rule: scale the projected gradient (relative to the weights when normalising) and
-        add it to the weights; ``False`` when it is not finite (nothing moves)."""
+        add it to the weights. Returns ``False`` when it is not finite (nothing moves), else the
+        step's undo: subtracting it again, which restores the weights to rounding (no copy of
+        them is kept; a factored step holds only its factors)."""
         norm = float(projected.norm())
         if not math.isfinite(norm):
             return False
@@ -300,8 +304,9 @@ class NullSpaceMethod(TeleportMethod):
             return True
         rule = self.context.step
         weights = float(get_total_norm([p.detach() for p in params.values()]))
-        projected.add_to_weights(params, rule.scale(norm, weights))
-        return True
+        scale = rule.scale(norm, weights)
+        projected.add_to_weights(params, scale)
+        return lambda: projected.add_to_weights(params, -scale)
 
     def _with_basis_sample(self, captured: dict, batch: Batch) -> dict:
         """``captured`` with the input streams of ``batch.basis`` added: the core space then spans
