@@ -143,6 +143,7 @@ class TeleportMethod(ABC):
         step: Callable[[Evaluation], bool],
         evaluate: Evaluate | None = None,
         final: Evaluate | None = None,
+        deferred: bool = False,
     ) -> TeleportReport:
         """The loop every method shares: record, stop at a limit, step, and backtrack a bad step.
 
@@ -157,6 +158,11 @@ class TeleportMethod(ABC):
         ascent stops at the cap, at ``limits.max_gain`` times the starting
         gradient norm (``"gain"``) or after ``steps`` steps. ``final`` (default:
         the last evaluation) gives the figures of the end point.
+
+        With ``deferred`` (a method whose ``evaluate`` measures no loss, and
+        whose steps undo themselves), the limits are checked once, on the
+        ``final`` evaluation; while they are broken the last step is undone
+        and the end point measured again, back to the last good step.
         """
         evaluate = evaluate or self.context.evaluate
         limits = self.context.limits
@@ -165,6 +171,7 @@ class TeleportMethod(ABC):
             report.guard_loss_before = report.guard_loss_after = guard.loss()
         checked = limits.drift is not None or (guard is not None and limits.guard is not None)
         moved_params = self.moved_parameters(batch)
+        undos: list = []
         evaluation = first
         moved = False
         while True:
@@ -188,6 +195,10 @@ class TeleportMethod(ABC):
                 return report
             report.steps += 1
             after = evaluate(batch)
+            if deferred:
+                undos.append(taken)
+                evaluation, moved = after, True
+                continue
             reason = self._limit_reached(after, report, guard)
             if reason is not None:
                 if callable(taken):
@@ -202,6 +213,17 @@ class TeleportMethod(ABC):
             evaluation, moved = after, True
         if final is not None and moved:
             evaluation = final(batch)
+        if deferred and moved:
+            reason = self._limit_reached(evaluation, report, guard)
+            while reason is not None and undos:
+                taken = undos.pop()
+                if callable(taken):
+                    taken()
+                report.steps -= 1
+                report.stopped = reason
+                evaluation = final(batch)
+                reason = self._limit_reached(evaluation, report, guard)
+            moved = report.steps > 0
         report.loss_after = float(evaluation.loss)
         report.grad_norm_after = float(evaluation.grad_norm)
         report.objective_after = float(evaluation.value.detach())

@@ -252,21 +252,23 @@ class NullSpaceMethod(TeleportMethod):
         ) and len({id(layer) for layer in chain.layers}) == len(chain.layers)
 
     def _run_closed_form(self, batch: Batch, steps: int, cap: float | None) -> TeleportReport:
-        """The pipeline with :mod:`~torch_teleport.chain`'s closed form: one capture, then per step
-        the closed form and, when a drift tolerance is set, a no-grad forward for the real loss."""
+        """The pipeline with :mod:`~torch_teleport.chain`'s closed form: one capture, the steps by the
+        closed form (no forward pass), then one no-grad forward for the real final loss; the limits
+        are checked there, undoing steps from the last while they are broken (``ascend(deferred=True)``).
+        The per-step losses in the report are the captured one: exact steps keep it."""
         state = self.chain.prepare(batch)
         sites = {id(c.module): (c, s) for c in self.coverage.modules for s in c.sites}
         layers = [sites[id(layer)] for layer in self.chain.layers]
-        measured = self.context.limits.drift is not None
-
         def evaluate(_: Batch) -> Evaluation:
+            return state.evaluate(self.context.objective)
+
+        def measured(_: Batch) -> Evaluation:
             evaluation = state.evaluate(self.context.objective)
-            if measured:
-                with torch.no_grad():
-                    evaluation.loss = checked_loss(batch.loss_fn(call_model(batch.model, batch.inputs), batch.targets))
+            with torch.no_grad():
+                evaluation.loss = checked_loss(batch.loss_fn(call_model(batch.model, batch.inputs), batch.targets))
             return evaluation
 
-        first, report = self.start(batch, evaluate=lambda _: state.evaluate(self.context.objective), frozen=dict(self.coverage.frozen))
+        first, report = self.start(batch, evaluate=evaluate, frozen=dict(self.coverage.frozen))
         captured = {
             (covered.name, site.stream): [x] for (covered, site), x in zip(layers, state.inputs, strict=True)
         }
@@ -289,8 +291,7 @@ class NullSpaceMethod(TeleportMethod):
                 factored.append(FactoredSite(covered, site, (delta.T * coefficient).unsqueeze(0), right))
             return self._take(ProjectedStep({}, factored), params)
 
-        final = None if measured else StructuredEvaluator(self.context, batch, [])
-        return self.ascend(batch, first, report, steps, cap, step, evaluate=evaluate, final=final)
+        return self.ascend(batch, first, report, steps, cap, step, evaluate=evaluate, final=measured, deferred=True)
 
     def _take(self, projected: ProjectedStep, params: dict[str, nn.Parameter]) -> Callable[[], None] | bool:
         """The step rule: scale the projected gradient (relative to the weights when normalising) and
