@@ -84,21 +84,12 @@ class MultiheadAttentionProjector(Projector):
 
         return [module.register_forward_pre_hook(hook, with_kwargs=True)]
 
-    def capture_outputs(self, module: nn.MultiheadAttention, record: Record) -> list[RemovableHandle]:
-        """The outputs of ``q``, ``k``, ``v`` and ``out_proj``: the module's result is recomputed
-        with the four maps as explicit tensors (:func:`decomposed_attention`) and returned in its
-        place, so gradients reach them. ``bias_k`` records nothing and takes the full path."""
-        signature = inspect.signature(module.forward)
-
-        def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output: Any) -> Any:
-            call = signature.bind(*args, **kwargs)
-            call.apply_defaults()
-            result, maps = decomposed_attention(module, call.arguments)
-            for site, tensor in maps.items():
-                record(site, tensor)
-            return result
-
-        return [module.register_forward_hook(hook, with_kwargs=True)]
+    def capture_outputs(self, module: nn.MultiheadAttention, record: Record) -> list[_DecomposedForward]:
+        """The outputs of ``q``, ``k``, ``v`` and ``out_proj``: while the hooks are installed the
+        module computes its result with the four maps as explicit tensors
+        (:func:`decomposed_attention`), so gradients reach them; the fused call does not run at
+        all. ``bias_k`` records nothing and takes the full path."""
+        return [_DecomposedForward(module, record)]
 
     def output_representation(
         self, module: nn.MultiheadAttention, site: Site, outputs: Sequence[Tensor]
@@ -117,6 +108,32 @@ class MultiheadAttentionProjector(Projector):
         if site.bias is not None:
             tokens = append_ones(tokens)
         return tokens.T.unsqueeze(0)
+
+
+class _DecomposedForward:
+    """Replaces one module's ``forward`` by :func:`decomposed_attention` until :meth:`remove`.
+
+    Hooks registered on the module still run around it (``nn.Module.__call__`` calls
+    ``self.forward``); removing the handle restores the class's ``forward``.
+    """
+
+    def __init__(self, module: nn.MultiheadAttention, record: Record) -> None:
+        self.module = module
+        signature = inspect.signature(module.forward)
+
+        def forward(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+            call = signature.bind(*args, **kwargs)
+            call.apply_defaults()
+            result, maps = decomposed_attention(module, call.arguments)
+            for site, tensor in maps.items():
+                record(site, tensor)
+            return result
+
+        forward.__signature__ = signature  # code that inspects module.forward sees the real one
+        module.forward = forward
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
 
 
 def concatenated_heads(module: nn.MultiheadAttention, arguments: dict[str, Any]) -> Tensor:
