@@ -48,7 +48,8 @@ class Teleporter:
             :class:`~torch_teleport.null_space_method.NullSpaceMethod`; its
             defaults: ``"exact"``, ``1.0``, ``"warn"``, ``"auto"``).
         lr: step size. With ``normalize=True`` (default) each step moves the
-            movable parameters by ``lr`` times their norm, which makes one
+            movable parameters by ``lr`` times their norm (at the start of the
+            teleport), which makes one
             default work across models and training stages; with
             ``normalize=False`` it is the plain ascent rate of eq. 5.
         steps: ascent steps per teleport (the paper's t).

@@ -234,13 +234,15 @@ class NullSpaceMethod(TeleportMethod):
         if not bases.of:
             return report
         params = {name: p for name, p in self.coverage.movable().items() if name not in bases.frozen}
+        weights = float(get_total_norm([p.detach() for p in params.values()]))
         moving = [(c, s) for c, s in structured if (c.name, s.name) in bases.of]
 
         def step(evaluation: Evaluation) -> Callable[[], None] | bool:
             tangents = None
             if moving:
                 tangents = first_tangents if evaluation is first else tangent_streams(batch, evaluation.direction, modules)
-            return self._take(self._projected_gradient(batch, evaluation, params, bases, moving, tangents), params)
+            projected = self._projected_gradient(batch, evaluation, params, bases, moving, tangents)
+            return self._take(projected, params, weights)
 
         return self.ascend(batch, first, report, steps, cap, step, evaluate=evaluate)
 
@@ -277,6 +279,7 @@ class NullSpaceMethod(TeleportMethod):
         if not bases.of:
             return report
         params = {name: p for name, p in self.coverage.movable().items() if name not in bases.frozen}
+        weights = float(get_total_norm([p.detach() for p in params.values()]))
 
         def step(evaluation: Evaluation) -> Callable[[], None] | bool:
             coefficient = self.context.objective.slope(evaluation.squared)
@@ -289,13 +292,16 @@ class NullSpaceMethod(TeleportMethod):
                 weight_part, bias_part = basis.project(tangent.unsqueeze(0), None if bias is None else bias.unsqueeze(0))
                 right = weight_part if bias_part is None else torch.cat([weight_part, bias_part], -1)
                 factored.append(FactoredSite(covered, site, (delta.T * coefficient).unsqueeze(0), right))
-            return self._take(ProjectedStep({}, factored), params)
+            return self._take(ProjectedStep({}, factored), params, weights)
 
         return self.ascend(batch, first, report, steps, cap, step, evaluate=evaluate, final=measured, deferred=True)
 
-    def _take(self, projected: ProjectedStep, params: dict[str, nn.Parameter]) -> Callable[[], None] | bool:
-        """The step rule: scale the projected gradient (relative to the weights when normalising) and
-        add it to the weights. Returns ``False`` when it is not finite (nothing moves), else the
+    def _take(
+        self, projected: ProjectedStep, params: dict[str, nn.Parameter], weights: float
+    ) -> Callable[[], None] | bool:
+        """The step rule: scale the projected gradient (relative to ``weights``, the moved
+        parameters' norm at the start of the teleport, when normalising) and add it to the
+        weights. Returns ``False`` when it is not finite (nothing moves), else the
         step's undo: subtracting it again, which restores the weights to rounding (no copy of
         them is kept; a factored step holds only its factors)."""
         norm = float(projected.norm())
@@ -303,9 +309,7 @@ class NullSpaceMethod(TeleportMethod):
             return False
         if norm == 0:  # every site was wholly in its core space (see CoreBasis.project)
             return True
-        rule = self.context.step
-        weights = float(get_total_norm([p.detach() for p in params.values()]))
-        scale = rule.scale(norm, weights)
+        scale = self.context.step.scale(norm, weights)
         projected.add_to_weights(params, scale)
         return lambda: projected.add_to_weights(params, -scale)
 
