@@ -45,7 +45,7 @@ def figures(model: nn.Module, train, test) -> dict[str, float]:
     with torch.no_grad():
         test_loss = F.cross_entropy(model(test[0]), test[1])
     return {
-        "train_loss": float(loss),
+        "train_loss": float(loss.detach()),
         "test_loss": float(test_loss),
         "train_grad_norm": float(torch.sqrt(sum(g.square().sum() for g in grads))),
     }
