@@ -58,7 +58,7 @@ from torch_teleport.plugins.benchmarks.common import (
     synchronize,
     write_outputs,
 )
-from torch_teleport.plugins.benchmarks.step_cost import PROBES, Probe
+from torch_teleport.plugins.benchmarks.step_cost import PROBES, SKIPPED, Probe, probe_for
 from torch_teleport.registry import default_registry
 
 NAME = "gradient_paths"
@@ -129,14 +129,10 @@ def run_gradient_paths(config: dict[str, Any], out_dir: Path) -> None:
     names = options["models"] or ["mlp", *(n for n in PROBES if n != "mlp")]
     models, rows = [], []
     for name in names:
-        probe = PROBES.get(name)
+        probe = probe_for(name, options["mlp_hidden"])
         if probe is None:
-            models.append(
-                {"model": name, "skipped": "the benchmark knows no input shape for this model"}
-            )
+            models.append({"model": name, "skipped": SKIPPED})
             continue
-        if name == "mlp":
-            probe = Probe({"hidden": options["mlp_hidden"]})
         print(f"gradient paths: {name}", flush=True)
         try:
             factory = registry.get("model", name)

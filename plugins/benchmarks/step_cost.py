@@ -120,6 +120,16 @@ for the residual network, 32-token text, 48-step series); the language models an
 with 2 layers (the Mamba one 64 wide) to keep the run to minutes on a CPU."""
 
 
+SKIPPED = "the benchmark knows no input shape for this model"
+
+
+def probe_for(name: str, mlp_hidden: list[int]) -> Probe | None:
+    """How to feed zoo model ``name`` (the MLP at hidden widths ``mlp_hidden``); ``None`` if unknown."""
+    if name == "mlp":
+        return Probe({"hidden": mlp_hidden})
+    return PROBES.get(name)
+
+
 @restores_threads
 def run_step_cost(config: dict[str, Any], out_dir: Path) -> None:
     options = settings(config, FULL, TINY)
@@ -129,14 +139,10 @@ def run_step_cost(config: dict[str, Any], out_dir: Path) -> None:
     rows = []
     for name in names:
         factory = registry.get("model", name)
-        probe = PROBES.get(name)
+        probe = probe_for(name, options["mlp_hidden"])
         if probe is None:
-            rows.append(
-                {"model": name, "skipped": "the benchmark knows no input shape for this model"}
-            )
+            rows.append({"model": name, "skipped": SKIPPED})
             continue
-        if name == "mlp":
-            probe = Probe({"hidden": options["mlp_hidden"]})
         print(f"step cost: {name}", flush=True)
         rows.append(_measure(name, factory, probe, options, device, registry))
     paper = rows[0] if rows and rows[0]["model"] == "mlp" and "ascent_over_sgd" in rows[0] else None
