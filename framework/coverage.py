@@ -170,7 +170,7 @@ def _names(names: list[str], shown: int = NAMES_SHOWN) -> str:
 def _groups(
     model: nn.Module, coverage: Coverage, names: list[str], *, names_too: bool = True
 ) -> str:
-    """``names`` grouped by the type of their module: ``"Conv1D x12 (h.0.attn.c_attn.weight, ...)"``."""
+    """``names`` grouped by the type of their module: ``"Gain x12 (1.gain, 1.shift, ...)"``."""
     groups: dict[str, tuple[set[str], list[str]]] = {}
     for name in names:
         owner = coverage.owners[name]

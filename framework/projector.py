@@ -1,11 +1,12 @@
 """The projector interface: how one module type moves within its input null space.
 
 A module computes one or more affine maps ``y = W x + b``. Each map is a
-:class:`Site`: a weight (viewed as ``rows x inputs`` per group), an optional
-bias and the *stream* of input vectors it reads. A projector says which
-sites a module has, how to capture their inputs during a forward pass and
-how to turn the captured tensors into a representation matrix. Projecting
-an update onto the null space of that representation is inherited.
+:class:`Site`: a weight (viewed as ``rows x inputs`` per group, see
+:func:`site_view`), an optional bias and the *stream* of input vectors it
+reads. A projector says which sites a module has, how to capture their
+inputs during a forward pass and how to turn the captured tensors into a
+representation matrix. Projecting an update onto the null space of that
+representation is inherited.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +23,9 @@ from torch.utils.hooks import RemovableHandle
 from .null_space import CoreBasis
 
 Record = Callable[[str, Tensor], None]
+
+LAYOUTS = ("out_in", "in_out")
+"""How a site's weight is stored: PyTorch's ``(out, in...)`` or transposed, ``(in, out)``."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,12 @@ class Site:
     is folded into the representation as a constant-1 input; ``bias_rows`` selects its
     rows when they differ from the weight's (separate query/key/value weights that share
     one packed bias).
+
+    ``layout`` says how the weight is stored: ``"out_in"`` (PyTorch's
+    ``(out, in...)``, the default) or ``"in_out"`` (``(in, out)``, for
+    ``y = x @ W + b`` as in Hugging Face's ``Conv1D``); :func:`site_view`
+    transposes the latter. A transposed weight has one group. The bias is
+    1-d in both layouts.
     """
 
     name: str
@@ -43,6 +54,18 @@ class Site:
     rows: tuple[int, int] | None = None
     groups: int = 1
     bias_rows: tuple[int, int] | None = None
+    layout: Literal["out_in", "in_out"] = "out_in"
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(
+                f"site {self.name!r}: layout must be one of {', '.join(map(repr, LAYOUTS))}, got {self.layout!r}"
+            )
+        if self.layout == "in_out" and self.groups != 1:
+            raise ValueError(
+                f"site {self.name!r}: a weight stored (in, out) (layout='in_out') has one group, "
+                f"got groups={self.groups}"
+            )
 
 
 class Projector(ABC):
@@ -101,8 +124,8 @@ class Projector(ABC):
         ``updates`` maps the module's parameter names to update tensors shaped
         like the parameters.
         """
-        weight = _site_view(updates[site.weight], site)
-        bias = _site_view(updates[site.bias], site, bias=True) if site.bias is not None else None
+        weight = site_view(updates[site.weight], site)
+        bias = site_view(updates[site.bias], site, bias=True) if site.bias is not None else None
         weight_out, bias_out = basis.project(weight, bias)
         weight.copy_(weight_out)
         if bias is not None:
@@ -125,7 +148,7 @@ class Projector(ABC):
     def input_dim(self, module: nn.Module, site: Site) -> int:
         """Inputs of one group of ``site``, the folded bias included."""
         weight = module.get_parameter(site.weight)
-        return _site_view(weight, site).shape[-1] + (site.bias is not None)
+        return site_view(weight, site).shape[-1] + (site.bias is not None)
 
 
 def tangent_representation(
@@ -139,11 +162,29 @@ def tangent_representation(
     return representation
 
 
-def _site_view(tensor: Tensor, site: Site, *, bias: bool = False) -> Tensor:
-    """``tensor`` (a weight or bias, or an update shaped like one) as ``(groups, rows, inputs)``."""
+def site_view(tensor: Tensor, site: Site, *, bias: bool = False) -> Tensor:
+    """``tensor`` (a weight or bias, or an update shaped like one) as ``(groups, rows, inputs)``.
+
+    A weight stored ``(out, in...)`` (``layout="out_in"``) is flattened to
+    ``out x inputs``; one stored ``(in, out)`` (``layout="in_out"``) is
+    transposed. ``site.rows`` (``site.bias_rows`` for the bias) then selects
+    output rows, which are split into ``site.groups``. A bias (1-d) has one
+    input. For a contiguous tensor the result is a view of its storage, so
+    in-place operations on it (``copy_``, ``baddbmm_``) change the tensor.
+    """
     rows = site.bias_rows if bias and site.bias_rows else site.rows
-    matrix = tensor.reshape(tensor.shape[0], -1)[slice(*rows) if rows else slice(None)]
+    selected = slice(*rows) if rows else slice(None)
+    if site.layout == "in_out" and not bias:
+        if tensor.dim() != 2:
+            raise ValueError(
+                f"site {site.name!r}: a weight stored (in, out) must be 2-d, got shape {tuple(tensor.shape)}"
+            )
+        return tensor.T[selected].unsqueeze(0)
+    matrix = tensor.reshape(tensor.shape[0], -1)[selected]
     return matrix.reshape(site.groups, matrix.shape[0] // site.groups, matrix.shape[1])
+
+
+_site_view = site_view  # the engine's name for it
 
 
 def first_input_hook(stream: str, record: Record) -> Callable:

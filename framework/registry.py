@@ -26,6 +26,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "torch_teleport.projectors.mamba",
     "torch_teleport.projectors.frozen",
     "torch_teleport.projectors.recurrent",
+    "torch_teleport.projectors.transposed_linear",
     "torch_teleport.objectives.grad_norm",
     "torch_teleport.objectives.sharpness",
     "torch_teleport.objectives.curvature",

@@ -23,7 +23,7 @@ from .engine import Teleporter
 from .inputs import tensors
 from .model_state import double_backward_safe, preserved_state
 from .null_space_method import NullSpaceMethod
-from .projector import _site_view
+from .projector import site_view
 from .report import TeleportReport
 
 DEFAULT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -83,10 +83,10 @@ def assert_teleport_invariant(
                 local: after_params[covered.qualified(local)].detach() - before_params[covered.qualified(local)]
                 for local in filter(None, (site.weight, site.bias))
             }
-            step = _site_view(delta[site.weight], site)
+            step = site_view(delta[site.weight], site)
             if site.bias is not None:
-                step = torch.cat([step, _site_view(delta[site.bias], site, bias=True)], dim=-1)
-            weight = _site_view(before_params[covered.qualified(site.weight)], site)
+                step = torch.cat([step, site_view(delta[site.bias], site, bias=True)], dim=-1)
+            weight = site_view(before_params[covered.qualified(site.weight)], site)
             representation = representations[(covered.name, site.name)]
             residual = torch.linalg.matrix_norm(step @ representation).max()
             # Relative to the larger of the step and the weight: a step of pure rounding noise

@@ -206,3 +206,86 @@ def test_plugins_page_projector_keeps_the_loss_invariant(seed, width, batch, bia
     )
     pairs = next(layer for layer in report.layers if layer.name == "pairs.weight")
     assert pairs.input_dim == width * (width - 1) + bias
+
+
+def transposed_weight_plugin() -> tuple[str, types.ModuleType]:
+    """The projector of ``docs/plugins.md``'s transposed-weight section: its source, and that
+    source executed as a plugin module of its own."""
+    (source,) = [
+        block
+        for block in code_blocks("plugins.md", "python")
+        if "class TransposedLinearProjector" in block
+    ]
+    module = types.ModuleType("torch_teleport_transposed_linear_example")
+    exec(compile(source, "docs/plugins.md (transposed weight)", "exec"), module.__dict__)
+    return source, module
+
+
+def test_plugins_page_transposed_projector_is_the_built_in_verbatim():
+    source, _ = transposed_weight_plugin()
+    built_in = Path(__file__).resolve().parent.parent / "projectors" / "transposed_linear.py"
+    assert source in built_in.read_text()
+
+
+def _conv1d_forward(self, x):
+    size_out = x.size()[:-1] + (self.nf,)
+    x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+    x = x.view(size_out)
+    return x
+
+
+class _Conv1DBase(nn.Module):
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) / nx**0.5)
+        self.bias = nn.Parameter(torch.randn(nf) / 10)
+
+
+# A class called ``Conv1D`` under ``transformers.pytorch_utils`` (the package is never imported).
+Conv1D = type(
+    "Conv1D",
+    (_Conv1DBase,),
+    {"forward": _conv1d_forward, "__module__": "transformers.pytorch_utils"},
+)
+
+
+@functools.cache
+def transposed_weight_registry():
+    manager = build_plugin_manager()
+    manager.register(transposed_weight_plugin()[1])
+    return tt.build_registry(manager)
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    width=st.integers(2, 5),
+    tokens=st.integers(1, 4),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+)
+def test_plugins_page_transposed_projector_keeps_the_loss_invariant(seed, width, tokens, dtype):
+    registry = transposed_weight_registry()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mlp = nn.Sequential(
+            Conv1D(2 * width, width), nn.GELU(approximate="tanh"), Conv1D(width, 2 * width)
+        )
+        model = nn.Sequential(
+            nn.Linear(width, width), mlp, nn.Flatten(), nn.Linear(tokens * width, 3)
+        ).to(dtype)
+    inputs = torch.randn(2, tokens, width, generator=generator, dtype=dtype)
+    targets = torch.randint(0, 3, (2,), generator=generator)
+    projector = registry.projector_for(mlp[0])
+    assert projector.__module__ == "torch_teleport_transposed_linear_example"
+    report = assert_teleport_invariant(
+        model,
+        nn.functional.cross_entropy,
+        inputs,
+        targets,
+        registry=registry,
+        uncovered="error",
+        steps=8,
+    )
+    assert {"1.0.weight", "1.2.weight"} <= {layer.name for layer in report.layers}
+    assert "transformers" not in sys.modules

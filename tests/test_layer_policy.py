@@ -178,7 +178,7 @@ def test_a_registered_offset_policy_names_its_reason_without_a_warning():
 
 
 class Gain(nn.Module):
-    """An elementwise gain and shift, standing for a layer type no projector knows (GPT-2's Conv1D)."""
+    """An elementwise gain and shift, standing for a layer type no projector knows."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
