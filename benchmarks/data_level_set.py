@@ -6,10 +6,12 @@ setting from the same point, measuring the whole training set's and the test
 set's loss and the whole training set's gradient norm before and after:
 
 * ``round``: the paper's round, 32 random batches of 32, default teleports;
-* ``round + guard``: the same, each batch guarded by the next one;
+* ``round + guard``: the same, every teleport of the round judged against one guard batch's
+  loss when the round began (as the trainer does: ``guard_baseline``);
 * ``batch 1024``: one default teleport on 1,024 training samples;
 * ``svd tau``: one teleport on 1,024 samples with the thresholded null space;
-* ``batch 32 + basis 1024``: the ascent on 32 samples, the core space spanning 1,024 (``basis=``).
+* ``batch 32 + basis 1024``: the ascent on 32 samples, the core space spanning 1,024 (``basis=``),
+  once or for a whole round.
 
 Usage: ``python benchmarks/data_level_set.py``; writes
 ``benchmarks/results/data_level_set.json`` and prints a Markdown table.
@@ -69,12 +71,17 @@ def settings(train):
     order = torch.randperm(len(train[1]), generator=generator)
     batches = [(train[0][order[i * 32 : (i + 1) * 32]], train[1][order[i * 32 : (i + 1) * 32]]) for i in range(33)]
     sample = (train[0][order[:1024]], train[1][order[:1024]])
+    big_guard = (train[0][order[-256:]], train[1][order[-256:]])
 
-    def round_(model, guard: bool):
-        teleporter = tt.Teleporter(model, F.cross_entropy)
-        reports = [
-            teleporter.teleport(*batches[i], guard=batches[i + 1] if guard else None) for i in range(32)
-        ]
+    def round_(model, guard=None, **options):
+        """32 teleports; with ``guard``, all judged against its loss when the round began."""
+        basis = options.pop("basis", None)
+        teleporter = tt.Teleporter(model, F.cross_entropy, **options)
+        reports, baseline = [], None
+        for i in range(32):
+            report = teleporter.teleport(*batches[i + 1], guard=guard, guard_baseline=baseline, basis=basis)
+            baseline = report.guard_loss_before if baseline is None else baseline
+            reports.append(report)
         return {"stopped": sorted({r.stopped for r in reports}), "steps": sum(r.steps for r in reports)}
 
     def one(model, **options):
@@ -84,8 +91,12 @@ def settings(train):
         return {"stopped": report.stopped, "steps": report.steps, "batch_loss_change": report.loss_change}
 
     return {
-        "round (32 x 32, defaults)": lambda m: round_(m, guard=False),
-        "round (32 x 32) + guard": lambda m: round_(m, guard=True),
+        "round (32 x 32, defaults)": lambda m: round_(m),
+        "round (32 x 32) + one guard batch of 32 for the round": lambda m: round_(m, guard=batches[0]),
+        "round (32 x 32) + one guard batch of 256 for the round": lambda m: round_(m, guard=big_guard),
+        "round (32 x 32) + basis 1024, svd tau 0.99": lambda m: round_(
+            m, null_space="svd", tau=0.99, basis=sample[0]
+        ),
         "batch 1024, defaults": lambda m: one(m),
         "batch 1024, svd tau 0.99": lambda m: one(m, null_space="svd", tau=0.99),
         "batch 1024, svd tau 0.999, lr 0.02": lambda m: one(m, null_space="svd", tau=0.999, lr=0.02),

@@ -155,6 +155,7 @@ class Teleporter:
         targets: Tensor,
         *,
         guard: tuple[Inputs, Tensor] | None = None,
+        guard_baseline: float | None = None,
         basis: Inputs | None = None,
         steps: int | None = None,
         cap: float | None = None,
@@ -169,7 +170,10 @@ class Teleporter:
         ``guard`` is an ``(inputs, targets)`` batch of other training data: a
         step that raises its loss by more than ``guard_tolerance`` is undone
         and the teleport ends there (the report gives the guard loss before
-        and after). ``basis`` is the inputs of a larger sample of the training
+        and after). ``guard_baseline`` compares the guard loss with this value
+        instead (the guard loss at the start of a series of teleports on the
+        same guard batch, e.g. ``report.guard_loss_before`` of the first), so
+        a round of teleports cannot compound small rises. ``basis`` is the inputs of a larger sample of the training
         data (no targets): the null-space method keeps its update out of the
         span of those inputs too, so the loss of the data they represent
         stays nearly fixed (with ``null_space="svd"``, ``tau < 1``, the core
@@ -197,8 +201,20 @@ class Teleporter:
             if not tensors(basis):
                 raise TypeError("basis must hold the model inputs of a sample (a tensor, a sequence or a mapping)")
             self.replicas.check_together(lambda b: _check_batch(b, torch.zeros(batch_size(b))), basis)
+        if guard_baseline is not None:
+            if guard is None:
+                raise ValueError("guard_baseline needs a guard batch")
+            if not math.isfinite(guard_baseline):
+                raise ValueError(f"guard_baseline must be finite, got {guard_baseline!r}")
         batch = Batch(
-            self.model, self.loss_fn, inputs, targets, trainable, None if guard is None else tuple(guard), basis
+            self.model,
+            self.loss_fn,
+            inputs,
+            targets,
+            trainable,
+            None if guard is None else tuple(guard),
+            basis,
+            None if guard_baseline is None else float(guard_baseline),
         )
         moved = self.method.moved_parameters(batch)
         saved = [p.detach().clone() for p in moved]

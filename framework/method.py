@@ -241,8 +241,8 @@ class TeleportMethod(ABC):
             if abs(loss - report.loss_before) > limits.drift * max(abs(report.loss_before), 1e-30):
                 return "drift"
         if guard is not None and limits.guard is not None:
-            rise = guard.loss() - report.guard_loss_before
-            if not rise <= limits.guard * max(abs(report.guard_loss_before), 1e-30):
+            reference = guard.baseline if guard.baseline is not None else report.guard_loss_before
+            if not guard.loss() - reference <= limits.guard * max(abs(reference), 1e-30):
                 return "guard"
         return None
 
@@ -252,6 +252,7 @@ class _GuardLoss:
 
     def __init__(self, context: MethodContext, batch: Batch) -> None:
         self.context, self.inputs, self.targets = context, *batch.guard
+        self.baseline = batch.guard_baseline  # the guard loss a series of teleports started from
 
     def loss(self) -> float:
         with torch.no_grad():

@@ -64,9 +64,11 @@ class TeleportTrainer:
     ``teleport_data`` yields ``(inputs, targets)`` teleport batches (a
     shuffled ``DataLoader`` gives the paper's random batches; it is cycled);
     without it the teleport uses the current training batch. With
-    ``teleport_data`` and ``guard=True`` (the default) every teleport also
-    draws the next batch as its guard: a step that raises that batch's loss
-    beyond the teleporter's ``guard_tolerance`` is undone.
+    ``teleport_data`` and ``guard=True`` (the default) each teleport event
+    first draws one guard batch: a step of any of the event's teleports that
+    raises that batch's loss beyond the teleporter's ``guard_tolerance``,
+    relative to its loss when the event began, is undone (so the event's
+    teleports cannot compound small rises).
     ``optimizer_state`` says what happens to the optimizer's state after a
     teleport: ``"reset"`` (default: moments from the old point are stale),
     ``"keep"``, or a callable ``(optimizer, reports)``; it is applied when at
@@ -254,17 +256,20 @@ class TeleportTrainer:
         plan = self.schedule.plan(epoch=self.epoch, step=self.global_step) if self.schedule else None
         if plan is None:
             return reports, failures
+        guard = self._teleport_batch(inputs, targets) if self.guard and self.teleport_data is not None else None
+        baseline = None  # the guard loss when the event began: the event's teleports cannot compound
         for _ in range(plan.batches):
             tele_inputs, tele_targets = self._teleport_batch(inputs, targets)
-            guard = self._teleport_batch(inputs, targets) if self.guard and self.teleport_data is not None else None
             try:
                 report = self.teleporter.teleport(
-                    tele_inputs, tele_targets, guard=guard, steps=plan.steps, cap=plan.cap
+                    tele_inputs, tele_targets, guard=guard, guard_baseline=baseline, steps=plan.steps, cap=plan.cap
                 )
             except ValueError as error:
                 failures.append(self._failed(f"teleport rejected at step {self.global_step}: {error}", error))
                 continue
             reports.append(report)
+            if baseline is None and report.guard_loss_before is not None:
+                baseline = report.guard_loss_before
             if report.rolled_back:
                 failures.append(self._failed(f"teleport at step {self.global_step} {report.summary()}"))
         if any(not report.rolled_back for report in reports):

@@ -94,3 +94,18 @@ def test_only_the_null_space_method_takes_a_basis_sample():
     model, teleport_batch, _ = problem(0)
     with pytest.raises(ValueError, match="takes no basis sample"):
         tt.Teleporter(model, F.cross_entropy, method="level_set").teleport(*teleport_batch, basis=teleport_batch[0])
+
+
+def test_a_guard_baseline_keeps_a_series_of_teleports_from_compounding():
+    """Judged against the guard loss a round started from, a teleport whose guard batch is already
+    above that level by more than the tolerance takes no step; judged on its own, it moves."""
+    model, teleport_batch, guard = problem(0)
+    start = loss_on(model, guard)
+    teleporter = tt.Teleporter(model, F.cross_entropy, lr=0.05, max_gain=None)
+    alone = teleporter.teleport(*teleport_batch, guard=guard, guard_baseline=start / 1.05)
+    assert alone.stopped == "guard" and alone.steps == 0
+    assert loss_on(model, guard) == start  # nothing moved
+    report = teleporter.teleport(*teleport_batch, guard=guard, guard_baseline=start)
+    assert report.steps > 0 and report.guard_loss_after <= 1.01 * start
+    with pytest.raises(ValueError, match="guard_baseline needs a guard batch"):
+        teleporter.teleport(*teleport_batch, guard_baseline=start)
