@@ -33,6 +33,14 @@ class Schedule(ABC):
     def plan(self, *, epoch: int, step: int) -> TeleportPlan | None:
         """The teleport to run before global ``step`` (in ``epoch``), or ``None``."""
 
+    def observe(self, *, train_seconds: float = 0.0, teleport_seconds: float = 0.0) -> None:
+        """The compute the trainer spent since its last report: training steps and teleports.
+
+        :class:`~torch_teleport.TeleportTrainer` reports after every step; schedules that
+        budget teleports by compute use it, the others ignore it.
+        """
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

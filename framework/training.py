@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -205,8 +206,12 @@ class TeleportTrainer:
         inputs, targets = self._to_device(inputs, targets)
         reports: list[TeleportReport] = []
         failures: list[str] = []
+        started = time.perf_counter()
         if self._micro == 0:
             reports, failures = self._run_schedule(inputs, targets)
+        teleported = time.perf_counter()
+        teleport_seconds = teleported - started if reports or failures else 0.0
+        if self._micro == 0:
             self.optimizer.zero_grad(set_to_none=True)
         self.model.train()
         with self._autocast(inputs):
@@ -218,6 +223,8 @@ class TeleportTrainer:
         self._micro += 1
         stepped = self._micro == self.accumulation_steps
         grad_norm = self._optimizer_step() if stepped else None
+        if self.schedule is not None:
+            self.schedule.observe(train_seconds=time.perf_counter() - teleported, teleport_seconds=teleport_seconds)
         return StepResult(float(loss.detach()), reports, failures, stepped, grad_norm)
 
     def scheduled_teleports(
@@ -256,6 +263,11 @@ class TeleportTrainer:
         plan = self.schedule.plan(epoch=self.epoch, step=self.global_step) if self.schedule else None
         if plan is None:
             return reports, failures
+        if getattr(self.schedule, "measures_time", False) and self.teleporter.replicas.size > 1:
+            raise ValueError(
+                f"{type(self.schedule).__name__} decides by each process's own clock, so data-parallel "
+                "ranks could disagree on whether to teleport; use a step-based schedule"
+            )
         guard = self._teleport_batch(inputs, targets) if self.guard and self.teleport_data is not None else None
         baseline = None  # the guard loss when the event began: the event's teleports cannot compound
         for _ in range(plan.batches):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
-from torch_teleport import TeleportPlan, default_registry
-from torch_teleport.plugins.schedules import EpochSchedule, EveryStepsSchedule
+from torch_teleport import TeleportPlan, TeleportTrainer, default_registry
+from torch_teleport.plugins.schedules import BudgetSchedule, EpochSchedule, EveryStepsSchedule
 
 
 def timeline(
@@ -101,3 +103,47 @@ def test_schedules_are_registered_by_name():
     registry = default_registry()
     assert registry.get("schedule", "epochs") is EpochSchedule
     assert registry.get("schedule", "every") is EveryStepsSchedule
+
+
+def test_the_budget_schedule_keeps_teleports_under_their_share_of_training_time():
+    schedule = BudgetSchedule(fraction=0.1, warmup=1)
+    assert schedule.plan(epoch=0, step=0) is None  # warm-up: nothing measured yet
+    schedule.observe(train_seconds=1.0)
+    assert schedule.plan(epoch=0, step=1) is not None  # 0 <= 0.1 * 1
+    schedule.observe(train_seconds=1.0, teleport_seconds=0.5)  # the teleport cost 0.5 s
+    assert schedule.plan(epoch=0, step=2) is None  # 0.5 > 0.1 * 2
+    for _ in range(3):
+        schedule.observe(train_seconds=1.0)
+    assert schedule.plan(epoch=0, step=5) is not None  # 0.5 <= 0.1 * 5: paid back
+    restored = BudgetSchedule(fraction=0.1)
+    restored.load_state_dict(schedule.state_dict())
+    assert (restored.train_seconds, restored.teleport_seconds) == (5.0, 0.5)
+    with pytest.raises(ValueError, match="fraction must lie in"):
+        BudgetSchedule(fraction=1.5)
+
+
+class Recording(EveryStepsSchedule):
+    """Every third step, and a log of what the trainer reports after each step."""
+
+    def __init__(self) -> None:
+        super().__init__(every=3, batches=1, steps=2)
+        self.reports: list[tuple[float, float]] = []
+
+    def observe(self, *, train_seconds: float = 0.0, teleport_seconds: float = 0.0) -> None:
+        self.reports.append((train_seconds, teleport_seconds))
+
+
+def test_the_trainer_reports_its_time_to_the_schedule():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+    data = [(torch.randn(6, 4), torch.randint(0, 3, (6,))) for _ in range(3)]
+    schedule = Recording()
+    trainer = TeleportTrainer(
+        model, nn.functional.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+        schedule=schedule, teleport_data=data,
+    )
+    results = [trainer.step(*data[i % 3]) for i in range(7)]
+    assert len(schedule.reports) == 7 and all(train > 0 for train, _ in schedule.reports)
+    # teleport time is reported exactly for the steps that teleported (0, 3, 6)
+    assert [teleport > 0 for _, teleport in schedule.reports] == [bool(r.teleports) for r in results]
+    assert [bool(r.teleports) for r in results] == [True, False, False, True, False, False, True]
