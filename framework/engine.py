@@ -173,8 +173,9 @@ class Teleporter:
         and after). ``guard_baseline`` compares the guard loss with this value
         instead (the guard loss at the start of a series of teleports on the
         same guard batch, e.g. ``report.guard_loss_before`` of the first), so
-        a round of teleports cannot compound small rises. ``basis`` is the inputs of a larger sample of the training
-        data (no targets): the null-space method keeps its update out of the
+        a round of teleports cannot compound small rises. ``basis`` is the
+        inputs of a larger sample of the training data (no targets): the
+        null-space method keeps its update out of the
         span of those inputs too, so the loss of the data they represent
         stays nearly fixed (with ``null_space="svd"``, ``tau < 1``, the core
         space is then a thresholded basis of the data's inputs, GPM's use of
@@ -198,9 +199,7 @@ class Teleporter:
         if basis is not None:
             if not self.method.takes_basis_sample:
                 raise ValueError(f"the {type(self.method).__name__} builds no null space and takes no basis sample")
-            if not tensors(basis):
-                raise TypeError("basis must hold the model inputs of a sample (a tensor, a sequence or a mapping)")
-            self.replicas.check_together(lambda b: _check_batch(b, torch.zeros(batch_size(b))), basis)
+            self.replicas.check_together(_check_inputs, basis, "basis")
         if guard_baseline is not None:
             if guard is None:
                 raise ValueError("guard_baseline needs a guard batch")
@@ -265,18 +264,28 @@ def _restore(params: list[nn.Parameter], saved: list[Tensor]) -> None:
             param.copy_(value)
 
 
+def _check_inputs(inputs: Inputs, label: str = "inputs") -> None:
+    given = tensors(inputs)  # raises for a form that is none of tensor, sequence, mapping
+    if not given:
+        raise TypeError(f"{label} hold no tensor")
+    for tensor in given:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{label} contain non-finite values")
+    _check_samples(given[0], label)
+
+
+def _check_samples(tensor: Tensor, label: str) -> None:
+    if tensor.dim() == 0 or tensor.shape[0] == 0:
+        raise ValueError(f"{label} must hold at least one sample, got shape {tuple(tensor.shape)}")
+
+
 def _check_batch(inputs: Inputs, targets: Tensor) -> None:
     if not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
-    given = tensors(inputs)  # raises for a form that is none of tensor, sequence, mapping
-    if not given:
-        raise TypeError("inputs hold no tensor")
-    for label, tensor in (*(("inputs", t) for t in given), ("targets", targets)):
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"{label} contain non-finite values")
-    for label, tensor in (("inputs", given[0]), ("targets", targets)):
-        if tensor.dim() == 0 or tensor.shape[0] == 0:
-            raise ValueError(f"{label} must hold at least one sample, got shape {tuple(tensor.shape)}")
+    _check_inputs(inputs)
+    if targets.is_floating_point() and not torch.isfinite(targets).all():
+        raise ValueError("targets contain non-finite values")
+    _check_samples(targets, "targets")
     samples = batch_size(inputs)
     if samples != targets.shape[0]:
         raise ValueError(f"inputs and targets disagree on the batch size: {samples} vs {targets.shape[0]}")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .distributed import Replicas
 from .inputs import batch_size, call_model
@@ -171,9 +172,20 @@ class TeleportMethod(ABC):
             report.guard_loss_before = report.guard_loss_after = guard.loss()
         checked = limits.drift is not None or (guard is not None and limits.guard is not None)
         moved_params = self.moved_parameters(batch)
+
+        def undo(taken: Callable[[], None] | bool, saved: list[Tensor] | None) -> None:
+            """Undo a step: by its own undo, else from the copy (a step that moved nothing needs neither)."""
+            if callable(taken):
+                taken()
+            elif saved is not None:
+                with torch.no_grad():
+                    for param, value in zip(moved_params, saved, strict=True):
+                        param.copy_(value)
+
         undos: list = []
         evaluation = first
         moved = False
+        guard_here = report.guard_loss_before  # the guard loss at the current point, when measured there
         while True:
             if report.steps >= steps:
                 break
@@ -196,39 +208,36 @@ class TeleportMethod(ABC):
             report.steps += 1
             after = evaluate(batch)
             if deferred:
-                undos.append(taken)
+                undos.append((taken, saved))
                 evaluation, moved = after, True
                 continue
             reason = self._limit_reached(after, report, guard)
             if reason is not None:
-                if callable(taken):
-                    taken()
-                elif saved is not None:  # (a step that moved nothing needs no undo)
-                    with torch.no_grad():
-                        for param, value in zip(moved_params, saved, strict=True):
-                            param.copy_(value)
+                undo(taken, saved)
                 report.steps -= 1
                 report.stopped = reason
+                guard_here = None  # (an undo restores the weights to rounding: measure again)
                 break
             evaluation, moved = after, True
+            guard_here = guard.last if guard is not None else None
         if final is not None and moved:
             evaluation = final(batch)
         if deferred and moved:
             reason = self._limit_reached(evaluation, report, guard)
+            guard_here = guard.last if guard is not None else None
             while reason is not None and undos:
-                taken = undos.pop()
-                if callable(taken):
-                    taken()
+                undo(*undos.pop())
                 report.steps -= 1
                 report.stopped = reason
                 evaluation = final(batch)
                 reason = self._limit_reached(evaluation, report, guard)
+                guard_here = None  # (an undo restores the weights to rounding: measure again)
             moved = report.steps > 0
         report.loss_after = float(evaluation.loss)
         report.grad_norm_after = float(evaluation.grad_norm)
         report.objective_after = float(evaluation.value.detach())
-        if guard is not None:
-            report.guard_loss_after = guard.loss() if moved else report.guard_loss_before
+        if guard is not None and moved:
+            report.guard_loss_after = guard_here if guard_here is not None else guard.loss()
         if not torch.isfinite(evaluation.value):
             report.stopped = "non_finite"
         return report
@@ -236,6 +245,8 @@ class TeleportMethod(ABC):
     def _limit_reached(self, evaluation: Evaluation, report: TeleportReport, guard: _GuardLoss | None) -> str | None:
         """``"drift"`` or ``"guard"`` when the step just taken broke that limit; ``None`` otherwise."""
         limits = self.context.limits
+        if guard is not None:
+            guard.last = None
         loss = float(evaluation.loss)
         if limits.drift is not None and math.isfinite(loss):
             if abs(loss - report.loss_before) > limits.drift * max(abs(report.loss_before), 1e-30):
@@ -253,11 +264,13 @@ class _GuardLoss:
     def __init__(self, context: MethodContext, batch: Batch) -> None:
         self.context, self.inputs, self.targets = context, *batch.guard
         self.baseline = batch.guard_baseline  # the guard loss a series of teleports started from
+        self.last: float | None = None  # the latest value :meth:`loss` measured
 
     def loss(self) -> float:
         with torch.no_grad():
             loss = float(self.context.loss_fn(call_model(self.context.model, self.inputs), self.targets))
-        return self.context.replicas.mean(loss, batch_size(self.inputs))
+        self.last = self.context.replicas.mean(loss, batch_size(self.inputs))
+        return self.last
 
 
 def evaluate_objective(objective: Objective, replicas: Replicas) -> Evaluate:
@@ -279,6 +292,6 @@ def evaluate_objective(objective: Objective, replicas: Replicas) -> Evaluate:
 
 def finite_positive(value: float, name: str) -> float:
     """``value`` as a float if it is a finite positive number; a clear error otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)

@@ -29,6 +29,10 @@ class Schedule(ABC):
     needs to remember in :meth:`state_dict`.
     """
 
+    measures_time = False
+    """Whether :meth:`plan` decides by measured time (then it is not reproducible step for step, and
+    data-parallel ranks could disagree: the trainer refuses such a schedule there)."""
+
     @abstractmethod
     def plan(self, *, epoch: int, step: int) -> TeleportPlan | None:
         """The teleport to run before global ``step`` (in ``epoch``), or ``None``."""

@@ -263,7 +263,7 @@ class TeleportTrainer:
         plan = self.schedule.plan(epoch=self.epoch, step=self.global_step) if self.schedule else None
         if plan is None:
             return reports, failures
-        if getattr(self.schedule, "measures_time", False) and self.teleporter.replicas.size > 1:
+        if self.schedule.measures_time and self.teleporter.replicas.size > 1:
             raise ValueError(
                 f"{type(self.schedule).__name__} decides by each process's own clock, so data-parallel "
                 "ranks could disagree on whether to teleport; use a step-based schedule"

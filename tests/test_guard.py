@@ -109,3 +109,18 @@ def test_a_guard_baseline_keeps_a_series_of_teleports_from_compounding():
     assert report.steps > 0 and report.guard_loss_after <= 1.01 * start
     with pytest.raises(ValueError, match="guard_baseline needs a guard batch"):
         teleporter.teleport(*teleport_batch, guard_baseline=start)
+
+
+@pytest.mark.parametrize("gradient", ["closed_form", "structured"])
+def test_the_guard_batch_runs_once_per_point_it_judges(gradient):
+    """Before the teleport and after each checked step (the closed form checks once, at the end):
+    the last measurement gives ``guard_loss_after``, with no forward of its own."""
+    model, teleport_batch, guard = problem(0)
+    sizes: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    report = tt.Teleporter(model, F.cross_entropy, lr=1e-3, steps=2, gradient=gradient).teleport(
+        *teleport_batch, guard=guard
+    )
+    assert report.stopped == "steps" and report.steps == 2
+    assert sizes.count(len(guard[1])) == (2 if gradient == "closed_form" else 3)
+    assert report.guard_loss_after == pytest.approx(loss_on(model, guard), rel=1e-6)
