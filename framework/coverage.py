@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .inputs import batch_size, call_model
+from .inputs import Inputs, batch_size, call_model
 from .model_state import preserved_state
 from .null_space import spectrum
 from .projector import Projector, Site
@@ -63,6 +63,33 @@ HOW_TO_ADD = (
     "To move a module type, register a projector for it: registry.add_projector(ModuleType, "
     "ProjectorClass), from a teleport_register_projectors hook for a plugin (see docs/plugins.md)"
 )
+
+
+def capture_inputs(coverage: Coverage, model: nn.Module, inputs: Inputs) -> dict[tuple[str, str], list[Tensor]]:
+    """Every covered module's input streams on ``inputs``, keyed by (module name, stream).
+
+    A no-grad forward of its own, with the projectors' capture hooks removed
+    afterwards even on error: other forwards (an objective's perturbed ones)
+    must not enter the representations.
+    """
+    captured: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
+
+    def recorder(module_name: str):
+        def record(stream: str, tensor: Tensor) -> None:
+            captured[(module_name, stream)].append(tensor.detach())
+
+        return record
+
+    handles = []
+    try:
+        for covered in coverage.modules:
+            handles += covered.projector.capture(covered.module, recorder(covered.name))
+        with torch.no_grad():
+            call_model(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
 
 
 def find_coverage(model: nn.Module, registry: Registry, policy: str = "warn") -> Coverage:
@@ -358,23 +385,8 @@ def check_coverage(
     """
     registry = registry or default_registry()
     coverage = assign_projectors(model, registry)
-    captured: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
-
-    def recorder(module_name: str):
-        def record(stream: str, tensor: Tensor) -> None:
-            captured[(module_name, stream)].append(tensor.detach())
-
-        return record
-
-    handles = []
-    with preserved_state(model), torch.no_grad():
-        try:
-            for covered in coverage.modules:
-                handles += covered.projector.capture(covered.module, recorder(covered.name))
-            call_model(model, inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
+    with preserved_state(model):
+        captured = capture_inputs(coverage, model, inputs)
     exact = registry.get("null_space", "exact")(tau=1.0)
     sites: dict[str, list[SiteCheck]] = {}
     for covered in coverage.modules:

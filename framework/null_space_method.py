@@ -15,12 +15,12 @@ from torch import Tensor, nn
 from torch.nn.utils import get_total_norm
 
 from .chain import LinearChain
-from .coverage import Coverage, CoveredModule, find_coverage
+from .coverage import Coverage, CoveredModule, capture_inputs, find_coverage
 from .inputs import Inputs, call_model
 from .method import Evaluate, MethodContext, TeleportMethod
 from .null_space import CoreBasis, NullSpace
 from .objective import Batch, Evaluation, GradientNormObjective, checked_loss
-from .projector import Projector, Site, _site_view, tangent_representation
+from .projector import Projector, Site, site_view, tangent_representation
 from .report import LayerReport, TeleportReport
 from .structured import StructuredEvaluation, StructuredEvaluator, tangent_streams
 
@@ -66,6 +66,14 @@ class FactoredSite:
     left: Tensor
     right: Tensor
 
+    @classmethod
+    def projected(cls, covered: CoveredModule, site: Site, left: Tensor, tangents: Tensor, basis: CoreBasis) -> FactoredSite:
+        """The factored update with the tangent factor ``tangents`` (``(groups, samples, inputs)``,
+        folded bias last) projected: ``P(left @ tangents) = left @ P(tangents)``."""
+        width = site_view(covered.module.get_parameter(site.weight), site).shape[-1]
+        weight, bias = basis.project(tangents[..., :width], tangents[..., width:] if site.bias is not None else None)
+        return cls(covered, site, left, weight if bias is None else torch.cat([weight, bias], -1))
+
     def squared_norm(self) -> Tensor:
         """``||left @ right||_F^2`` from the two ``samples x samples`` Gram matrices (in float64)."""
         left, right = self.left.double(), self.right.double()
@@ -73,11 +81,11 @@ class FactoredSite:
 
     def add_to_weights(self, scale: float) -> None:
         module, site = self.covered.module, self.site
-        weight = _site_view(module.get_parameter(site.weight), site)
+        weight = site_view(module.get_parameter(site.weight), site)
         width = weight.shape[-1]
         weight.baddbmm_(self.left, self.right[..., :width], alpha=scale)
         if site.bias is not None:
-            bias = _site_view(module.get_parameter(site.bias), site, bias=True)
+            bias = site_view(module.get_parameter(site.bias), site, bias=True)
             bias.baddbmm_(self.left, self.right[..., width:], alpha=scale)
 
 
@@ -152,6 +160,9 @@ class NullSpaceMethod(TeleportMethod):
             raise ValueError("give tau to the null space object itself, not beside it")
         self.null_space = null_space
         self.coverage: Coverage = find_coverage(context.model, context.registry, uncovered)
+        self._owners = Counter(  # how many sites each moved parameter belongs to
+            covered.qualified(p) for covered in self.coverage.modules for s in covered.sites for p in (s.weight, s.bias) if p
+        )
         self.chain = LinearChain.of(context.model) if gradient in ("auto", "closed_form") and self.structured else None
         if self.chain is not None and not self._covers(self.chain):
             self.chain = None
@@ -183,23 +194,8 @@ class NullSpaceMethod(TeleportMethod):
 
     # -- capture ---------------------------------------------------------------------------
     def capture_inputs(self, inputs: Inputs) -> dict[tuple[str, str], list[Tensor]]:
-        """Every covered module's input streams on ``inputs``, keyed by (module, stream).
-
-        A no-grad forward of its own, with the projectors' hooks removed
-        afterwards even on error: objectives may run extra (e.g. perturbed)
-        forwards whose inputs must not enter the representations.
-        """
-        captured: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
-        handles = []
-        try:
-            for covered in self.coverage.modules:
-                handles += covered.projector.capture(covered.module, _recorder(captured, covered.name))
-            with torch.no_grad():
-                call_model(self.context.model, inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return captured
+        """Every covered module's input streams on ``inputs`` (see :func:`~torch_teleport.coverage.capture_inputs`)."""
+        return capture_inputs(self.coverage, self.context.model, inputs)
 
     # -- the pipeline ------------------------------------------------------------------------
     def run(self, batch: Batch, steps: int, cap: float | None) -> TeleportReport:
@@ -233,8 +229,7 @@ class NullSpaceMethod(TeleportMethod):
         bases = self._bases_into(report, captured, structured, "structured")
         if not bases.of:
             return report
-        params = {name: p for name, p in self.coverage.movable().items() if name not in bases.frozen}
-        weights = float(get_total_norm([p.detach() for p in params.values()]))
+        params, weights = self._moved(bases)
         moving = [(c, s) for c, s in structured if (c.name, s.name) in bases.of]
 
         def step(evaluation: Evaluation) -> Callable[[], None] | bool:
@@ -261,6 +256,7 @@ class NullSpaceMethod(TeleportMethod):
         state = self.chain.prepare(batch)
         sites = {id(c.module): (c, s) for c in self.coverage.modules for s in c.sites}
         layers = [sites[id(layer)] for layer in self.chain.layers]
+
         def evaluate(_: Batch) -> Evaluation:
             return state.evaluate(self.context.objective)
 
@@ -278,8 +274,7 @@ class NullSpaceMethod(TeleportMethod):
         bases = self._bases_into(report, captured, layers, "closed_form")
         if not bases.of:
             return report
-        params = {name: p for name, p in self.coverage.movable().items() if name not in bases.frozen}
-        weights = float(get_total_norm([p.detach() for p in params.values()]))
+        params, weights = self._moved(bases)
 
         def step(evaluation: Evaluation) -> Callable[[], None] | bool:
             coefficient = self.context.objective.slope(evaluation.squared)
@@ -288,13 +283,17 @@ class NullSpaceMethod(TeleportMethod):
                 basis = bases.of.get((covered.name, site.name))
                 if basis is None or tangent is None:
                     continue
-                bias = torch.zeros_like(tangent[:, :1]) if site.bias is not None else None
-                weight_part, bias_part = basis.project(tangent.unsqueeze(0), None if bias is None else bias.unsqueeze(0))
-                right = weight_part if bias_part is None else torch.cat([weight_part, bias_part], -1)
-                factored.append(FactoredSite(covered, site, (delta.T * coefficient).unsqueeze(0), right))
+                folded = torch.cat([tangent, torch.zeros_like(tangent[:, :1])], 1) if site.bias is not None else tangent
+                left = (delta.T * coefficient).unsqueeze(0)
+                factored.append(FactoredSite.projected(covered, site, left, folded.unsqueeze(0), basis))
             return self._take(ProjectedStep({}, factored), params, weights)
 
         return self.ascend(batch, first, report, steps, cap, step, evaluate=evaluate, final=measured, deferred=True)
+
+    def _moved(self, bases: Bases) -> tuple[dict[str, nn.Parameter], float]:
+        """The parameters the steps move, and their norm at the start (the normalised step's scale)."""
+        params = {name: p for name, p in self.coverage.movable().items() if name not in bases.frozen}
+        return params, float(get_total_norm([p.detach() for p in params.values()]))
 
     def _take(
         self, projected: ProjectedStep, params: dict[str, nn.Parameter], weights: float
@@ -419,27 +418,21 @@ class NullSpaceMethod(TeleportMethod):
         if structured:
             assert isinstance(evaluation, StructuredEvaluation) and tangents is not None
             coefficient = context.objective.slope(evaluation.local_squared) * evaluation.share
-            owners = Counter(covered.qualified(p) for covered in self.coverage.modules for s in covered.sites for p in (s.weight, s.bias) if p)
             for covered, site in structured:
                 grads, streams = evaluation.deltas[(covered.name, site.name)], tangents[(covered.name, site.stream)]
                 names = [covered.qualified(p) for p in (site.weight, site.bias) if p]
-                if context.replicas.size == 1 and _factored_is_cheaper(covered, site, grads, names, owners):
+                if context.replicas.size == 1 and _factored_is_cheaper(covered, site, grads, names, self._owners):
                     left = covered.projector.output_representation(covered.module, site, grads) * coefficient
                     right = tangent_representation(covered.projector, covered.module, site, streams).transpose(-1, -2)
-                    basis = bases.of[(covered.name, site.name)]
-                    width = _site_view(covered.module.get_parameter(site.weight), site).shape[-1]
-                    bias_part = right[..., width:] if site.bias is not None else None
-                    projected_w, projected_b = basis.project(right[..., :width], bias_part)
-                    right = torch.cat([projected_w, projected_b], -1) if projected_b is not None else projected_w
-                    factored.append(FactoredSite(covered, site, left, right))
+                    factored.append(FactoredSite.projected(covered, site, left, right, bases.of[(covered.name, site.name)]))
                     continue
                 product = covered.projector.structured_gradient(covered.module, site, grads, streams) * coefficient
                 for name in names:
                     dense.setdefault(name, torch.zeros_like(params[name]))
-                weight = _site_view(dense[covered.qualified(site.weight)], site)
+                weight = site_view(dense[covered.qualified(site.weight)], site)
                 weight.copy_(product[..., : weight.shape[-1]])
                 if site.bias is not None:
-                    _site_view(dense[covered.qualified(site.bias)], site, bias=True).copy_(product[..., weight.shape[-1] :])
+                    site_view(dense[covered.qualified(site.bias)], site, bias=True).copy_(product[..., weight.shape[-1] :])
         dense = context.replicas.sum(dense)  # the global objective's gradient, the same on every rank
         done = {(part.covered.name, part.site.name) for part in factored}
         for covered in self.coverage.modules:
@@ -451,7 +444,7 @@ class NullSpaceMethod(TeleportMethod):
         for covered, site in bases.pinned:
             for local, is_bias in ((site.weight, False), (site.bias, True)):
                 if local and covered.qualified(local) in dense:
-                    _site_view(dense[covered.qualified(local)], site, bias=is_bias).zero_()
+                    site_view(dense[covered.qualified(local)], site, bias=is_bias).zero_()
         return ProjectedStep(dense, factored)
 
 
@@ -464,7 +457,7 @@ def _factored_is_cheaper(
     inputs`` update, and taking norms from ``samples x samples`` Gram
     matrices, pays when there are fewer samples than rows and inputs.
     """
-    weight = _site_view(covered.module.get_parameter(site.weight), site)
+    weight = site_view(covered.module.get_parameter(site.weight), site)
     rows, inputs = weight.shape[-2:]
     samples = sum(grad.numel() for grad in output_grads) // (rows * site.groups)
     params = [covered.module.get_parameter(p) for p in (site.weight, site.bias) if p]
@@ -481,9 +474,3 @@ def _op_of(error: Exception) -> str:
     match = re.search(r"with ([\w:.]+) that does not support it", str(error))
     return f"{match[1]} has none" if match else f"an op has none ({error})"
 
-
-def _recorder(captured: dict, module_name: str):
-    def record(stream: str, tensor: Tensor) -> None:
-        captured[(module_name, stream)].append(tensor.detach())
-
-    return record

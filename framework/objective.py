@@ -111,9 +111,9 @@ class GradientNormObjective(Objective):
     structured path (:mod:`torch_teleport.structured`), with first derivatives only.
     """
 
+    @abstractmethod
     def of_squared_norm(self, squared: Tensor) -> Tensor:
         """``f(s)`` for ``s = ||grad L||^2``; differentiable in ``s``."""
-        raise NotImplementedError
 
     def evaluate(self, batch: Batch) -> Evaluation:
         loss = batch.loss()

@@ -184,8 +184,6 @@ def site_view(tensor: Tensor, site: Site, *, bias: bool = False) -> Tensor:
     return matrix.reshape(site.groups, matrix.shape[0] // site.groups, matrix.shape[1])
 
 
-_site_view = site_view  # the engine's name for it
-
 
 def first_input_hook(stream: str, record: Record) -> Callable:
     """A forward pre-hook that records the module's first positional input under ``stream``."""

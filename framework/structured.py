@@ -103,7 +103,7 @@ class StructuredEvaluator:
 
 def first_order_pass(
     batch: Batch, sites: Sequence[tuple[CoveredModule, Site]]
-) -> tuple[Tensor, list[Tensor], dict[SiteKey, Tensor]]:
+) -> tuple[Tensor, list[Tensor], dict[SiteKey, list[Tensor]]]:
     """The loss, its gradient for ``batch.parameters`` and the output gradients of ``sites``.
 
     One forward with the projectors' output hooks and one first-order backward.

@@ -8,7 +8,7 @@ from hypothesis import given
 from torch import nn
 
 from torch_teleport import Teleporter
-from torch_teleport.projector import _site_view
+from torch_teleport.projector import site_view
 from torch_teleport.projectors.conv import ConvProjector
 from torch_teleport.testing import assert_teleport_invariant, conv_problems
 
@@ -20,9 +20,9 @@ def _dense_product(conv: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor,
     projector = ConvProjector()
     (site,) = projector.sites(conv)
     representation = projector.representation(conv, site, [inputs])
-    weight = _site_view(conv.weight, site)
+    weight = site_view(conv.weight, site)
     if site.bias is not None:
-        weight = torch.cat([weight, _site_view(conv.bias, site, bias=True)], dim=-1)
+        weight = torch.cat([weight, site_view(conv.bias, site, bias=True)], dim=-1)
     output = conv(inputs)
     if output.dim() == conv.weight.dim() - 1:  # unbatched
         output = output.unsqueeze(0)
