@@ -9,7 +9,6 @@ import platform
 import statistics
 import subprocess
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from torch_teleport import Teleporter
 from torch_teleport.config import Option, Table, apply_overrides, at_least, one_of, resolve
+from torch_teleport.coverage import capture_inputs
 from torch_teleport.data import DataSplits
 from torch_teleport.experiment import build_optimizer, generator, seed_everything, write_json
 from torch_teleport.model_state import preserved_state
@@ -219,17 +219,8 @@ def representations(teleporter: Teleporter, inputs: Tensor) -> dict[str, Tensor]
     the mode restored, also on error.
     """
     coverage = teleporter.method.coverage
-    captured: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
-    handles = []
-    try:
-        for covered in coverage.modules:
-            record = functools.partial(_record, captured, covered.name)
-            handles += covered.projector.capture(covered.module, record)
-        with preserved_state(teleporter.model), torch.no_grad():
-            teleporter.model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with preserved_state(teleporter.model):
+        captured = capture_inputs(coverage, teleporter.model, inputs)
     return {
         covered.qualified(site.name): covered.projector.representation(
             covered.module, site, captured[(covered.name, site.stream)]
@@ -238,10 +229,6 @@ def representations(teleporter: Teleporter, inputs: Tensor) -> dict[str, Tensor]
         for site in covered.sites
         if captured.get((covered.name, site.stream))
     }
-
-
-def _record(captured: dict, module_name: str, stream: str, tensor: Tensor) -> None:
-    captured[(module_name, stream)].append(tensor.detach())
 
 
 def write_outputs(
