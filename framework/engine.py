@@ -27,6 +27,9 @@ from .objective import Batch, LossFn, Objective
 from .registry import Registry, default_registry
 from .report import TeleportReport
 
+INITIAL_LR = 0.005
+"""The step-length search's first step: half a percent of the moved weights' norm (normalised)."""
+
 
 class Teleporter:
     """Teleports ``model`` along the level set of ``loss_fn`` on a teleport batch.
@@ -46,12 +49,18 @@ class Teleporter:
         null_space, tau, uncovered, gradient: options of the null-space
             method, passed to it when given (see
             :class:`~torch_teleport.null_space_method.NullSpaceMethod`; its
-            defaults: ``"exact"``, ``1.0``, ``"warn"``, ``"auto"``).
-        lr: step size. With ``normalize=True`` (default) each step moves the
-            movable parameters by ``lr`` times their norm (at the start of the
-            teleport), which makes one
-            default work across models and training stages; with
-            ``normalize=False`` it is the plain ascent rate of eq. 5.
+            defaults: ``"svd"`` with ``tau = 0.999``, the core space of the
+            data the teleport sees, ``"warn"``, ``"auto"``).
+        lr: step size; ``None`` (default) searches for it: the first step is
+            :data:`INITIAL_LR`, and each next one grows while the drift and guard
+            limits accept it and the objective improves, shrinking and retrying
+            when not (see :meth:`~torch_teleport.method.TeleportMethod.ascend`;
+            ``report.step_sizes`` says what it chose). With ``normalize=True``
+            (default) each step moves the movable parameters by ``lr`` times
+            their norm (at the start of the teleport), which makes one default
+            work across models and training stages; with ``normalize=False`` it
+            is the plain ascent rate of eq. 5. A given ``lr`` is fixed: the
+            first step a limit rejects ends the teleport.
         steps: ascent steps per teleport (the paper's t).
         cap: stop once the gradient norm reaches this value (the paper's CAP).
         replicas: the data-parallel replicas to keep identical; by default
@@ -63,8 +72,8 @@ class Teleporter:
         drift_tolerance: a step after which the teleport-batch loss has moved
             by more than this (relative) is undone and the teleport ends at
             the last good step (``stopped="drift"``). ``"auto"`` (default): the
-            method's own default (null space: ``1e-5`` when exact, ``1e-3``
-            when thresholded); ``None`` checks nothing.
+            method's own default (null space: ``1e-5``, float32's invariance,
+            whatever the null space); ``None`` checks nothing.
         guard_tolerance: with a ``guard`` batch, a step after which the guard
             loss rose by more than this (relative) is undone (``stopped="guard"``).
         max_gain: stop once the gradient norm reaches this multiple of its
@@ -85,7 +94,7 @@ class Teleporter:
         tau: float | None = None,
         uncovered: str | None = None,
         gradient: str | None = None,
-        lr: float = 0.005,
+        lr: float | None = None,
         steps: int = 8,
         cap: float | None = None,
         normalize: bool = True,
@@ -101,13 +110,14 @@ class Teleporter:
         self.registry = registry or default_registry()
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(model(inputs), targets)")
-        lr = finite_positive(lr, "lr")
+        search = lr is None
+        lr = INITIAL_LR if search else finite_positive(lr, "lr")
         self.steps = _check_steps(steps)
         self.cap = _check_cap(cap)
         if normalize and lr > 1:
             raise ValueError(
                 f"lr is relative to the weights' norm when normalize=True: {lr} would move them by more "
-                "than their own size per step; use lr <= 1 (the default is 0.005)"
+                "than their own size per step; use lr <= 1, or leave it out to search for it"
             )
         if max_loss_change is not None and not max_loss_change >= 0:
             raise ValueError(f"max_loss_change must be None or a non-negative number, got {max_loss_change!r}")
@@ -126,7 +136,7 @@ class Teleporter:
             objective=self.objective,
             evaluate=self.evaluate,
             replicas=self.replicas,
-            step=StepRule(lr, bool(normalize), self.objective.ascend),
+            step=StepRule(lr, bool(normalize), self.objective.ascend, search),
             registry=self.registry,
             limits=Limits(
                 drift=None,
@@ -175,11 +185,11 @@ class Teleporter:
         same guard batch, e.g. ``report.guard_loss_before`` of the first), so
         a round of teleports cannot compound small rises. ``basis`` is the
         inputs of a larger sample of the training data (no targets): the
-        null-space method keeps its update out of the
-        span of those inputs too, so the loss of the data they represent
-        stays nearly fixed (with ``null_space="svd"``, ``tau < 1``, the core
-        space is then a thresholded basis of the data's inputs, GPM's use of
-        the energy threshold), while the ascent's objective is the teleport
+        null-space method builds its core space from those inputs and the
+        guard's too, so the loss of the data they represent stays nearly
+        fixed (with the default ``null_space="svd"``, ``tau = 0.999``, the
+        core space is the thresholded basis of all of them, GPM's use of the
+        energy threshold), while the ascent's objective is the teleport
         batch's. The model is left as found (modes, buffers, hooks), apart
         from the parameter update; on an exception, or when a non-finite
         value appears, the parameters are restored too and the report says so.

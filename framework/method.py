@@ -21,6 +21,20 @@ from .report import TeleportReport
 Evaluate = Callable[[Batch], Evaluation]
 
 
+SEARCH_GROWTH = 2.0
+"""The step-length search doubles the step after every accepted step..."""
+
+SEARCH_SHRINK = 0.25
+"""...and quarters it after a rejected one, which is undone and tried again..."""
+
+SEARCH_RETRIES = 3
+"""...at most this many times in a row before the ascent stops."""
+
+SEARCH_MAX_LENGTH = 16.0
+"""The search never goes beyond this multiple of the initial step (with the default initial
+step, 8% of the moved weights' norm per step)."""
+
+
 @dataclass(frozen=True)
 class StepRule:
     """How far a step goes along a direction: the one rule every method shares.
@@ -28,16 +42,19 @@ class StepRule:
     With ``normalize`` a direction of norm ``n`` is scaled to ``lr`` times a
     reference norm (the moved weights' norm, or 1 in a method's own
     coordinates); without it the step is ``lr`` times the direction (eq. 5).
-    The sign follows the objective's direction.
+    The sign follows the objective's direction. With ``search`` (no ``lr``
+    given), ``lr`` is only the first step's length: :meth:`TeleportMethod.ascend`
+    multiplies it by a ``length`` it adapts to what the limits accept.
     """
 
     lr: float
     normalize: bool
     ascend: bool
+    search: bool = False
 
-    def scale(self, direction_norm: float, reference_norm: float = 1.0) -> float:
-        """The signed multiplier of a direction of norm ``direction_norm``."""
-        size = self.lr * reference_norm / direction_norm if self.normalize else self.lr
+    def scale(self, direction_norm: float, reference_norm: float = 1.0, length: float = 1.0) -> float:
+        """The signed multiplier of a direction of norm ``direction_norm``, at ``length`` times ``lr``."""
+        size = self.lr * length * (reference_norm / direction_norm if self.normalize else 1.0)
         return size if self.ascend else -size
 
 
@@ -91,7 +108,11 @@ class TeleportMethod(ABC):
     """Whether the ``step`` given to :meth:`ascend` returns its own undo (saving a copy of the weights)."""
 
     takes_basis_sample = False
-    """Whether :meth:`run` builds its null space from ``batch.basis`` too (a larger data sample)."""
+    """Whether :meth:`run` builds its null space from ``batch.basis`` and the guard's inputs too."""
+
+    retries_steps = False
+    """Whether a step undone by :meth:`ascend` may be tried again at another length (the step
+    keeps no state that the undo would leave stale): what the step-length search needs."""
 
     def moved_parameters(self, batch: Batch) -> list[nn.Parameter]:
         """The parameters a run may change (all trainable ones unless the method knows better):
@@ -148,7 +169,8 @@ class TeleportMethod(ABC):
     ) -> TeleportReport:
         """The loop every method shares: record, stop at a limit, step, and backtrack a bad step.
 
-        ``step(evaluation)`` moves the parameters once, in place, and returns
+        ``step(evaluation, length)`` moves the parameters once, in place, by
+        ``length`` times the step rule's step, and returns
         ``False`` when its update was not finite (nothing moved), else ``True``
         or, for methods with ``undoes_steps``, a callable that undoes the step
         (otherwise a copy of the moved parameters is kept to undo it). ``evaluate``
@@ -164,6 +186,16 @@ class TeleportMethod(ABC):
         whose steps undo themselves), the limits are checked once, on the
         ``final`` evaluation; while they are broken the last step is undone
         and the end point measured again, back to the last good step.
+
+        The step-length search (``step.search``, methods with ``retries_steps``)
+        is a backtracking line search with growth: a step that breaks a limit
+        or fails to improve the objective is undone and tried again at
+        :data:`SEARCH_SHRINK` times the length (up to :data:`SEARCH_RETRIES`
+        times in a row; then the ascent stops, ``"line_search"`` when the
+        objective did not improve); an accepted step makes the next one
+        :data:`SEARCH_GROWTH` times longer, up to :data:`SEARCH_MAX_LENGTH`.
+        In deferred mode the search judges the objective only. The report's
+        ``step_sizes`` are the accepted steps' rates.
         """
         evaluate = evaluate or self.context.evaluate
         limits = self.context.limits
@@ -186,11 +218,14 @@ class TeleportMethod(ABC):
         evaluation = first
         moved = False
         guard_here = report.guard_loss_before  # the guard loss at the current point, when measured there
+        search = self.context.step.search and self.retries_steps
+        length, rejected = 1.0, 0
         while True:
             if report.steps >= steps:
                 break
-            report.losses.append(float(evaluation.loss))  # at the start of each step
-            report.grad_norms.append(float(evaluation.grad_norm))
+            if not rejected:  # at the start of each step (not again for a retry)
+                report.losses.append(float(evaluation.loss))
+                report.grad_norms.append(float(evaluation.grad_norm))
             if not torch.isfinite(evaluation.value):
                 report.stopped = "non_finite"
                 return report
@@ -201,25 +236,32 @@ class TeleportMethod(ABC):
                 report.stopped = "gain"
                 break
             saved = [p.detach().clone() for p in moved_params] if checked and not self.undoes_steps else None
-            taken = step(evaluation)
+            taken = step(evaluation, length)
             if taken is False:
                 report.stopped = "non_finite"
                 return report
             report.steps += 1
             after = evaluate(batch)
-            if deferred:
-                undos.append((taken, saved))
-                evaluation, moved = after, True
-                continue
-            reason = self._limit_reached(after, report, guard)
+            reason = None if deferred else self._limit_reached(after, report, guard)
+            if reason is None and search and not self._improved(after, evaluation):
+                reason = "line_search"
             if reason is not None:
                 undo(taken, saved)
                 report.steps -= 1
-                report.stopped = reason
                 guard_here = None  # (an undo restores the weights to rounding: measure again)
+                if search and rejected < SEARCH_RETRIES:
+                    rejected, length = rejected + 1, length * SEARCH_SHRINK
+                    continue
+                report.stopped = reason
                 break
-            evaluation, moved = after, True
-            guard_here = guard.last if guard is not None else None
+            if deferred:
+                undos.append((taken, saved))
+            report.step_sizes.append(self.context.step.lr * length)
+            evaluation, moved, rejected = after, True, 0
+            if search:
+                length = min(length * SEARCH_GROWTH, SEARCH_MAX_LENGTH)
+            if not deferred:
+                guard_here = guard.last if guard is not None else None
         if final is not None and moved:
             evaluation = final(batch)
         if deferred and moved:
@@ -228,6 +270,7 @@ class TeleportMethod(ABC):
             while reason is not None and undos:
                 undo(*undos.pop())
                 report.steps -= 1
+                report.step_sizes.pop()
                 report.stopped = reason
                 evaluation = final(batch)
                 reason = self._limit_reached(evaluation, report, guard)
@@ -241,6 +284,11 @@ class TeleportMethod(ABC):
         if not torch.isfinite(evaluation.value):
             report.stopped = "non_finite"
         return report
+
+    def _improved(self, after: Evaluation, before: Evaluation) -> bool:
+        """Whether a step moved the objective the way the ascent goes."""
+        new, old = float(after.value.detach()), float(before.value.detach())
+        return new > old if self.context.step.ascend else new < old
 
     def _limit_reached(self, evaluation: Evaluation, report: TeleportReport, guard: _GuardLoss | None) -> str | None:
         """``"drift"`` or ``"guard"`` when the step just taken broke that limit; ``None`` otherwise."""

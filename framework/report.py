@@ -34,9 +34,10 @@ class TeleportReport:
     step), ``"no_room"`` (no parameter has a non-trivial null space),
     ``"non_finite"`` (rolled back), ``"loss_changed"``
     (the batch loss moved more than the teleporter's ``max_loss_change``; rolled back);
-    level-set teleport adds ``"kkt"`` (a KKT point reached) and ``"line_search"`` (no step
-    passed the line search).
-    ``frozen`` maps parameter names to why they did not move.
+    ``"line_search"`` (no step the search tried improved the objective; level-set
+    teleport's own line search too) and, for level-set teleport, ``"kkt"`` (a KKT point reached).
+    ``frozen`` maps parameter names to why they did not move; ``step_sizes`` are the
+    rates of the steps taken (what the step-length search chose, or the fixed ``lr``).
     """
 
     loss_before: float
@@ -52,6 +53,7 @@ class TeleportReport:
     frozen: dict[str, str] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
+    step_sizes: list[float] = field(default_factory=list)
     guard_loss_before: float | None = None
     guard_loss_after: float | None = None
     basis_seconds: float = 0.0

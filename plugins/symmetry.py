@@ -81,7 +81,7 @@ class SymmetryMethod(TeleportMethod):
             first_input = self.prefix(batch.inputs).reshape(batch.inputs.shape[0], -1)
         inputs: list[_Inputs] | None = None
 
-        def step(evaluation: Evaluation) -> bool:
+        def step(evaluation: Evaluation, length: float) -> bool:
             nonlocal inputs
             grads = dict(
                 zip(params, torch.autograd.grad(evaluation.value, params, allow_unused=True), strict=True)
@@ -93,7 +93,7 @@ class SymmetryMethod(TeleportMethod):
                 norm = float(get_total_norm(directions))
                 if not math.isfinite(norm):
                     return False
-                scale = self.context.step.scale(norm) if norm > 0 else 0.0  # T of norm lr in total
+                scale = self.context.step.scale(norm, length=length) if norm > 0 else 0.0  # T of norm lr in total
                 try:
                     inputs = self._act(first_input, [t * scale for t in directions], inputs, report)
                 except torch.linalg.LinAlgError:

@@ -161,7 +161,7 @@ def test_tau_below_one_needs_the_svd_null_space():
         model,
         ValueError,
         "exact null space needs tau = 1.*null_space='svd'",
-        build=lambda: Teleporter(model, nn.functional.cross_entropy, tau=0.9, uncovered="freeze"),
+        build=lambda: Teleporter(model, nn.functional.cross_entropy, null_space="exact", tau=0.9, uncovered="freeze"),
     )
 
 

@@ -157,9 +157,12 @@ def test_error_control(tmp_path):
 def test_time_to_target(tmp_path):
     data = run_tiny("time_to_target", tmp_path)
     run = data["runs"]["default"]
+    grid = data["settings"]["multipliers"]
+    assert run["multipliers"] == grid == [1.0, 2.0]
     assert [(row["optimizer"], row["teleport"]) for row in run["rows"]] == [
-        ("sgd", False),
-        ("sgd", True),
+        ("sgd x1", False),
+        ("sgd x2", False),
+        ("sgd x1", True),
     ]
     for row in run["rows"]:
         numbers(row["seconds_mean"], row["final_train_loss_mean"])
@@ -168,7 +171,48 @@ def test_time_to_target(tmp_path):
             == len(row["seconds_to_target"])
             == len(row["cpu_seconds_to_target"])
         )
-    assert "| sgd | yes |" in run["table"]
+    assert "| sgd x2 | no |" in run["table"] and "| sgd x1 | yes |" in run["table"]
+    assert run["teleport"]["schedule"]["name"]  # the teleport settings used are recorded
+    (comparison,) = run["optimizers"].values()
+    baselines, teleport = comparison["baselines"], comparison["teleport"]
+    assert [b["multiplier"] for b in baselines] == grid and teleport["multiplier"] == 1.0
+    assert [b["lr"] for b in baselines] == [pytest.approx(comparison["base_lr"] * m) for m in grid]
+    for entry in (*baselines, teleport):
+        assert len(entry["train_loss"]) == len(entry["seconds"]) == len(run["seeds"])
+        assert all(len(curve) == run["epochs"] + 1 for curve in entry["train_loss"])
+        numbers(entry["final_train_loss"], *entry["train_loss"][0])
+        reached = entry["seconds_to_target"] is not None
+        assert reached == (entry["target_reached"] == len(run["seeds"]))
+        assert (entry["epochs_to_target"] is not None) == reached
+    assert all(b["teleport_seconds"] == 0 for b in baselines)
+    best = comparison["best_baseline"]
+    assert comparison["best_multiplier"] == best["multiplier"] in grid and best in baselines
+    reached = [b["seconds_to_target"] for b in baselines if b["seconds_to_target"] is not None]
+    if reached:
+        assert best["seconds_to_target"] == min(reached)
+    else:
+        assert best["final_train_loss"] == min(b["final_train_loss"] for b in baselines)
+    ratios = comparison["teleport_over_best_baseline"]
+    for key in ("epochs_to_target", "seconds_to_target", "cpu_seconds_to_target"):
+        if teleport[key] is None or not best[key]:
+            assert ratios[key] is None
+        else:
+            assert ratios[key] == pytest.approx(teleport[key] / best[key])
+    with_teleport, without = teleport["seconds_to_target"], best["seconds_to_target"]
+    if with_teleport is None:
+        winner = "neither" if without is None else "baseline"
+    else:
+        winner = "teleport" if without is None or with_teleport < without else "baseline"
+    assert comparison["winner"] == winner
+    opening = {"neither": "neither", "teleport": "teleport wins", "baseline": "teleport loses"}
+    assert comparison["verdict"].startswith(opening[winner])
+
+
+def test_time_to_target_refuses_a_grid_without_positive_multipliers(tmp_path):
+    run = default_registry().get("experiment", "bench.time_to_target")
+    for grid in ([], [0.0, 1.0]):
+        with pytest.raises(ConfigError, match="multipliers"):
+            run({"kind": "bench.time_to_target", "size": "tiny", "multipliers": grid}, tmp_path)
 
 
 def test_teleport_bench_command_runs_a_benchmark(tmp_path):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pickle
+import random
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +95,41 @@ def test_digits_sequence_reshapes_the_digit_images(level, shape):
         assert seqs.shape == (len(pixels), *shape)
         assert torch.equal(seqs.reshape(len(seqs), -1), pixels.reshape(len(pixels), -1))
         assert torch.equal(seq_labels, labels)
+
+
+# -- MNIST-1D ----------------------------------------------------------------------------------------
+def test_mnist1d_is_generated_offline_the_same_every_time():
+    python_state, numpy_state = random.getstate(), np.random.get_state()[1].copy()
+    first, second = dataset("mnist1d")(), dataset("mnist1d")()
+    assert random.getstate() == python_state  # the generator's reseeding is undone
+    assert np.array_equal(np.random.get_state()[1], numpy_state)
+    assert first.input_shape == (40,) and first.num_classes == 10
+    assert "4000 train / 1000 test" in first.description
+    for split, again, size in ((first.train, second.train, 4000), (first.test, second.test, 1000)):
+        inputs, labels = split.tensors
+        assert inputs.shape == (size, 40) and inputs.dtype == torch.float32
+        assert labels.shape == (size,) and labels.dtype == torch.long
+        assert set(labels.tolist()) == set(range(10))
+        assert all(torch.equal(a, b) for a, b in zip(split.tensors, again.tensors, strict=True))
+
+
+def test_mnist1d_sequence_is_mnist1d_as_40_steps_of_one():
+    signals, sequences = dataset("mnist1d")(), dataset("mnist1d_sequence")()
+    assert sequences.input_shape == (40, 1) and sequences.num_classes == 10
+    for signal_split, sequence_split in (
+        (signals.train, sequences.train),
+        (signals.test, sequences.test),
+    ):
+        (inputs, labels), (steps, step_labels) = signal_split.tensors, sequence_split.tensors
+        assert steps.shape == (len(inputs), 40, 1) and torch.equal(steps[..., 0], inputs)
+        assert torch.equal(step_labels, labels)
+
+
+def test_mnist1d_without_its_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mnist1d", None)  # None in sys.modules: the import fails
+    monkeypatch.setitem(sys.modules, "mnist1d.data", None)
+    with pytest.raises(ImportError, match=r"pip install 'torch-teleport\[data\]'"):
+        dataset("mnist1d")()
 
 
 # -- MNIST and sequential MNIST -----------------------------------------------------------------
@@ -424,6 +461,14 @@ def test_paper_config_follows_the_paper_and_names_registered_plugins(name):
     assert teleport["null_space"] == "exact" and teleport["objective"] == "grad_norm"
     assert schedule.warmup == (40 if name.endswith(("_cnn", "_resnet")) else 0)
     assert config["dataset"]["options"].get("download", False) is False  # never downloads unasked
+
+
+def test_mnist1d_config_fits_its_data():
+    from torch_teleport.config import load_config
+    from torch_teleport.plugins.train import prepare
+
+    setup = prepare(load_config(CONFIGS / "mnist1d_mlp.toml"))  # checks model, data and teleport
+    assert setup.config["dataset"]["name"] == "mnist1d" and setup.splits.input_shape == (40,)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
