@@ -34,6 +34,11 @@ training set's loss by 6% on digits) and has no room at all on a sample larger t
 width; this one keeps the data's loss to 0.01% on a sample of 1,024 while the drift tolerance
 keeps the batch's (docs/guide.md, "Which level set")."""
 
+SITE_STEP_LIMIT = 0.1
+"""No step moves a module's parameters by more than this fraction of their own norm at the
+teleport's start: the step is relative to the moved weights' joint norm, which would otherwise
+move a small layer (a classifier head) by more than its own size."""
+
 DEFAULT_DRIFT = 1e-5
 """Default relative batch-loss drift allowed per teleport, whatever the null space: the float32
 invariance the property tests hold every projector to (exact teleports measure about 1e-7)."""
@@ -107,12 +112,37 @@ class ProjectedStep:
         squares += [part.squared_norm() for part in self.factored]
         return torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=torch.float64)
 
-    def add_to_weights(self, params: dict[str, nn.Parameter], scale: float) -> None:
+    def scales(self, scale: float, modules: dict[str, str], sizes: dict[str, float]) -> list[float]:
+        """``scale`` per part (dense parameters in order, then factored sites), cut per module
+        where the step would move the module's parameters by more than :data:`SITE_STEP_LIMIT`
+        of their own norm (``modules``: each parameter's module; ``sizes``: each parameter's
+        norm at the teleport's start; a module of zero norm is not cut).
+
+        Every site of a module gets the same factor, so each site's update stays in its null
+        space and a shorter step keeps the batch's loss exactly as the whole step does."""
+        squares: dict[str, float] = defaultdict(float)
+        owners = [modules[name] for name in self.dense] + [part.covered.name for part in self.factored]
+        updates = [float(u.double().square().sum()) for u in self.dense.values()]
+        updates += [float(part.squared_norm()) for part in self.factored]
+        for owner, square in zip(owners, updates, strict=True):
+            squares[owner] += square
+        size: dict[str, float] = defaultdict(float)
+        for name, norm in sizes.items():
+            size[modules[name]] += norm**2
+        factor = {}
+        for owner, square in squares.items():
+            moved, limit = abs(scale) * math.sqrt(square), SITE_STEP_LIMIT * math.sqrt(size[owner])
+            factor[owner] = limit / moved if limit > 0 and moved > limit else 1.0
+        return [scale * factor[owner] for owner in owners]
+
+    def add_to_weights(self, params: dict[str, nn.Parameter], scales: list[float], sign: float = 1.0) -> None:
+        """Add each part times its scale (from :meth:`scales`), or subtract it with ``sign=-1``."""
+        dense = len(self.dense)
         with torch.no_grad():
-            for name, update in self.dense.items():
-                params[name].add_(update, alpha=scale)
-            for part in self.factored:
-                part.add_to_weights(scale)
+            for (name, update), scale in zip(self.dense.items(), scales[:dense], strict=True):
+                params[name].add_(update, alpha=sign * scale)
+            for part, scale in zip(self.factored, scales[dense:], strict=True):
+                part.add_to_weights(sign * scale)
 
 
 class NullSpaceMethod(TeleportMethod):
@@ -168,9 +198,9 @@ class NullSpaceMethod(TeleportMethod):
             raise ValueError("give tau to the null space object itself, not beside it")
         self.null_space = null_space
         self.coverage: Coverage = find_coverage(context.model, context.registry, uncovered)
-        self._owners = Counter(  # how many sites each moved parameter belongs to
-            covered.qualified(p) for covered in self.coverage.modules for s in covered.sites for p in (s.weight, s.bias) if p
-        )
+        moved = [(covered.qualified(p), covered.name) for covered in self.coverage.modules for s in covered.sites for p in (s.weight, s.bias) if p]
+        self._owners = Counter(name for name, _ in moved)  # how many sites each moved parameter belongs to
+        self._module_of = dict(moved)  # each moved parameter's module: the unit of SITE_STEP_LIMIT
         self.chain = LinearChain.of(context.model) if gradient in ("auto", "closed_form") and self.structured else None
         if self.chain is not None and not self._covers(self.chain):
             self.chain = None
@@ -237,7 +267,7 @@ class NullSpaceMethod(TeleportMethod):
         bases = self._bases_into(report, captured, structured, "structured")
         if not bases.of:
             return report
-        params, weights = self._moved(bases)
+        params, sizes = self._moved(bases)
         moving = [(c, s) for c, s in structured if (c.name, s.name) in bases.of]
 
         def direction(evaluation: Evaluation) -> ProjectedStep:
@@ -246,7 +276,7 @@ class NullSpaceMethod(TeleportMethod):
                 tangents = first_tangents if evaluation is first else tangent_streams(batch, evaluation.direction, modules)
             return self._projected_gradient(batch, evaluation, params, bases, moving, tangents)
 
-        return self.ascend(batch, first, report, steps, cap, self._stepper(direction, params, weights), evaluate=evaluate)
+        return self.ascend(batch, first, report, steps, cap, self._stepper(direction, params, sizes), evaluate=evaluate)
 
     def _covers(self, chain: LinearChain) -> bool:
         """Whether every layer of ``chain`` is one covered module moving its own weight and bias."""
@@ -281,7 +311,7 @@ class NullSpaceMethod(TeleportMethod):
         bases = self._bases_into(report, captured, layers, "closed_form")
         if not bases.of:
             return report
-        params, weights = self._moved(bases)
+        params, sizes = self._moved(bases)
 
         def direction(evaluation: Evaluation) -> ProjectedStep:
             coefficient = self.context.objective.slope(evaluation.squared)
@@ -295,25 +325,28 @@ class NullSpaceMethod(TeleportMethod):
                 factored.append(FactoredSite.projected(covered, site, left, folded.unsqueeze(0), basis))
             return ProjectedStep({}, factored)
 
-        step = self._stepper(direction, params, weights)
+        step = self._stepper(direction, params, sizes)
         return self.ascend(batch, first, report, steps, cap, step, evaluate=evaluate, final=measured, deferred=True)
 
-    def _moved(self, bases: Bases) -> tuple[dict[str, nn.Parameter], float]:
-        """The parameters the steps move, and their norm at the start (the normalised step's scale)."""
+    def _moved(self, bases: Bases) -> tuple[dict[str, nn.Parameter], dict[str, float]]:
+        """The parameters the steps move, and each one's norm at the start (the normalised step's
+        scale is their joint norm; each module's limit its own)."""
         params = {name: p for name, p in self.coverage.movable().items() if name not in bases.frozen}
-        return params, float(get_total_norm([p.detach() for p in params.values()]))
+        return params, {name: float(p.detach().double().norm()) for name, p in params.items()}
 
     def _stepper(
-        self, direction: Callable[[Evaluation], ProjectedStep], params: dict[str, nn.Parameter], weights: float
+        self, direction: Callable[[Evaluation], ProjectedStep], params: dict[str, nn.Parameter], sizes: dict[str, float]
     ) -> Callable[[Evaluation, float], Callable[[], None] | bool]:
         """The step :meth:`ascend` takes: the step rule applied to ``direction(evaluation)``, the
         projected gradient (computed once per point: a retried step reuses it).
 
-        The projected gradient is scaled (relative to ``weights``, the moved
-        parameters' norm at the start of the teleport, when normalising) and added to
-        the weights. A step returns ``False`` when it is not finite (nothing moves), else
-        its undo: subtracting it again, which restores the weights to rounding (no copy of
-        them is kept; a factored step holds only its factors)."""
+        The projected gradient is scaled (relative to the moved parameters' joint norm at
+        the start of the teleport, when normalising; no site by more than
+        :data:`SITE_STEP_LIMIT` of its own) and added to the weights. A step returns
+        ``False`` when it is not finite (nothing moves), else its undo: subtracting it
+        again, which restores the weights to rounding (no copy of them is kept; a factored
+        step holds only its factors)."""
+        weights = math.sqrt(sum(size**2 for size in sizes.values()))
         last: list = [None, None]  # the evaluation whose projected gradient is held, and that gradient
 
         def step(evaluation: Evaluation, length: float) -> Callable[[], None] | bool:
@@ -325,9 +358,9 @@ class NullSpaceMethod(TeleportMethod):
                 return False
             if norm == 0:  # every site was wholly in its core space (see CoreBasis.project)
                 return True
-            scale = self.context.step.scale(norm, weights, length)
-            projected.add_to_weights(params, scale)
-            return lambda: projected.add_to_weights(params, -scale)
+            scales = projected.scales(self.context.step.scale(norm, weights, length), self._module_of, sizes)
+            projected.add_to_weights(params, scales)
+            return lambda: projected.add_to_weights(params, scales, sign=-1.0)
 
         return step
 
