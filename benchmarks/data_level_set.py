@@ -13,7 +13,7 @@ training set's gradient norm before and after:
 * ``exact``: the same with the exact null space (tau = 1) and the paper's fixed lr 0.005;
 * ``round``: the paper's round, 32 random batches of 32, 8 steps each, with the
   defaults and with the exact null space, with and without one guard batch
-  (32 or 256 other training samples, whose inputs join the core space and whose
+  (32, 256 or 1,024 other training samples, whose inputs join the core space and whose
   loss when the round began judges every step: ``guard_baseline``).
 
 Usage: ``python benchmarks/data_level_set.py``; writes
@@ -81,6 +81,7 @@ def settings(train):
     batches = [(train[0][order[i * 32 : (i + 1) * 32]], train[1][order[i * 32 : (i + 1) * 32]]) for i in range(33)]
     sample = (train[0][order[:1024]], train[1][order[:1024]])
     guard_256 = (train[0][order[-256:]], train[1][order[-256:]])
+    guard_1024 = (train[0][order[-1024:]], train[1][order[-1024:]])
 
     def round_(model, guard=None, **options):
         """32 teleports; with ``guard``, all judged against its loss when the round began."""
@@ -111,6 +112,7 @@ def settings(train):
         "round 32 x 32 + guard 32, defaults": lambda m: round_(m, guard=batches[0]),
         "round 32 x 32 + guard 256, defaults": lambda m: round_(m, guard=guard_256),
         "round 32 x 32 + guard 256, exact, lr 0.005": lambda m: round_(m, guard=guard_256, **EXACT),
+        "round 32 x 32 + guard 1024, defaults": lambda m: round_(m, guard=guard_1024),
     }
 
 

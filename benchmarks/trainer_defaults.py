@@ -95,7 +95,7 @@ def main() -> None:
                 "budget": run(train, seed, "budget"),
             }
             plain = runs["plain"]
-            for name, result in runs.items():
+            for result in runs.values():
                 time_to = reached(result, plain["train_loss"][-1])
                 result["epoch5_ratio"] = result["train_loss"][5] / plain["train_loss"][5]
                 result["time_ratio"] = None if time_to is None else time_to / plain["cpu_seconds"][-1]

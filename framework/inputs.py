@@ -58,3 +58,27 @@ def to_device(inputs: Inputs, device: torch.device | str) -> Inputs:
     if isinstance(inputs, Mapping):
         return {key: value.to(device) if isinstance(value, Tensor) else value for key, value in inputs.items()}
     return type(inputs)(value.to(device) if isinstance(value, Tensor) else value for value in inputs)
+
+
+def concatenate(parts: Sequence[Inputs]) -> Inputs:
+    """One batch of the samples of ``parts`` (all of one form), joined along the first dimension.
+
+    Entries that are not batched tensors (flags, ``None``, scalars) are taken from
+    the first part. Raises ``ValueError`` when the parts' tensors disagree beyond
+    the first dimension (e.g. token batches padded to different lengths).
+    """
+
+    def join(values: list[Any]) -> Any:
+        first = values[0]
+        if not (isinstance(first, Tensor) and first.dim() > 0):
+            return first
+        if any(v.shape[1:] != first.shape[1:] for v in values):
+            raise ValueError(f"cannot join batches of shapes {[tuple(v.shape) for v in values]}")
+        return torch.cat(values)
+
+    first = parts[0]
+    if isinstance(first, Tensor):
+        return join(list(parts))
+    if isinstance(first, Mapping):
+        return {key: join([part[key] for part in parts]) for key in first}
+    return type(first)(join([part[i] for part in parts]) for i in range(len(first)))

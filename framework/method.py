@@ -166,6 +166,7 @@ class TeleportMethod(ABC):
         evaluate: Evaluate | None = None,
         final: Evaluate | None = None,
         deferred: bool = False,
+        grow: bool = True,
     ) -> TeleportReport:
         """The loop every method shares: record, stop at a limit, step, and backtrack a bad step.
 
@@ -193,7 +194,9 @@ class TeleportMethod(ABC):
         :data:`SEARCH_SHRINK` times the length (up to :data:`SEARCH_RETRIES`
         times in a row; then the ascent stops, ``"line_search"`` when the
         objective did not improve); an accepted step makes the next one
-        :data:`SEARCH_GROWTH` times longer, up to :data:`SEARCH_MAX_LENGTH`.
+        :data:`SEARCH_GROWTH` times longer, up to :data:`SEARCH_MAX_LENGTH` (up to the
+        first length without ``grow``: the method has no evidence that longer steps keep the
+        data's loss).
         In deferred mode the search judges the objective only. The report's
         ``step_sizes`` are the accepted steps' rates.
         """
@@ -259,7 +262,7 @@ class TeleportMethod(ABC):
             report.step_sizes.append(self.context.step.lr * length)
             evaluation, moved, rejected = after, True, 0
             if search:
-                length = min(length * SEARCH_GROWTH, SEARCH_MAX_LENGTH)
+                length = min(length * SEARCH_GROWTH, SEARCH_MAX_LENGTH if grow else 1.0)
             if not deferred:
                 guard_here = guard.last if guard is not None else None
         if final is not None and moved:

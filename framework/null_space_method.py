@@ -34,10 +34,19 @@ training set's loss by 6% on digits) and has no room at all on a sample larger t
 width; this one keeps the data's loss to 0.01% on a sample of 1,024 while the drift tolerance
 keeps the batch's (docs/guide.md, "Which level set")."""
 
-SITE_STEP_LIMIT = 0.1
-"""No step moves a module's parameters by more than this fraction of their own norm at the
-teleport's start: the step is relative to the moved weights' joint norm, which would otherwise
-move a small layer (a classifier head) by more than its own size."""
+SITE_STEP_LIMIT = 0.3
+"""No normalised step moves a module's parameters by more than this fraction of their own norm at
+the teleport's start: the step is relative to the moved weights' joint norm, which would otherwise
+move a small layer (a classifier head) by more than its own size. (A plain rate, ``normalize=False``,
+is not limited.)"""
+
+SATURATION = 0.75
+"""A sample *saturates* a site's core space when the core rank is at most this fraction of its
+samples: more samples would add few new directions, so the sample stands for the data there.
+Only then may the step-length search grow the step beyond its first length: on a batch that
+spans a new direction with every sample (32 samples in 1,025 dimensions), what the batch does not
+see is most of what the data uses, and a round of 32 such teleports with growing steps raised
+MNIST-1D's training loss 156-fold (0.005 throughout: 5.9-fold)."""
 
 DEFAULT_DRIFT = 1e-5
 """Default relative batch-loss drift allowed per teleport, whatever the null space: the float32
@@ -56,6 +65,7 @@ class Bases:
     """
 
     of: dict[tuple[str, str], CoreBasis] = field(default_factory=dict)
+    saturated: bool = True  # every moving site's sample saturates its core space (see SATURATION)
     pinned: list[SiteRef] = field(default_factory=list)
     layers: list[LayerReport] = field(default_factory=list)
     frozen: dict[str, str] = field(default_factory=dict)
@@ -111,6 +121,10 @@ class ProjectedStep:
         squares = [get_total_norm(list(self.dense.values())).double().square()] if self.dense else []
         squares += [part.squared_norm() for part in self.factored]
         return torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=torch.float64)
+
+    def parts(self) -> int:
+        """How many parts :meth:`scales` gives a scale each: dense parameters, then factored sites."""
+        return len(self.dense) + len(self.factored)
 
     def scales(self, scale: float, modules: dict[str, str], sizes: dict[str, float]) -> list[float]:
         """``scale`` per part (dense parameters in order, then factored sites), cut per module
@@ -276,7 +290,8 @@ class NullSpaceMethod(TeleportMethod):
                 tangents = first_tangents if evaluation is first else tangent_streams(batch, evaluation.direction, modules)
             return self._projected_gradient(batch, evaluation, params, bases, moving, tangents)
 
-        return self.ascend(batch, first, report, steps, cap, self._stepper(direction, params, sizes), evaluate=evaluate)
+        step = self._stepper(direction, params, sizes)
+        return self.ascend(batch, first, report, steps, cap, step, evaluate=evaluate, grow=bases.saturated)
 
     def _covers(self, chain: LinearChain) -> bool:
         """Whether every layer of ``chain`` is one covered module moving its own weight and bias."""
@@ -326,7 +341,9 @@ class NullSpaceMethod(TeleportMethod):
             return ProjectedStep({}, factored)
 
         step = self._stepper(direction, params, sizes)
-        return self.ascend(batch, first, report, steps, cap, step, evaluate=evaluate, final=measured, deferred=True)
+        return self.ascend(
+            batch, first, report, steps, cap, step, evaluate=evaluate, final=measured, deferred=True, grow=bases.saturated
+        )
 
     def _moved(self, bases: Bases) -> tuple[dict[str, nn.Parameter], dict[str, float]]:
         """The parameters the steps move, and each one's norm at the start (the normalised step's
@@ -358,7 +375,9 @@ class NullSpaceMethod(TeleportMethod):
                 return False
             if norm == 0:  # every site was wholly in its core space (see CoreBasis.project)
                 return True
-            scales = projected.scales(self.context.step.scale(norm, weights, length), self._module_of, sizes)
+            scale = self.context.step.scale(norm, weights, length)
+            # the limit bounds the normalised step; a plain rate (eq. 5) is the caller's to choose
+            scales = projected.scales(scale, self._module_of, sizes) if self.context.step.normalize else [scale] * projected.parts()
             projected.add_to_weights(params, scales)
             return lambda: projected.add_to_weights(params, scales, sign=-1.0)
 
@@ -429,6 +448,7 @@ class NullSpaceMethod(TeleportMethod):
                     no_room.append((covered, site, names))
                 else:
                     bases.of[(covered.name, site.name)] = basis
+                    bases.saturated &= max(basis.ranks) <= SATURATION * spectrum.samples
         moving = {
             covered.qualified(p)
             for covered in self.coverage.modules

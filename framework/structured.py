@@ -162,6 +162,9 @@ def tangent_streams(
 
     handles = []
     fast_path = torch.backends.mha.get_fastpath_enabled()
+    # functional_call leaves plain tensors behind in a module the model calls from two places;
+    # every module's own parameters are put back afterwards.
+    owned = [(module, dict(module._parameters)) for module in batch.model.modules()]
     try:
         # The fused attention and encoder-layer fast paths have no forward-mode derivatives.
         torch.backends.mha.set_fastpath_enabled(False)
@@ -175,6 +178,8 @@ def tangent_streams(
         torch.backends.mha.set_fastpath_enabled(fast_path)
         for handle in handles:
             handle.remove()
+        for module, parameters in owned:
+            module._parameters.update(parameters)
     return tangents
 
 

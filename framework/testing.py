@@ -2,7 +2,8 @@
 
 ``assert_teleport_invariant`` teleports a copy of a model and checks what
 must hold for any correct projector: the teleport-batch loss is unchanged
-(at ``tau = 1``), every moved site's update annihilates that site's inputs,
+(with the exact null space, ``tau = 1``, which both helpers use unless told
+otherwise), every moved site's update annihilates that site's inputs,
 and the model is left as found (modes, buffers, hooks). The hypothesis
 strategies draw small models and batches from seeds, so every failure
 replays.
@@ -33,6 +34,16 @@ DEFAULT_ANNIHILATION = {torch.float64: 1e-11, torch.float32: 1e-5}
 """Allowed ``||dW R|| / (max(||dW||, ||W||) ||R||)`` of a moved site."""
 
 
+def _exact_unless_given(options: dict) -> dict:
+    """``options`` with ``null_space="exact"`` unless they choose a null space or ``tau`` themselves
+    (directly or in ``method_options``): the checks hold at ``tau = 1``, not at the Teleporter's
+    default thresholded core space."""
+    chosen = {**options, **(options.get("method_options") or {})}
+    if chosen.get("null_space") is not None or chosen.get("tau") is not None:
+        return options
+    return {**options, "null_space": "exact"}
+
+
 def assert_teleport_invariant(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
@@ -53,9 +64,14 @@ def assert_teleport_invariant(
       with ``R`` the site's representation on the batch (the projector's own);
     * modes, buffers and hook dictionaries of the copy are as they were.
 
+    The teleport uses the exact null space (``null_space="exact"``, ``tau = 1``)
+    unless ``teleporter_options`` choose ``null_space`` or ``tau``: the
+    Teleporter's default thresholded core space moves the batch loss by design.
+
     Returns the :class:`TeleportReport` so callers can check more (e.g. that
     the gradient norm grew). ``model`` itself is never modified.
     """
+    teleporter_options = _exact_unless_given(teleporter_options)
     subject = copy.deepcopy(model)
     dtype = next(subject.parameters()).dtype
     rtol = DEFAULT_RTOL.get(dtype, 1e-3) if rtol is None else rtol
@@ -124,10 +140,12 @@ def assert_structured_matches_full(
     compares every parameter's change:
     ``||d_structured - d_full|| <= rtol * max(||d_full||, tiny)`` parameter by
     parameter. Meant for float64 models at ``tau = 1``, where the two are equal
-    in exact arithmetic. Fails if no site took the structured path (the check
-    would say nothing). Returns the report of the ``path`` run.
+    in exact arithmetic: the exact null space is used unless ``teleporter_options``
+    choose ``null_space`` or ``tau`` (the closed form needs it). Fails if no site
+    took the structured path (the check would say nothing). Returns the report of
+    the ``path`` run.
     """
-    options = {"steps": 1, "lr": 1.0, "normalize": False, **teleporter_options}
+    options = {"steps": 1, "lr": 1.0, "normalize": False, **_exact_unless_given(teleporter_options)}
     reports, changes = [], []
     for gradient in (path, "full"):
         subject = copy.deepcopy(model)

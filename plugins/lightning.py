@@ -50,7 +50,7 @@ class TeleportCallback(Callback):
         module: picks the module to teleport from the LightningModule (default: itself).
         teleport_data: ``(inputs, targets)`` batches to teleport on (cycled); by
             default the training batch, which must then be an ``(inputs, targets)`` pair.
-        optimizer_state, on_teleport_failure, shadow_policy: as for
+        optimizer_state, on_teleport_failure, shadow_policy, guard_samples: as for
             :class:`~torch_teleport.TeleportTrainer`.
         verify: compare parameter checksums across ranks after each teleport.
         teleporter_options: keyword arguments of :class:`~torch_teleport.Teleporter`
@@ -67,6 +67,7 @@ class TeleportCallback(Callback):
         optimizer_state: str | Callable = "reset",
         on_teleport_failure: str = "skip",
         shadow_policy: str = "default",
+        guard_samples: int = 256,
         verify: bool = False,
         **teleporter_options: Any,
     ) -> None:
@@ -83,6 +84,7 @@ class TeleportCallback(Callback):
         self.optimizer_state = optimizer_state
         self.on_teleport_failure = on_teleport_failure
         self.shadow_policy = shadow_policy
+        self.guard_samples = guard_samples
         self.verify = verify
         self.teleporter_options = teleporter_options
         self.events: TeleportTrainer | None = None
@@ -108,6 +110,7 @@ class TeleportCallback(Callback):
             device=pl_module.device,
             on_teleport_failure=self.on_teleport_failure,
             shadow_policy=self.shadow_policy,
+            guard_samples=self.guard_samples,
         )
         if self._pending_state is not None:
             self.events.load_state_dict(self._pending_state)

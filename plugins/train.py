@@ -79,7 +79,14 @@ TELEPORTER_DEFAULTS = {
     for name, parameter in inspect.signature(Teleporter).parameters.items()
     if parameter.default is not inspect.Parameter.empty
 }
-"""The ``[teleport]`` table defaults to whatever :class:`Teleporter` defaults to."""
+"""The ``[teleport]`` table defaults to whatever :class:`Teleporter` defaults to..."""
+
+TRAINER_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(TeleportTrainer).parameters.items()
+    if parameter.default is not inspect.Parameter.empty
+}
+"""...and to :class:`TeleportTrainer`'s defaults where it sets the trainer."""
 
 OPTIMIZER = Table(
     {
@@ -125,6 +132,7 @@ SCHEMA = Table(
                 "cap": Option(TELEPORTER_DEFAULTS["cap"], float),
                 "normalize": Option(TELEPORTER_DEFAULTS["normalize"], bool),
                 "batch_size": Option(32, int, check=at_least(1)),
+                "guard_samples": Option(TRAINER_DEFAULTS["guard_samples"], int, check=at_least(1)),
                 "uncovered": Option(TELEPORTER_DEFAULTS["uncovered"], str, check=one_of("error", "warn", "freeze")),
                 "optimizer_state": Option("reset", str, check=one_of("reset", "keep")),
                 "max_loss_change": Option(TELEPORTER_DEFAULTS["max_loss_change"], float),
@@ -383,6 +391,7 @@ class Run:
             optimizer_state=teleport["optimizer_state"],
             device=setup.device,
             on_teleport_failure=teleport["on_failure"],
+            guard_samples=teleport["guard_samples"],
         )
         self.history = RunHistory()
         if state is not None:

@@ -1,5 +1,7 @@
 """Hypothesis profiles (``ci``, the default for ``make test``, and ``dev``) and one torch thread."""
 
+import sys
+
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -20,3 +22,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def transformers_unloaded():
+    """These tests check that nothing here imports ``transformers``; other test modules of the same
+    run may have loaded it (``test_real_models``; ``pytorch_lightning`` through ``torchmetrics``
+    when the ``models`` extra is installed), so it leaves ``sys.modules`` while they run."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [n for n in sys.modules if n == "transformers" or n.startswith("transformers.")]:
+            patch.delitem(sys.modules, name)
+        yield

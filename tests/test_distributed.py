@@ -37,6 +37,11 @@ from torch_teleport.schedule import TeleportPlan
 DEADLINE_SECONDS = 120
 """Wall-clock bound of one spawned group: a hang fails the test instead of stalling the suite."""
 
+TELEPORT_STEPS = 8
+"""Steps of the teleport phase at the fixed rate 0.05: no step moves a module by more than
+``SITE_STEP_LIMIT`` of its norm (the head's steps are cut), so it takes this many to raise the
+gradient norm by half."""
+
 
 class EverySecondStep(tt.Schedule):
     def plan(self, *, epoch: int, step: int) -> TeleportPlan | None:
@@ -78,7 +83,9 @@ def parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 def _teleport_phase(rank: int, world: int, dtype: torch.dtype) -> dict:
     inputs, targets, sizes = global_batch(world, dtype)
     model = nn.parallel.DistributedDataParallel(build_model(dtype))
-    teleporter = tt.Teleporter(model, F.cross_entropy, lr=0.05, steps=4, replicas=Replicas(verify=True))
+    teleporter = tt.Teleporter(
+        model, F.cross_entropy, null_space="exact", lr=0.05, steps=TELEPORT_STEPS, replicas=Replicas(verify=True)
+    )
     report = teleporter.teleport(shard(inputs, sizes, rank), shard(targets, sizes, rank))
     return {"report": report.to_dict(), "params": parameters(model.module)}
 
@@ -88,7 +95,9 @@ def _training_phase(rank: int, world: int) -> dict:
     inputs, targets, sizes = global_batch(world, torch.float32, seed=2)
     ddp = nn.parallel.DistributedDataParallel(build_model(torch.float32))
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-    teleporter = tt.Teleporter(ddp, F.cross_entropy, lr=0.05, steps=3, replicas=Replicas(verify=True))
+    # The defaults (the thresholded core space, the step-length search): every rank must take the
+    # same accept/reject decisions for the replicas to stay identical.
+    teleporter = tt.Teleporter(ddp, F.cross_entropy, steps=3, replicas=Replicas(verify=True))
     trainer = tt.TeleportTrainer(ddp, F.cross_entropy, optimizer, teleporter=teleporter, schedule=EverySecondStep())
     local_x, local_y = shard(inputs, sizes, rank), shard(targets, sizes, rank)
     teleported = []
@@ -205,7 +214,7 @@ def test_replicas_stay_identical_and_the_global_loss_is_invariant(world, tmp_pat
         per_rank = [r[key] for r in ranks]
         assert_bit_identical([r["params"] for r in per_rank])
         report = per_rank[0]["report"]
-        assert not report["rolled_back"] and report["steps"] == 4
+        assert not report["rolled_back"] and report["steps"] == TELEPORT_STEPS
         timings = ("seconds", "basis_seconds")
         assert all({k: v for k, v in r["report"].items() if k not in timings} == {k: v for k, v in report.items() if k not in timings} for r in per_rank)
         loss_before, grad_norm_before = global_figures(dtype, world)
@@ -221,7 +230,12 @@ def test_replicas_stay_identical_and_the_global_loss_is_invariant(world, tmp_pat
         # (on the structured path the ranks take; the chain closed form is for one process).
         inputs, targets, _ = global_batch(world, dtype)
         single = tt.Teleporter(
-            build_model(dtype), F.cross_entropy, lr=0.05, steps=4, method_options={"gradient": "structured"}
+            build_model(dtype),
+            F.cross_entropy,
+            null_space="exact",
+            lr=0.05,
+            steps=TELEPORT_STEPS,
+            method_options={"gradient": "structured"},
         ).teleport(inputs, targets)
         assert report["layers"] == [layer.__dict__ for layer in single.layers]
         first = report["layers"][0]

@@ -81,7 +81,7 @@ def fit(callbacks, *, root: Path, steps: int = 6, accumulate: int = 1, ckpt_path
 
 
 def test_teleports_on_schedule_keep_the_loss_and_log(tmp_path):
-    callback = TeleportCallback(F.cross_entropy, EveryStepsSchedule(every=2, steps=3), lr=0.05)
+    callback = TeleportCallback(F.cross_entropy, EveryStepsSchedule(every=2, steps=3), lr=0.05, null_space="exact")
     trainer, model = fit([callback], root=tmp_path)
     assert len(callback.reports) == 3  # steps 0, 2, 4
     for report in callback.reports:
@@ -116,7 +116,7 @@ def shuffled(seed: int = 5) -> DataLoader:
 
 def test_state_is_saved_in_and_restored_from_lightning_checkpoints(tmp_path):
     schedule = EpochSchedule(epochs=(0, 1, 2), batches=3, steps=2)
-    first = TeleportCallback(F.cross_entropy, schedule, teleport_data=shuffled())
+    first = TeleportCallback(F.cross_entropy, schedule, teleport_data=shuffled(), guard_samples=4)
     trainer, _ = fit([first], root=tmp_path, steps=8)  # 8 batches per epoch: epoch 0 only
     assert len(first.reports) == 3
     path = tmp_path / "teleport.ckpt"
@@ -127,7 +127,7 @@ def test_state_is_saved_in_and_restored_from_lightning_checkpoints(tmp_path):
     assert state["schedule"] == {"done": [0]} and state["teleport_pass"]["drawn"] == 4
 
     resumed = TeleportCallback(
-        F.cross_entropy, EpochSchedule(epochs=(0, 1, 2), batches=3, steps=2), teleport_data=shuffled()
+        F.cross_entropy, EpochSchedule(epochs=(0, 1, 2), batches=3, steps=2), teleport_data=shuffled(), guard_samples=4
     )
     at_start = StateAtStart(resumed)
     fit([resumed, at_start], root=tmp_path, steps=10, ckpt_path=path)

@@ -169,7 +169,7 @@ def test_forward_shape(name):
 @settings(max_examples=5)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_teleport_keeps_the_batch_loss_and_explains_what_stays_fixed(name, seed):
-    """Default settings, float64: loss invariant, frozen list fully explained, gradient norm up."""
+    """Exact null space (the helper's), float64: loss invariant, frozen list fully explained, gradient norm up."""
     case = CASES[name]
     model, inputs, targets = build(case, seed)
     report = assert_teleport_invariant(model, case.loss, inputs, targets)

@@ -301,7 +301,7 @@ def test_descending_sharpness_lowers_measured_sharpness(seed):
     radii = (0.5, 1.0, 1.5)
     # measured with directions the teleport never saw
     before = measure_sharpness(model, cross_entropy, [(x, y)], radii=radii, seed=100)
-    tele = tt.Teleporter(model, cross_entropy, objective="sharpness", objective_options={"radii": radii, "directions": 4}, steps=10, lr=0.05)
+    tele = tt.Teleporter(model, cross_entropy, objective="sharpness", objective_options={"radii": radii, "directions": 4}, steps=10, lr=0.05, null_space="exact")
     report = tele.teleport(x, y)
     after = measure_sharpness(model, cross_entropy, [(x, y)], radii=radii, seed=100)
     assert report.objective_after < report.objective_before
@@ -313,7 +313,9 @@ def test_descending_sharpness_lowers_measured_sharpness(seed):
 def test_ascending_curvature_raises_measured_curvature(seed):
     model, x, y = _direction_problem(seed)
     before = measure_curvature(model, [x], seed=100)
-    report = tt.Teleporter(model, cross_entropy, objective="curvature", steps=10, lr=0.05).teleport(x, y)
+    report = tt.Teleporter(
+        model, cross_entropy, objective="curvature", steps=10, lr=0.05, null_space="exact"
+    ).teleport(x, y)
     after = measure_curvature(model, [x], seed=100)
     assert report.objective_after > report.objective_before
     assert after > before * (1 + 1e-3), (before, after)
@@ -379,6 +381,8 @@ def test_a_third_party_objective_registers_through_an_entry_point(monkeypatch):
     assert entry.origin == "third-party-objectives 1.2.3"
     assert {"sharpness", "curvature", "log_grad_norm", "grad_norm"} <= set(registry.names("objective"))
     model, x, y = _direction_problem(1)
-    report = tt.Teleporter(model, cross_entropy, objective="weight_norm", registry=registry, steps=2).teleport(x, y)
+    report = tt.Teleporter(
+        model, cross_entropy, objective="weight_norm", registry=registry, steps=2, null_space="exact"
+    ).teleport(x, y)
     assert report.objective_after < report.objective_before
     assert report.loss_change < 1e-10

@@ -261,7 +261,7 @@ def test_uncovered_parameters_under_warn(case):
     build, uncovered = UNCOVERED[case]
     model = build()
     with pytest.warns(UserWarning, match="leaves these parameters fixed.*" + ", ".join(uncovered)):
-        teleporter = Teleporter(model, nn.functional.cross_entropy, uncovered="warn")
+        teleporter = Teleporter(model, nn.functional.cross_entropy, null_space="exact", uncovered="warn")
     before = {name: model.get_parameter(name).detach().clone() for name in uncovered}
     report = teleporter.teleport(*batch())
     assert {name: report.frozen[name] for name in uncovered} == dict.fromkeys(
@@ -300,7 +300,7 @@ def test_every_trainable_parameter_is_moved_or_listed():
     """Layers claimed by a freezing policy are no error: they are listed, with the policy's reason."""
     model = EmbeddingMLP()
     tokens = torch.randint(0, 10, (5, 3), generator=torch.Generator().manual_seed(0))
-    teleporter = Teleporter(model, nn.functional.cross_entropy, uncovered="error")
+    teleporter = Teleporter(model, nn.functional.cross_entropy, null_space="exact", uncovered="error")
     report = teleporter.teleport(tokens, torch.arange(5) % 3)
     movable = set(teleporter.method.coverage.movable())
     assert set(report.frozen) == {"embed.weight", "norm.weight", "norm.bias"}
@@ -337,7 +337,7 @@ def test_shared_parameters_are_frozen_and_the_loss_stays_put():
     model = SharedMLP().double()
     inputs, targets = batch()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    report = Teleporter(model, nn.functional.cross_entropy, uncovered="error").teleport(
+    report = Teleporter(model, nn.functional.cross_entropy, null_space="exact", uncovered="error").teleport(
         inputs, targets
     )
     # the biases sit in the same sites as the shared weight, so they stay too
@@ -369,10 +369,13 @@ def test_a_linear_listed_twice_is_frozen():
         nn.Linear(6, 16), nn.Tanh(), shared, nn.Tanh(), shared, nn.Tanh(), nn.Linear(16, 3)
     ).double()
     inputs, targets = batch()
-    report = Teleporter(model, nn.functional.cross_entropy, uncovered="error").teleport(
+    parameters = dict(shared.named_parameters())
+    report = Teleporter(model, nn.functional.cross_entropy, null_space="exact", uncovered="error").teleport(
         inputs, targets
     )
     assert report.frozen == dict.fromkeys(["2.weight", "2.bias"], "shared between modules")
+    # the frozen layer keeps its own Parameter objects (an optimizer holding them still trains it)
+    assert all(getattr(shared, name) is parameter for name, parameter in parameters.items())
     assert report.steps > 0 and report.loss_change <= 1e-10
 
 
@@ -397,5 +400,5 @@ def test_a_layer_called_twice_moves_in_the_null_space_of_both_inputs():
     )
     layer = next(layer for layer in report.layers if layer.name == "hidden.weight")
     assert layer.samples == 2 * len(inputs) and layer.null_dim == 17 - 2 * len(inputs)
-    report = Teleporter(model, nn.functional.cross_entropy).teleport(inputs, targets)
+    report = Teleporter(model, nn.functional.cross_entropy, null_space="exact").teleport(inputs, targets)
     assert not torch.equal(model.hidden.weight, hidden) and report.loss_change <= 1e-10

@@ -54,13 +54,20 @@ def test_the_closed_form_keeps_the_batch_loss_in_float32(problem):
 
 
 def test_the_default_takes_the_closed_form_only_where_it_is_exact():
+    """The closed form needs an exact null space: the default core space (svd, tau = 0.999) takes
+    the structured path, ``null_space="exact"`` the closed form, and asking for the closed form
+    with a thresholded null space is an error."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
     inputs, targets = torch.randn(4, 3, 4), torch.tensor([0, 1, 2, 0])
     paths = lambda report: {layer.gradient for layer in report.layers}  # noqa: E731
-    assert paths(tt.Teleporter(model, F.cross_entropy).teleport(inputs, targets)) == {"closed_form"}
+    assert paths(tt.Teleporter(model, F.cross_entropy).teleport(inputs, targets)) == {"structured"}
+    exact = tt.Teleporter(model, F.cross_entropy, null_space="exact")
+    assert paths(exact.teleport(inputs, targets)) == {"closed_form"}
     thresholded = tt.Teleporter(model, F.cross_entropy, null_space="svd", tau=0.99)
     assert paths(thresholded.teleport(inputs, targets)) == {"structured"}
+    with pytest.raises(ValueError, match="closed_form.*exact null space"):
+        tt.Teleporter(model, F.cross_entropy, gradient="closed_form")
     with pytest.raises(ValueError, match="closed_form"):
         tt.Teleporter(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Linear(3, 2)), F.cross_entropy,
                       method_options={"gradient": "closed_form"})
@@ -113,7 +120,7 @@ def test_both_gradient_norm_objectives_and_several_steps(objective):
     start = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
     for gradient in ("structured", "full"):
         subject = copy.deepcopy(model)
-        tt.Teleporter(subject, F.cross_entropy, objective=objective, steps=4, lr=0.05,
+        tt.Teleporter(subject, F.cross_entropy, objective=objective, steps=4, lr=0.05, null_space="exact",
                       method_options={"gradient": gradient}).teleport(inputs, targets)
         moved.append(torch.nn.utils.parameters_to_vector(subject.parameters()).detach())
     assert float((moved[0] - moved[1]).norm()) <= 1e-10 * float((moved[1] - start).detach().norm())
@@ -163,7 +170,7 @@ def test_a_model_without_forward_mode_derivatives_falls_back_with_a_warning():
     inputs, targets = torch.randn(2, 3, 3, dtype=torch.float64), torch.tensor([0, 1])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = tt.Teleporter(model, F.cross_entropy).teleport(inputs, targets)
+        report = tt.Teleporter(model, F.cross_entropy, null_space="exact").teleport(inputs, targets)
     assert any("_pack_padded_sequence" in str(w.message) for w in caught)
     assert {layer.gradient for layer in report.layers} == {"full"}
     assert report.loss_change <= 1e-10

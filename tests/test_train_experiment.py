@@ -34,7 +34,9 @@ def tiny_config(*overrides: str) -> dict:
 
 
 def test_runs_are_paired_and_teleports_keep_the_batch_loss(tmp_path, one_thread):
-    setup = prepare(tiny_config())
+    # The guard sample's inputs join the core space: 8 teleport + 8 guard samples leave the exact
+    # null space of a 16-wide hidden layer no room beyond its dead units; 32 wide leaves room.
+    setup = prepare(tiny_config("model.options.hidden=[32]", "teleport.guard_samples=8"))
     seen = []
     results = train_all(
         setup, tmp_path, on_epoch_end=lambda run: seen.append((run.spec.name, run.trainer.epoch))

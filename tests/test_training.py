@@ -134,13 +134,15 @@ def test_teleport_data_supplies_the_teleport_batches():
         teleporter=teleporter,
         schedule=EveryStepsSchedule(every=1, batches=3, steps=1),
         teleport_data=tele_batches,
+        guard_samples=6,
     )
     trainer.step(*batches(1)[0])
-    # one guard batch for the event (the first drawn), then the teleport batches, cycled
+    # the event's guard sample first (batches joined until it holds 6 samples), then the teleport
+    # batches, cycled
     first, second = tele_batches[0][0], tele_batches[1][0]
     assert len(seen) == 3
-    assert [torch.equal(batch, expected) for (batch, _), expected in zip(seen, (second, first, second), strict=True)] == [True] * 3
-    assert all(torch.equal(guard, first) for _, guard in seen)
+    assert [torch.equal(batch, expected) for (batch, _), expected in zip(seen, (first, second, first), strict=True)] == [True] * 3
+    assert all(torch.equal(guard, torch.cat([first, second])) for _, guard in seen)
 
 
 def test_trainer_options_are_checked():
