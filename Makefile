@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,lint,lightning,models,data]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[lab,test,lint,lightning,models]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/step_cost.py
+	$(BIN)/python -m torch_teleport.lab.benchmarks.step_cost
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -3,7 +3,9 @@
 The core defines the interfaces (:class:`Projector`, :class:`NullSpace`,
 :class:`Objective`, :class:`Schedule`), the plugin hooks and the engine
 (:class:`Teleporter`); every concrete projector, objective, null space,
-schedule, model and dataset is a plugin.
+schedule and method is a plugin in a room of the library, loaded on first
+use. Models, datasets and experiments are the lab's (``torch_teleport.lab``),
+which the library never imports.
 """
 
 # The engine and trainer import the interfaces above; keep them last.

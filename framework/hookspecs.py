@@ -3,7 +3,7 @@
 Every hook receives a :class:`~torch_teleport.registry.Registry` and adds
 entries to it, so a plugin is one class plus one ``@hookimpl`` function.
 Built-in plugins are registered through the very same hooks as third-party
-ones (see :func:`torch_teleport.registry.build_plugin_manager`).
+ones (see :mod:`torch_teleport.registry`).
 
 This module is the plugin reference: each hook documents its argument, and
 ``tests/test_docs.py`` checks that every hook appears in ``docs/plugins.md``.
@@ -65,7 +65,7 @@ def teleport_register_models(registry: Registry) -> None:
 def teleport_register_datasets(registry: Registry) -> None:
     """Register dataset factories with ``registry.add_dataset(name, factory)``.
 
-    ``factory(root, **options)`` returns a :class:`~torch_teleport.data.DataSplits`.
+    ``factory(root, **options)`` returns a :class:`~torch_teleport.lab.data.DataSplits`.
     """
 
 

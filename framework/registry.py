@@ -1,16 +1,22 @@
 """Plugin discovery and lookup.
 
 A :class:`Registry` is a plain object that hooks fill in; it is built by a
-factory, never at import time. Built-in plugins come first from an explicit
-tuple, then third-party plugins from the ``torch_teleport`` entry-point
-group, so a third party registering an existing name replaces the built-in.
+factory, never at import time, and loads the plugins of a kind on the first
+lookup of that kind. Built-ins are declared, not listed here: the library's
+are the modules of its rooms (:data:`ROOMS`, one package per kind), the
+lab's are this distribution's entry points. Third-party plugins come from
+the same ``torch_teleport`` entry-point group, and one registering an
+existing name replaces the built-in, whichever of the two loads first.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable, Iterator
+import importlib.metadata
+import pkgutil
+import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,41 +25,16 @@ from torch import nn
 
 from . import hookspecs
 
-BUILTIN_PLUGINS: tuple[str, ...] = (
-    "torch_teleport.projectors.linear",
-    "torch_teleport.projectors.conv",
-    "torch_teleport.projectors.attention",
-    "torch_teleport.projectors.mamba",
-    "torch_teleport.projectors.frozen",
-    "torch_teleport.projectors.recurrent",
-    "torch_teleport.projectors.transposed_linear",
-    "torch_teleport.objectives.grad_norm",
-    "torch_teleport.objectives.sharpness",
-    "torch_teleport.objectives.curvature",
-    "torch_teleport.objectives.log_grad_norm",
-    "torch_teleport.plugins.null_spaces",
-    "torch_teleport.plugins.schedules",
-    "torch_teleport.plugins.models",
-    "torch_teleport.plugins.models_transformer",
-    "torch_teleport.plugins.models_mamba",
-    "torch_teleport.plugins.datasets",
-    "torch_teleport.plugins.methods",
-    "torch_teleport.plugins.train",
-    "torch_teleport.plugins.symmetry",
-    "torch_teleport.plugins.level_set",
-    "torch_teleport.plugins.benchmarks.step_cost",
-    "torch_teleport.plugins.benchmarks.scaling",
-    "torch_teleport.plugins.benchmarks.accuracy",
-    "torch_teleport.plugins.benchmarks.error_control",
-    "torch_teleport.plugins.benchmarks.time_to_target",
-    "torch_teleport.plugins.benchmarks.gradient_paths",
-    "torch_teleport.plugins.studies.correlation",
-    "torch_teleport.plugins.studies.teleport_generalization",
-    "torch_teleport.plugins.studies.displacement",
-    "torch_teleport.plugins.studies.optimizers",
-    "torch_teleport.plugins.studies.learn_to_teleport",
-)
+ROOMS: dict[str, str] = {
+    "projector": "torch_teleport.projectors",
+    "objective": "torch_teleport.objectives",
+    "null_space": "torch_teleport.plugins.null_spaces",
+    "method": "torch_teleport.plugins.methods",
+    "schedule": "torch_teleport.plugins.schedules",
+}
+"""The library's room of each kind: every module of the package is a built-in plugin."""
 
+DISTRIBUTION = "torch-teleport"
 BUILTIN_ORIGIN = "torch-teleport (built-in)"
 
 KINDS = ("method", "projector", "objective", "null_space", "schedule", "model", "dataset", "experiment")
@@ -77,12 +58,21 @@ class Entry:
 
 
 class Registry:
-    """What the plugins provide, by kind and name."""
+    """What the plugins provide, by kind and name.
 
-    def __init__(self) -> None:
+    With ``plugins``, the first lookup of a kind loads that kind's plugins
+    and runs their registration hooks; without, it holds what is added by hand.
+    """
+
+    def __init__(self, plugins: PluginManager | None = None) -> None:
         self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
         self._projector_types: dict[type, Entry] = {}
         self._origin = BUILTIN_ORIGIN
+        self._plugins = plugins
+        self._loaded: set[str] = set()
+        self._run: set[tuple[str, str]] = set()  # (kind, plugin name) whose hook has run
+        self._registering_builtin = False
+        self._not_builtin: set[tuple[str, str]] = set()  # (kind, name) a built-in never replaces
 
     # -- registration (called from hook implementations) ---------------------
     def add_projector(self, module_type: type[nn.Module] | str, projector: type) -> None:
@@ -118,13 +108,49 @@ class Registry:
     def _add(self, kind: str, name: str, target: Any) -> Entry:
         if not isinstance(name, str) or not name:
             raise TypeError(f"{kind} name must be a non-empty string, got {name!r}")
+        # Kinds load one at a time, so a third party's entry may come before the built-in it replaces.
+        if self._registering_builtin and (kind, name) in self._not_builtin:
+            return self._entries[kind][name]
+        if not self._registering_builtin:
+            self._not_builtin.add((kind, name))
         entry = Entry(kind, name, target, self._origin)
         self._entries[kind][name] = entry
         return entry
 
+    # -- loading --------------------------------------------------------------
+    def _load(self, kind: str) -> None:
+        """On the first lookup of ``kind``: load its plugins, then run every hook not yet run.
+
+        Hooks of kinds looked up before run too, for plugins that register
+        several kinds and arrived with this one.
+        """
+        if kind in self._loaded or kind not in KINDS or self._plugins is None:
+            return
+        self._plugins.load(kind)
+        self._loaded.add(kind)
+        for loaded in KINDS:
+            if loaded in self._loaded:
+                self._register(loaded)
+
+    def _register(self, kind: str) -> None:
+        plugins = self._plugins
+        hook = getattr(plugins.hook, f"teleport_register_{kind}s")
+        # get_hookimpls() is in registration order: later plugins override earlier ones.
+        for impl in hook.get_hookimpls():
+            if (kind, impl.plugin_name) in self._run:
+                continue
+            self._run.add((kind, impl.plugin_name))
+            self._origin = plugins.origins.get(impl.plugin_name, BUILTIN_ORIGIN)
+            self._registering_builtin = impl.plugin_name in plugins.builtins
+            try:
+                impl.function(**{arg: self for arg in impl.argnames})
+            finally:
+                self._origin, self._registering_builtin = BUILTIN_ORIGIN, False
+
     # -- lookup ---------------------------------------------------------------
     def get(self, kind: str, name: str) -> Any:
         """The object registered as ``name``; unknown names list what is known."""
+        self._load(kind)
         try:
             return self._entries[kind][name].target
         except KeyError:
@@ -134,10 +160,12 @@ class Registry:
             ) from None
 
     def names(self, kind: str) -> list[str]:
+        self._load(kind)
         return sorted(self._entries[kind])
 
     def entries(self) -> Iterator[Entry]:
         for kind in KINDS:
+            self._load(kind)
             yield from sorted(self._entries[kind].values(), key=lambda e: e.name)
 
     def projector_for(self, module: nn.Module) -> Any | None:
@@ -148,6 +176,7 @@ class Registry:
         ``"torch.Linear"`` both match ``nn.Linear``; the innermost package
         wins), without importing ``pkg``.
         """
+        self._load("projector")
         string_keys = self._entries["projector"]
         for cls in type(module).__mro__:
             if cls in self._projector_types:
@@ -168,34 +197,99 @@ def _package_keys(cls: type) -> list[str]:
     return [f"{'.'.join(parts[:end])}.{cls.__qualname__}" for end in range(len(parts) - 1, 0, -1)]
 
 
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager, loading the plugins that may provide a kind on the first :meth:`load` of it.
+
+    A kind brings its room's modules and the entry points named
+    ``"<kind>:<name>"``; entry points named otherwise come with the first
+    kind loaded. ``builtins`` (module names, registered at once) replaces this
+    distribution's own plugins; ``entry_points=False`` leaves out every
+    other distribution's.
+    """
+
+    def __init__(self, builtins: Iterable[str] | None = None, *, entry_points: bool = True) -> None:
+        super().__init__(hookspecs.PROJECT_NAME)
+        self.add_hookspecs(hookspecs)
+        self.builtins: set[str] = set()
+        """Names of the plugins this distribution declares (their entries yield to third parties')."""
+        self.origins: dict[str, str] = {}
+        """``"<distribution> <version>"`` of each plugin from another distribution, by plugin name."""
+        self._own = builtins is None
+        self._others = entry_points
+        self._loaded: set[str] = set()
+        self._waiting: list[tuple[Any, Any]] | None = None  # entry points not loaded yet, with their distribution
+        for name in builtins or ():
+            self._register_builtin(importlib.import_module(name), name)
+        self.check_pending()
+
+    def load(self, kind: str) -> None:
+        """Register the plugins that may provide ``kind`` (once), then check for misspelt hooks."""
+        if kind not in self._loaded:
+            self._loaded.add(kind)
+            if self._own and kind in ROOMS:
+                room = importlib.import_module(ROOMS[kind])
+                for module in pkgutil.iter_modules(room.__path__, f"{room.__name__}."):
+                    if not self.has_plugin(module.name):
+                        self._register_builtin(importlib.import_module(module.name), module.name)
+            for entry_point, distribution in self._entry_points(kind):
+                if self.has_plugin(entry_point.name) or self.is_blocked(entry_point.name):
+                    continue
+                plugin = entry_point.load()
+                if _is_this_distribution(distribution):
+                    self._register_builtin(plugin, entry_point.name)
+                else:
+                    self.register(plugin, name=entry_point.name)
+                    self.origins[entry_point.name] = f"{distribution.metadata['name']} {distribution.version}"
+        self.check_pending()
+
+    def _register_builtin(self, plugin: object, name: str) -> None:
+        self.register(plugin, name=name)
+        self.builtins.add(name)
+
+    def _entry_points(self, kind: str) -> list[tuple[Any, Any]]:
+        """The entry points of ``kind`` not loaded yet; on the first call also those of no kind."""
+        if self._waiting is None:
+            self._waiting = [
+                (entry_point, distribution)
+                for distribution in importlib.metadata.distributions()
+                for entry_point in distribution.entry_points
+                if entry_point.group == hookspecs.ENTRY_POINT_GROUP
+                and (self._own if _is_this_distribution(distribution) else self._others)
+            ]
+        due, waiting = [], []
+        for pair in self._waiting:
+            (due if _entry_point_kind(pair[0].name) in (kind, None) else waiting).append(pair)
+        self._waiting = waiting
+        return due
+
+
+def _entry_point_kind(name: str) -> str | None:
+    """The kind an entry point named ``"<kind>:<name>"`` provides; ``None`` for any other name."""
+    kind, colon, _ = name.partition(":")
+    return kind if colon and kind in KINDS else None
+
+
+def _is_this_distribution(distribution: Any) -> bool:
+    return re.sub(r"[-_.]+", "-", distribution.metadata["name"] or "").lower() == DISTRIBUTION
+
+
 def build_plugin_manager(
-    builtins: tuple[str, ...] = BUILTIN_PLUGINS, *, entry_points: bool = True
-) -> pluggy.PluginManager:
-    """A fresh plugin manager: built-ins, then entry points, then a check for misspelt hooks."""
-    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
-    pm.add_hookspecs(hookspecs)
-    for module_name in builtins:
-        pm.register(importlib.import_module(module_name), name=module_name)
-    if entry_points:
-        pm.load_setuptools_entrypoints(hookspecs.ENTRY_POINT_GROUP)
-    pm.check_pending()
+    builtins: Iterable[str] | None = None, *, entry_points: bool = True
+) -> PluginManager:
+    """A plugin manager with every kind loaded now, so a misspelt hook fails here.
+
+    It holds this distribution's plugins (or ``builtins``) and, unless
+    ``entry_points=False``, every other distribution's.
+    """
+    pm = PluginManager(builtins, entry_points=entry_points)
+    for kind in KINDS:
+        pm.load(kind)
     return pm
 
 
-def build_registry(pm: pluggy.PluginManager | None = None) -> Registry:
-    """Run every registration hook, built-ins first, recording each entry's distribution."""
-    pm = pm if pm is not None else build_plugin_manager()
-    origins = {
-        id(plugin): f"{dist.project_name} {dist.version}" for plugin, dist in pm.list_plugin_distinfo()
-    }
-    registry = Registry()
-    for hook_name in sorted(n for n in dir(hookspecs) if n.startswith("teleport_register_")):
-        # get_hookimpls() is in registration order: later plugins override earlier ones.
-        for impl in getattr(pm.hook, hook_name).get_hookimpls():
-            registry._origin = origins.get(id(impl.plugin), BUILTIN_ORIGIN)
-            impl.function(**{arg: registry for arg in impl.argnames})
-    registry._origin = BUILTIN_ORIGIN
-    return registry
+def build_registry(pm: PluginManager | None = None) -> Registry:
+    """A fresh registry, loading each kind from ``pm`` (by default every installed plugin) on its first lookup."""
+    return Registry(pm if pm is not None else PluginManager())
 
 
 @functools.lru_cache(maxsize=1)

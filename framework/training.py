@@ -73,7 +73,7 @@ class TeleportTrainer:
     relative to its loss when the event began, is undone (so the event's
     teleports cannot compound small rises). On digits and MNIST-1D a guard
     of 32 samples let the paper's round raise the training loss by up to
-    20%; 256 held it within 0.1% (``benchmarks/data_level_set.py``).
+    20%; 256 held it within 0.1% (``lab/benchmarks/data_level_set.py``).
     ``optimizer_state`` says what happens to the optimizer's state after a
     teleport: ``"reset"`` (default: moments from the old point are stale),
     ``"keep"``, or a callable ``(optimizer, reports)``; it is applied when at

@@ -1,1 +1,1 @@
-"""Built-in plugins that are neither projectors nor objectives: null spaces, schedules, models, data."""
+"""The library's rooms besides projectors and objectives: null spaces, methods, schedules, integrations."""

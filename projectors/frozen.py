@@ -73,3 +73,5 @@ def teleport_register_projectors(registry) -> None:
         registry.add_projector(norm, NormalizationPolicy)
     for embedding in (nn.Embedding, nn.EmbeddingBag):
         registry.add_projector(embedding, EmbeddingPolicy)
+    # The lab's positional embeddings, by name: the library never imports the lab.
+    registry.add_projector("torch_teleport.lab.models.transformer.LearnedPositions", AdditiveOffsetPolicy)

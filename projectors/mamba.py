@@ -1,4 +1,4 @@
-"""Projector for Mamba-1 blocks: this project's :class:`MambaBlock` and ``mamba_ssm``'s ``Mamba``.
+"""Projector for Mamba-1 blocks: the lab's ``MambaBlock`` and ``mamba_ssm``'s ``Mamba``.
 
 Five of the block's maps are affine in their input: ``in_proj``, ``x_proj``,
 ``dt_proj``, ``out_proj`` (``nn.Linear``) and the depthwise causal ``conv1d``.
@@ -8,9 +8,9 @@ convolution projectors' representations. ``A_log`` and ``D`` stay fixed.
 ``mamba_ssm``'s block bypasses its submodules' forward hooks (its fused and
 reference paths multiply ``in_proj.weight`` and ``dt_proj.weight`` directly),
 so the inputs of all five maps are recomputed from the block's input, with
-the block's own weights, by :func:`mamba_mixer` in a no-grad pass. It is
-matched by the string key ``"mamba_ssm.Mamba"``, so ``mamba_ssm`` is never
-imported here.
+the block's own weights, by :func:`mamba_mixer` in a no-grad pass (the
+lab's block runs the same function as its forward). Both blocks are matched
+by string keys, so neither ``mamba_ssm`` nor the lab is imported here.
 """
 
 from __future__ import annotations
@@ -18,14 +18,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from torch_teleport import Projector, Site, hookimpl
-from torch_teleport.plugins.mamba_block import AFFINE_MAPS, MambaBlock, mamba_mixer
 from torch_teleport.projector import Record, output_hook
 from torch_teleport.projectors.conv import ConvProjector
 from torch_teleport.projectors.linear import LinearProjector
+
+AFFINE_MAPS = ("in_proj", "conv1d", "x_proj", "dt_proj", "out_proj")
+"""The block's submodules that are affine maps of an input, in the order the data meets them."""
 
 FROZEN = {
     "A_log": (
@@ -106,7 +110,47 @@ def _child_projector(child: nn.Module) -> Projector:
     )
 
 
+def mamba_mixer(
+    block: nn.Module, hidden_states: Tensor, affine_inputs: dict[str, Tensor] | None = None
+) -> Tensor:
+    """The Mamba-1 mixer of ``block`` (the lab's ``MambaBlock`` or ``mamba_ssm``'s ``Mamba``).
+
+    When ``affine_inputs`` is given, the input of each of :data:`AFFINE_MAPS`
+    is stored in it under the submodule's name, as that submodule receives it.
+    """
+    seen = affine_inputs if affine_inputs is not None else {}
+    length = hidden_states.shape[1]
+    seen["in_proj"] = hidden_states
+    x, z = block.in_proj(hidden_states).chunk(2, dim=-1)
+    seen["conv1d"] = x = rearrange(x, "b l d -> b d l")
+    x = F.silu(block.conv1d(x)[..., :length])
+    seen["x_proj"] = x = rearrange(x, "b d l -> b l d")
+    dt, B, C = block.x_proj(x).split([block.dt_rank, block.d_state, block.d_state], dim=-1)
+    seen["dt_proj"] = dt
+    delta = F.softplus(block.dt_proj(dt))
+    y = selective_scan(x, delta, -torch.exp(block.A_log), B, C, block.D)
+    seen["out_proj"] = y = y * F.silu(z)
+    return block.out_proj(y)
+
+
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor) -> Tensor:
+    """The selective scan, one step at a time.
+
+    Shapes: ``u, delta`` ``(b, l, d)``; ``A`` ``(d, n)``; ``B, C`` ``(b, l, n)``;
+    ``D`` ``(d,)``. Returns ``y`` ``(b, l, d)`` with ``h_t = exp(delta_t A) h_{t-1}
+    + delta_t B_t u_t`` (``h_0 = 0``) and ``y_t = C_t h_t + D u_t``.
+    """
+    decay = torch.exp(torch.einsum("bld,dn->bldn", delta, A))
+    drive = torch.einsum("bld,bln,bld->bldn", delta, B, u)
+    state = u.new_zeros(u.shape[0], u.shape[2], A.shape[1])
+    outputs = []
+    for step in range(u.shape[1]):
+        state = decay[:, step] * state + drive[:, step]
+        outputs.append(torch.einsum("bdn,bn->bd", state, C[:, step]))
+    return torch.stack(outputs, dim=1) + u * D
+
+
 @hookimpl
 def teleport_register_projectors(registry) -> None:
-    registry.add_projector(MambaBlock, MambaProjector)
+    registry.add_projector("torch_teleport.lab.models.mamba_block.MambaBlock", MambaProjector)
     registry.add_projector("mamba_ssm.Mamba", MambaProjector)

@@ -1,4 +1,5 @@
-"""Null-space builders against dense float64 references.
+"""The core's null-space machinery (spectrum routes, ``CoreBasis``, projection) against dense
+float64 references; ``test_null_space_<name>.py`` test the built-in null spaces.
 
 Rank-deficient matrices are built from small integers, so they are exactly
 rank deficient in float32 and float64 alike and the dense reference
@@ -82,28 +83,6 @@ def rank_deficient(draw, dtypes=(torch.float64, torch.float32)):
     return matrix.to(dtype)
 
 
-@given(rank_deficient())
-def test_exact_rank_is_the_numerical_rank(matrix):
-    basis = exact().basis(matrix.unsqueeze(0))
-    assert basis.ranks == (reference_rank(matrix, matrix.dtype),)
-    assert basis.null_dim == matrix.shape[0] - basis.ranks[0]
-
-
-@given(rank_deficient())
-def test_exact_projection_matches_dense_reference(matrix):
-    """The update keeps no component in the span of the inputs, and nothing else is removed."""
-    generator = torch.Generator().manual_seed(matrix.shape[0] * 1000 + matrix.shape[1])
-    update = torch.randn(1, 5, matrix.shape[0], generator=generator, dtype=torch.float64)
-    basis = exact().basis(matrix.unsqueeze(0))
-    assert basis.vectors.dtype == matrix.dtype  # the basis is applied in the parameters' dtype
-    tol = PROJECTION_TOL[matrix.dtype] * float(update.norm())
-    projected, _ = basis.project(update.to(matrix.dtype), None)
-    expected = reference_null_projection(update[0], matrix, basis.ranks[0])
-    torch.testing.assert_close(projected[0].double(), expected, rtol=0, atol=tol)
-    residual = projected[0].double() @ matrix.double()
-    assert float(residual.norm()) <= tol * float(matrix.double().norm())
-
-
 def core_projector(spectrum, rank: int) -> torch.Tensor:
     """``V_k V_k^T`` in float64 from the leading ``rank`` directions of a spectrum (one group)."""
     core = spectrum.vectors[0, :, :rank]
@@ -143,34 +122,6 @@ def test_float64_representations_never_take_the_gram_route():
         spectrum.squared[0].sqrt(), singular, rtol=1e-12, atol=1e-12 * float(singular[0])
     )
     assert exact().basis(matrix.unsqueeze(0)).ranks == (5,)
-
-
-@given(
-    seed=st.integers(0, 2**31 - 1),
-    groups=st.integers(1, 3),
-    dims=st.integers(2, 16),
-    samples=st.integers(1, 40),
-    tau=st.floats(0.05, 0.999),
-)
-def test_energy_threshold_picks_the_smallest_sufficient_rank(seed, groups, dims, samples, tau):
-    """Eq. 3: the smallest k with ||R_k||_F^2 >= tau ||R||_F^2 (never above the exact rank)."""
-    generator = torch.Generator().manual_seed(seed)
-    representation = torch.randn(groups, dims, samples, generator=generator, dtype=torch.float64)
-    basis = threshold(tau).basis(representation)
-    for group, rank in enumerate(basis.ranks):
-        squared = torch.linalg.svdvals(representation[group]).square()
-        energy = squared.cumsum(0)
-        k = next(i + 1 for i in range(len(energy)) if energy[i] >= tau * energy[-1])
-        assert rank == min(k, reference_rank(representation[group], torch.float64))
-        kept = energy[rank - 1]
-        assert kept >= tau * energy[-1]
-        assert rank == 1 or energy[rank - 2] < tau * energy[-1]
-
-
-def test_threshold_one_is_the_exact_null_space():
-    generator = torch.Generator().manual_seed(0)
-    representation = integer_matrix(generator, 10, 30, 4).unsqueeze(0)
-    assert threshold(1.0).basis(representation).ranks == exact().basis(representation).ranks == (4,)
 
 
 @given(

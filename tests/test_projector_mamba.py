@@ -13,14 +13,10 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from torch_teleport import Teleporter, build_registry
-from torch_teleport.plugins.mamba_block import AFFINE_MAPS, MambaBlock, selective_scan
-from torch_teleport.projectors.mamba import FROZEN, MambaProjector
-from torch_teleport.testing import (
-    PreNormResidual,
-    TokenClassifier,
-    assert_teleport_invariant,
-    mamba_problems,
-)
+from torch_teleport.lab.models.mamba_block import MambaBlock
+from torch_teleport.lab.testing import mamba_problems
+from torch_teleport.projectors.mamba import AFFINE_MAPS, FROZEN, MambaProjector, selective_scan
+from torch_teleport.testing import PreNormResidual, TokenClassifier, assert_teleport_invariant
 
 
 @given(mamba_problems())

@@ -35,21 +35,22 @@ class FakeEntryPoint:
 
 
 class FakeDistribution:
-    def __init__(self, name: str, version: str, plugin: object) -> None:
+    def __init__(self, name: str, version: str, plugin: object, entry_point: str | None = None) -> None:
         self.metadata = {"name": name}
         self.version = version
-        self.entry_points = [FakeEntryPoint(name.replace("-", "_"), ENTRY_POINT_GROUP, plugin)]
+        self.entry_points = [FakeEntryPoint(entry_point or name.replace("-", "_"), ENTRY_POINT_GROUP, plugin)]
 
 
 @pytest.fixture
 def install(monkeypatch):
-    """``install(name, version, plugin)`` makes ``plugin`` look installed through an entry point."""
+    """``install(name, version, plugin[, entry_point])`` makes ``plugin`` look installed through an
+    entry point (named after the distribution unless ``entry_point`` names it)."""
     fakes: list[FakeDistribution] = []
     real = importlib.metadata.distributions
     monkeypatch.setattr(
         importlib.metadata, "distributions", lambda **kwargs: [*real(**kwargs), *fakes]
     )
-    return lambda name, version, plugin: fakes.append(FakeDistribution(name, version, plugin))
+    return lambda *args: fakes.append(FakeDistribution(*args))
 
 
 def plugin_module(name: str, **hooks) -> types.ModuleType:
@@ -123,6 +124,38 @@ def test_entry_point_plugin_replaces_and_extends_builtins(install):
     )
     report = descending.teleport(inputs, targets)
     assert report.grad_norm_after < report.grad_norm_before
+
+
+def test_a_third_party_entry_wins_over_a_builtin_that_loads_after_it(install):
+    """An entry point of no kind loads with the first lookup, before the lab's models: the built-in
+    model registered later still leaves the third party's in place."""
+
+    def factory(**options):
+        return nn.Linear(2, 2)
+
+    plugin = plugin_module("fake_zoo", teleport_register_models=lambda registry: registry.add_model("mlp", factory))
+    install("fake-zoo", "0.1", plugin)
+    registry = build_registry()
+    assert registry.get("method", "null_space") is not None
+    assert registry.get("model", "mlp") is factory
+    assert "cnn" in registry.names("model")
+    origins = {(entry.kind, entry.name): entry.origin for entry in registry.entries()}
+    assert origins[("model", "mlp")] == "fake-zoo 0.1"
+    assert origins[("model", "cnn")] == BUILTIN_ORIGIN
+
+
+def test_an_entry_point_named_for_a_kind_loads_with_that_kind(install):
+    """``"objective:..."`` loads on the first objective lookup, and then its other hooks run too."""
+    plugin = plugin_module(
+        "fake_objectives",
+        teleport_register_objectives=lambda registry: registry.add_objective("fake", DescendingGradNorm),
+        teleport_register_methods=lambda registry: registry.add_method("fake", object),
+    )
+    install("fake-objectives", "0.1", plugin, "objective:fake")
+    registry = build_registry()
+    assert "fake" not in registry.names("method")
+    assert registry.get("objective", "fake") is DescendingGradNorm
+    assert "fake" in registry.names("method")
 
 
 def test_misspelt_hook_fails_when_the_registry_is_built(install):

@@ -15,17 +15,15 @@ import warnings
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
-from test_models import CASES, build
 from torch import nn
 from torch.nn import functional as F
 
 import torch_teleport as tt
+from torch_teleport.lab.testing import mamba_problems
 from torch_teleport.testing import (
     assert_structured_matches_full,
     attention_problems,
     conv_problems,
-    mamba_problems,
     mlp_problems,
     transformer_problems,
 )
@@ -99,15 +97,6 @@ def test_transformer_layers(problem):
 @given(problem=mamba_problems(dtypes=F64))
 def test_mamba_blocks(problem):
     assert_structured_matches_full(problem.model, problem.loss_fn, problem.inputs, problem.targets)
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
-@settings(max_examples=3)
-@given(seed=st.integers(0, 2**31 - 1))
-def test_every_zoo_model(name, seed):
-    case = CASES[name]
-    model, inputs, targets = build(case, seed)
-    assert_structured_matches_full(model, case.loss, inputs, targets)
 
 
 @pytest.mark.parametrize("objective", ["grad_norm", "log_grad_norm"])

@@ -1,0 +1,271 @@
+"""Every benchmark runs at a tiny size and writes well-formed JSON and a PNG. Nothing here looks at
+how long anything took: timings are the benchmarks' output, never a test's condition."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from torch_teleport.lab.benchmarks.common import growth_exponent, settings
+from torch_teleport.lab.cli import main as teleport_cli
+from torch_teleport.lab.config import ConfigError
+from torch_teleport.registry import default_registry
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_tiny(name: str, tmp_path: Path) -> dict:
+    figures = tmp_path / "figures"
+    default_registry().get("experiment", f"bench.{name}")(
+        {"kind": f"bench.{name}", "size": "tiny", "figures": str(figures)}, tmp_path / "out"
+    )
+    assert_png(figures / f"bench_{name}.png")
+    return load(tmp_path / "out" / f"{name}.json", name)
+
+
+def load(path: Path, name: str) -> dict:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["benchmark"] == name
+    assert data["settings"]["size"] == "tiny"
+    assert {"cpu", "cores", "threads", "torch", "device", "clock"} <= set(data["machine"])
+    assert_finite(data)
+    return data
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+
+
+def assert_finite(value, where: str = "") -> None:
+    """Every number in the JSON is finite (non-finite numbers would have been written as null)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            assert_finite(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            assert_finite(item, f"{where}[{i}]")
+    elif isinstance(value, float):
+        assert math.isfinite(value), where
+
+
+def numbers(*values) -> None:
+    """Key results: present, numeric and finite (not null)."""
+    for value in values:
+        assert (
+            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        ), value
+
+
+def test_step_cost(tmp_path):
+    data = run_tiny("step_cost", tmp_path)
+    paper = data["paper_mlp"]
+    assert paper["model"] == "mlp" and paper["input_shape"] == [8, 784]
+    numbers(
+        paper["sgd_seconds"], paper["ascent_seconds"], paper["basis_seconds"], paper["full_ascent_seconds"]
+    )
+    numbers(paper["ascent_over_sgd"], paper["basis_over_sgd"], data["target_ascent_over_sgd"])
+    numbers(paper["full_ascent_over_sgd"], paper["teleport_over_sgd_steps"])
+    assert paper["paths"] == "closed_form"
+    assert paper["null_space"] == "exact" and paper["moved_sites"] == paper["sites"] == 3
+    assert data["models"][0] == paper
+    assert data["profile"] and all(row["op"] and row["calls"] > 0 for row in data["profile"])
+
+
+def test_gradient_paths(tmp_path):
+    data = run_tiny("gradient_paths", tmp_path)
+    assert [info["model"] for info in data["models"]] == ["mlp"]
+    assert data["models"][0]["input_shape"] == [4, 784] and data["models"][0]["batchnorm"] is False
+    rows = data["rows"]
+    assert [(row["model"], row["tau"], row["gradient"]) for row in rows] == [
+        ("mlp", 0.99, "structured"),
+        ("mlp", 0.99, "full"),
+    ]
+    for row in rows:
+        assert "error" not in row
+        numbers(row["loss_change"], row["held_out_change"], row["gain"], row["seconds"])
+        numbers(row["held_out_per_log_gain"], row["loss_change_per_log_gain"])
+        assert 1 <= row["steps"] <= 8 and row["stopped"] and row["rolled_back"] == 0
+        assert row["paths"] == [row["gradient"]]
+        assert row["gain"] > 1
+        assert [run["seed"] for run in row["seeds"]] == [0]
+        assert row["seeds"][0]["gain"] == row["gain"]
+    (summary,) = data["summary"]
+    assert summary["tau"] == 0.99 and summary["models"] == 1
+    ratios = summary["structured_over_full"]
+    numbers(ratios["loss_change"], ratios["held_out_change"], ratios["gain"])
+    numbers(ratios["loss_change_per_log_gain"], ratios["held_out_per_log_gain"])
+    assert ratios["gain"] == pytest.approx(rows[0]["gain"] / rows[1]["gain"])
+    assert set(summary["drifts_less"].values()) <= {"structured", "full", "tie"}
+    assert summary["verdict"].startswith("tau = 0.99") and data["verdict"]
+
+
+def test_scaling(tmp_path):
+    data = run_tiny("scaling", tmp_path)
+    assert set(data["sweeps"]) == {"t", "d", "n", "l", "b"}
+    for variable, points in data["sweeps"].items():
+        assert [p[variable] for p in points] == data["settings"][
+            {"t": "steps", "d": "widths", "n": "batch_sizes", "l": "depths", "b": "batches"}[
+                variable
+            ]
+        ]
+        for point in points:
+            numbers(point["null_space"], point["symmetry"], point["ratio"])
+            assert point["ratio"] == pytest.approx(point["symmetry"] / point["null_space"])
+    for variable in ("d", "n"):
+        numbers(data["exponents"][variable]["null_space"], data["exponents"][variable]["symmetry"])
+    numbers(data["paper_setting"]["ratio"])
+    assert isinstance(data["target_met"], bool)
+
+
+def test_accuracy(tmp_path):
+    data = run_tiny("accuracy", tmp_path)
+    assert list(data["methods"]) == [
+        "null-space, tau = 1",
+        "null-space, tau = 0.9",
+        "symmetry",
+        "level-set",
+    ]
+    for result in data["methods"].values():
+        assert [row["steps"] for row in result["by_steps"]] == [1, 2]
+        for row in result["by_steps"]:
+            numbers(row["batch_loss_change"], row["held_out_loss_change"], row["grad_norm_gain"])
+        assert len(result["batch_loss_change_per_step"]) == 2
+    exact = data["methods"]["null-space, tau = 1"]["by_steps"][-1]
+    assert exact["batch_loss_change"] <= 1e-5  # float32, tau = 1
+
+
+def test_error_control(tmp_path):
+    data = run_tiny("error_control", tmp_path)
+    sites = data["layers"]["mlp"]
+    assert [site["site"] for site in sites] == ["1.weight", "3.weight", "5.weight"]
+    for site in sites:
+        fractions = site["energy_fraction"]
+        assert all(b >= a - 1e-12 for a, b in zip(fractions, fractions[1:], strict=False))
+        assert fractions[-1] == pytest.approx(1.0)
+        assert site["core_rank"]["1.0"] >= site["core_rank"]["0.9"]
+    for tau, run in data["trajectories"]["0.02"].items():
+        assert len(run["loss"]) == len(run["grad_norm"]) == 3, tau
+        numbers(*run["loss"], *run["grad_norm"])
+
+
+def test_time_to_target(tmp_path):
+    data = run_tiny("time_to_target", tmp_path)
+    run = data["runs"]["default"]
+    grid = data["settings"]["multipliers"]
+    assert run["multipliers"] == grid == [1.0, 2.0]
+    assert [(row["optimizer"], row["teleport"]) for row in run["rows"]] == [
+        ("sgd x1", False),
+        ("sgd x2", False),
+        ("sgd x1", True),
+    ]
+    for row in run["rows"]:
+        numbers(row["seconds_mean"], row["final_train_loss_mean"])
+        assert (
+            len(row["epochs_to_target"])
+            == len(row["seconds_to_target"])
+            == len(row["cpu_seconds_to_target"])
+        )
+    assert "| sgd x2 | no |" in run["table"] and "| sgd x1 | yes |" in run["table"]
+    assert run["teleport"]["schedule"]["name"]  # the teleport settings used are recorded
+    (comparison,) = run["optimizers"].values()
+    baselines, teleport = comparison["baselines"], comparison["teleport"]
+    assert [b["multiplier"] for b in baselines] == grid and teleport["multiplier"] == 1.0
+    assert [b["lr"] for b in baselines] == [pytest.approx(comparison["base_lr"] * m) for m in grid]
+    for entry in (*baselines, teleport):
+        assert len(entry["train_loss"]) == len(entry["seconds"]) == len(run["seeds"])
+        assert all(len(curve) == run["epochs"] + 1 for curve in entry["train_loss"])
+        numbers(entry["final_train_loss"], *entry["train_loss"][0])
+        reached = entry["seconds_to_target"] is not None
+        assert reached == (entry["target_reached"] == len(run["seeds"]))
+        assert (entry["epochs_to_target"] is not None) == reached
+    assert all(b["teleport_seconds"] == 0 for b in baselines)
+    best = comparison["best_baseline"]
+    assert comparison["best_multiplier"] == best["multiplier"] in grid and best in baselines
+    reached = [b["seconds_to_target"] for b in baselines if b["seconds_to_target"] is not None]
+    if reached:
+        assert best["seconds_to_target"] == min(reached)
+    else:
+        assert best["final_train_loss"] == min(b["final_train_loss"] for b in baselines)
+    ratios = comparison["teleport_over_best_baseline"]
+    for key in ("epochs_to_target", "seconds_to_target", "cpu_seconds_to_target"):
+        if teleport[key] is None or not best[key]:
+            assert ratios[key] is None
+        else:
+            assert ratios[key] == pytest.approx(teleport[key] / best[key])
+    with_teleport, without = teleport["seconds_to_target"], best["seconds_to_target"]
+    if with_teleport is None:
+        winner = "neither" if without is None else "baseline"
+    else:
+        winner = "teleport" if without is None or with_teleport < without else "baseline"
+    assert comparison["winner"] == winner
+    opening = {"neither": "neither", "teleport": "teleport wins", "baseline": "teleport loses"}
+    assert comparison["verdict"].startswith(opening[winner])
+
+
+def test_time_to_target_refuses_a_grid_without_positive_multipliers(tmp_path):
+    run = default_registry().get("experiment", "bench.time_to_target")
+    for grid in ([], [0.0, 1.0]):
+        with pytest.raises(ConfigError, match="multipliers"):
+            run({"kind": "bench.time_to_target", "size": "tiny", "multipliers": grid}, tmp_path)
+
+
+def test_teleport_bench_command_runs_a_benchmark(tmp_path):
+    status = teleport_cli(
+        [
+            "bench",
+            "scaling",
+            "--set",
+            "size=tiny",
+            "--set",
+            f"figures={tmp_path}",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert status == 0
+    load(tmp_path / "scaling.json", "scaling")
+    assert_png(tmp_path / "bench_scaling.png")
+
+
+def test_the_script_runs_the_same_benchmark(tmp_path):
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch_teleport.lab.benchmarks.step_cost",
+            "--set",
+            "size=tiny",
+            "--out",
+            str(tmp_path),
+            "--figures",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "ascent step" in completed.stdout
+    load(tmp_path / "step_cost.json", "step_cost")
+    assert_png(tmp_path / "bench_step_cost.png")
+
+
+def test_settings_refuse_unknown_keys_and_apply_the_tiny_defaults():
+    full, tiny = {"repeats": 5, "widths": [1, 2]}, {"repeats": 1}
+    assert settings({"size": "tiny"}, full, tiny)["repeats"] == 1
+    assert settings({"size": "tiny", "repeats": 3}, full, tiny)["repeats"] == 3
+    with pytest.raises(ConfigError, match="unknown key 'repeat'"):
+        settings({"repeat": 3}, full, tiny)
+    with pytest.raises(ConfigError, match="widths"):
+        settings({"widths": 3}, full, tiny)
+
+
+def test_growth_exponent_recovers_a_power_law():
+    sizes = [64, 128, 256, 512]
+    assert growth_exponent(sizes, [3e-6 * s**1.7 for s in sizes]) == pytest.approx(1.7)

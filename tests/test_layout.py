@@ -1,0 +1,134 @@
+"""The library stands alone: a plain teleport loads nothing of the lab, the library never imports the
+lab, its imports need only its required dependencies, and the core's imports form no cycle."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch_teleport
+from torch_teleport.registry import DISTRIBUTION, ROOMS
+
+CORE = Path(torch_teleport.__file__).resolve().parent
+LIBRARY = [CORE, *(CORE.parent / folder for folder in ("projectors", "objectives", "plugins"))]
+LAB_ONLY = ("torch_teleport.lab", "torchvision", "tensorboard", "nltk", "matplotlib", "sklearn", "tqdm", "hypothesis")
+EXTRAS = {"testing.py": {"hypothesis"}, "lightning.py": {"lightning"}}
+"""Library modules that need an extra: the testing contract (``test``) and the Lightning callback."""
+
+PLAIN_TELEPORT = """
+import sys
+import torch
+before = set(sys.modules)
+import torch_teleport as tt
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+tt.Teleporter(model, torch.nn.functional.cross_entropy).teleport(torch.randn(4, 8), torch.randint(0, 3, (4,)))
+print(" ".join(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_a_plain_teleport_loads_nothing_of_the_lab():
+    """Counted from ``import torch``, which itself imports tqdm (``torch.hub``) when it is installed."""
+    done = subprocess.run(
+        [sys.executable, "-c", PLAIN_TELEPORT], capture_output=True, text=True, timeout=300, check=True
+    )
+    loaded = done.stdout.split()
+    assert "torch_teleport.projectors.linear" in loaded  # the rooms it needs did load
+    assert [name for name in loaded if name.startswith(ROOMS["method"])]
+    assert not [name for name in loaded if any(name == p or name.startswith(f"{p}.") for p in LAB_ONLY)]
+
+
+def library_files() -> list[Path]:
+    return sorted(path for folder in LIBRARY for path in folder.rglob("*.py"))
+
+
+def _names(node: ast.stmt) -> list[tuple[str, int]]:
+    """``(module, level)`` of what an import statement loads (``package.name`` for ``from`` imports)."""
+    if isinstance(node, ast.Import):
+        return [(alias.name, 0) for alias in node.names]
+    if isinstance(node, ast.ImportFrom):
+        prefix = f"{node.module}." if node.module else ""
+        return [(prefix + alias.name, node.level) for alias in node.names]
+    return []
+
+
+def all_imports(path: Path) -> list[tuple[str, int]]:
+    return [name for node in ast.walk(ast.parse(path.read_text())) for name in _names(node)]
+
+
+def top_level_imports(path: Path) -> list[tuple[str, int]]:
+    """The imports a plain import of ``path`` runs: not in functions, not under ``if TYPE_CHECKING:``."""
+    found = []
+
+    def visit(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            found.extend(_names(node))
+            if isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
+                visit(node.body + node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body + node.orelse + node.finalbody + [s for h in node.handlers for s in h.body])
+
+    visit(ast.parse(path.read_text()).body)
+    return found
+
+
+def test_the_library_never_imports_the_lab():
+    offenders = [
+        f"{path.relative_to(CORE.parent)}: {name}"
+        for path in library_files()
+        for name, level in all_imports(path)
+        if level == 0 and (name == "torch_teleport.lab" or name.startswith("torch_teleport.lab."))
+    ]
+    assert not offenders
+
+
+def test_the_required_dependencies_are_what_the_library_imports():
+    requirements = importlib.metadata.requires(DISTRIBUTION)
+    required = {re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0] for r in requirements if "extra ==" not in r}
+    used = set()
+    for path in library_files():
+        for name, level in top_level_imports(path):
+            top = name.split(".")[0]
+            if level or top in sys.stdlib_module_names or top == "torch_teleport":
+                continue
+            assert top in required | EXTRAS.get(path.name, set()), f"{path.relative_to(CORE.parent)} imports {top}"
+            used.add(top)
+    assert required <= used, required - used  # and nothing required goes unused
+
+
+def core_graph() -> dict[str, set[str]]:
+    """Module -> the core modules its top-level imports load (``__init__`` for ``torch_teleport`` itself)."""
+    modules = {path.stem for path in CORE.glob("*.py")}
+    graph = {}
+    for module in modules:
+        edges = set()
+        for name, level in top_level_imports(CORE / f"{module}.py"):
+            if level == 1 or name.startswith("torch_teleport."):
+                parts = name.removeprefix("torch_teleport.").split(".")
+                edges.add(parts[0] if parts[0] in modules else "__init__")
+            elif name == "torch_teleport":
+                edges.add("__init__")
+        graph[module] = edges - {module}
+    return graph
+
+
+def test_the_core_imports_form_no_cycle():
+    graph, state, path = core_graph(), {}, []
+
+    def visit(module: str) -> None:
+        state[module] = "open"
+        path.append(module)
+        for target in sorted(graph[module]):
+            assert state.get(target) != "open", " -> ".join([*path[path.index(target) :], target])
+            if target not in state:
+                visit(target)
+        path.pop()
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    assert graph["engine"] >= {"registry", "method"}  # the graph is read, not empty
