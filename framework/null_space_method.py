@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -12,7 +13,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import get_total_norm
 
 from .chain import LinearChain
 from .coverage import Coverage, CoveredModule, capture_inputs, find_coverage
@@ -32,7 +32,7 @@ the teleport batch, the basis sample and the guard batch (GPM's reading of tau).
 space keeps only the batch's loss (a round of teleports on batches of 32 raised the whole
 training set's loss by 6% on digits) and has no room at all on a sample larger than a layer's
 width; this one keeps the data's loss to 0.01% on a sample of 1,024 while the drift tolerance
-keeps the batch's (docs/guide.md, "Which level set")."""
+keeps the batch's (docs/architecture.md, "Which level set")."""
 
 SITE_STEP_LIMIT = 0.3
 """No normalised step moves a module's parameters by more than this fraction of their own norm at
@@ -116,36 +116,34 @@ class ProjectedStep:
     dense: dict[str, Tensor]
     factored: list[FactoredSite]
 
-    def norm(self) -> Tensor:
-        """The Frobenius norm over every parameter, accumulated in float64 (squares overflow float32)."""
-        squares = [get_total_norm(list(self.dense.values())).double().square()] if self.dense else []
-        squares += [part.squared_norm() for part in self.factored]
-        return torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=torch.float64)
+    @functools.cached_property
+    def squares(self) -> list[float]:
+        """Each part's squared Frobenius norm (dense parameters in order, then factored sites),
+        accumulated in float64 (squares overflow float32); computed once per step and its retries."""
+        squares = [float(update.double().square().sum()) for update in self.dense.values()]
+        return squares + [float(part.squared_norm()) for part in self.factored]
 
-    def parts(self) -> int:
-        """How many parts :meth:`scales` gives a scale each: dense parameters, then factored sites."""
-        return len(self.dense) + len(self.factored)
+    def norm(self) -> float:
+        """The Frobenius norm over every parameter."""
+        return math.sqrt(sum(self.squares))
 
-    def scales(self, scale: float, modules: dict[str, str], sizes: dict[str, float]) -> list[float]:
+    def scales(self, scale: float, modules: dict[str, str], limits: dict[str, float] | None) -> list[float]:
         """``scale`` per part (dense parameters in order, then factored sites), cut per module
-        where the step would move the module's parameters by more than :data:`SITE_STEP_LIMIT`
-        of their own norm (``modules``: each parameter's module; ``sizes``: each parameter's
-        norm at the teleport's start; a module of zero norm is not cut).
+        where the step would move the module's parameters by more than its entry in ``limits``
+        (``modules``: each parameter's module; ``None``: nothing is cut; a limit of 0, a module
+        of zero norm, is not applied).
 
         Every site of a module gets the same factor, so each site's update stays in its null
         space and a shorter step keeps the batch's loss exactly as the whole step does."""
-        squares: dict[str, float] = defaultdict(float)
         owners = [modules[name] for name in self.dense] + [part.covered.name for part in self.factored]
-        updates = [float(u.double().square().sum()) for u in self.dense.values()]
-        updates += [float(part.squared_norm()) for part in self.factored]
-        for owner, square in zip(owners, updates, strict=True):
+        if limits is None:
+            return [scale] * len(owners)
+        squares: dict[str, float] = defaultdict(float)
+        for owner, square in zip(owners, self.squares, strict=True):
             squares[owner] += square
-        size: dict[str, float] = defaultdict(float)
-        for name, norm in sizes.items():
-            size[modules[name]] += norm**2
         factor = {}
         for owner, square in squares.items():
-            moved, limit = abs(scale) * math.sqrt(square), SITE_STEP_LIMIT * math.sqrt(size[owner])
+            moved, limit = abs(scale) * math.sqrt(square), limits[owner]
             factor[owner] = limit / moved if limit > 0 and moved > limit else 1.0
         return [scale * factor[owner] for owner in owners]
 
@@ -364,20 +362,24 @@ class NullSpaceMethod(TeleportMethod):
         again, which restores the weights to rounding (no copy of them is kept; a factored
         step holds only its factors)."""
         weights = math.sqrt(sum(size**2 for size in sizes.values()))
+        limits = None  # the limit bounds the normalised step; a plain rate (eq. 5) is the caller's to choose
+        if self.context.step.normalize:
+            squares: dict[str, float] = defaultdict(float)
+            for name, size in sizes.items():
+                squares[self._module_of[name]] += size**2
+            limits = {module: SITE_STEP_LIMIT * math.sqrt(square) for module, square in squares.items()}
         last: list = [None, None]  # the evaluation whose projected gradient is held, and that gradient
 
         def step(evaluation: Evaluation, length: float) -> Callable[[], None] | bool:
             if last[0] is not evaluation:
                 last[:] = evaluation, direction(evaluation)
             projected = last[1]
-            norm = float(projected.norm())
+            norm = projected.norm()
             if not math.isfinite(norm):
                 return False
             if norm == 0:  # every site was wholly in its core space (see CoreBasis.project)
                 return True
-            scale = self.context.step.scale(norm, weights, length)
-            # the limit bounds the normalised step; a plain rate (eq. 5) is the caller's to choose
-            scales = projected.scales(scale, self._module_of, sizes) if self.context.step.normalize else [scale] * projected.parts()
+            scales = projected.scales(self.context.step.scale(norm, weights, length), self._module_of, limits)
             projected.add_to_weights(params, scales)
             return lambda: projected.add_to_weights(params, scales, sign=-1.0)
 
