@@ -14,8 +14,8 @@ from hypothesis import given
 from torch import nn
 
 import torch_teleport as tt
+from torch_teleport.plugin_manager import build_plugin_manager
 from torch_teleport.projector import append_ones, first_input_hook
-from torch_teleport.registry import build_plugin_manager
 from torch_teleport.testing import assert_teleport_invariant, mlp_problems
 
 
@@ -102,6 +102,7 @@ import pytest
 from hypothesis import strategies as st
 
 from torch_teleport import hookspecs
+from torch_teleport.lab import hookspecs as lab_hookspecs
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -119,8 +120,12 @@ def hook_signature(hook) -> str:
 
 
 HOOKS = [
-    getattr(hookspecs, name) for name in dir(hookspecs) if name.startswith("teleport_register_")
+    getattr(module, name)
+    for module in (hookspecs, lab_hookspecs)
+    for name in dir(module)
+    if name.startswith("teleport_register_")
 ]
+"""The library's hooks and the lab's."""
 
 
 def test_there_are_hooks_to_document():
@@ -130,6 +135,21 @@ def test_there_are_hooks_to_document():
 @pytest.mark.parametrize("hook", HOOKS, ids=lambda hook: hook.__name__)
 def test_every_hook_is_documented_with_its_signature(hook):
     assert hook_signature(hook) in (DOCS / "plugins.md").read_text()
+
+
+def hook_section(kind: str) -> str:
+    """The section of ``docs/plugins.md`` on the registration hook of ``kind``."""
+    page = (DOCS / "plugins.md").read_text()
+    return page.split(f"### `teleport_register_{kind}s(")[1].split("\n#")[0]
+
+
+@pytest.mark.parametrize("kind", ["null_space", "schedule"])
+def test_every_built_in_of_a_listed_kind_is_in_its_hook_section(kind):
+    """The hook sections that list the built-ins list all of them."""
+    built_ins = tt.build_registry(build_plugin_manager(entry_points=False)).names(kind)
+    assert built_ins
+    section = hook_section(kind)
+    assert [name for name in built_ins if f"`{name}`" not in section] == []
 
 
 @pytest.mark.parametrize("name", tt.__all__)
