@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from .inputs import Inputs, batch_size, call_model
-from .model_state import preserved_state
-from .null_space import spectrum
+from .inputs import Inputs, call_model
 from .projector import Projector, Site
-from .registry import Registry, default_registry
+from .registry import Registry
 
 POLICIES = ("error", "warn", "freeze")
 
@@ -43,7 +42,8 @@ class Coverage:
     modules: list[CoveredModule] = field(default_factory=list)
     frozen: dict[str, str] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)
-    """The module of every trainable parameter: the one whose projector claims it, else its holder."""
+    """The module of every trainable parameter: the one whose projector claims it, else its
+    holder."""
 
     def movable(self) -> dict[str, nn.Parameter]:
         """Every parameter some site moves, by qualified name."""
@@ -65,7 +65,9 @@ HOW_TO_ADD = (
 )
 
 
-def capture_inputs(coverage: Coverage, model: nn.Module, inputs: Inputs) -> dict[tuple[str, str], list[Tensor]]:
+def capture_inputs(
+    coverage: Coverage, model: nn.Module, inputs: Inputs
+) -> dict[tuple[str, str], list[Tensor]]:
     """Every covered module's input streams on ``inputs``, keyed by (module name, stream).
 
     A no-grad forward of its own, with the projectors' capture hooks removed
@@ -110,8 +112,8 @@ def find_coverage(model: nn.Module, registry: Registry, policy: str = "warn") ->
     if uncovered and policy == "error":
         raise UncoveredParametersError(
             f"no projector covers these parameters: {_names(uncovered)}; by module type: "
-            f"{_groups(model, coverage, uncovered, names_too=False)}. {HOW_TO_ADD}; to leave them fixed, use the "
-            'uncovered policy "warn" or "freeze"'
+            f"{_groups(model, coverage, uncovered, names_too=False)}. {HOW_TO_ADD}; to leave them "
+            'fixed, use the uncovered policy "warn" or "freeze"'
         )
     if uncovered and policy == "warn":
         warnings.warn(
@@ -126,61 +128,157 @@ def find_coverage(model: nn.Module, registry: Registry, policy: str = "warn") ->
 
 
 def assign_projectors(model: nn.Module, registry: Registry) -> Coverage:
-    """The coverage of ``model`` before any policy: uncovered parameters listed, nothing raised."""
+    """The coverage of ``model`` before any policy: uncovered parameters are listed, not refused.
+
+    Modules are visited parents first; a module whose parameters an ancestor's projector already
+    claimed is skipped. A projector whose site or ``frozen()`` names a parameter the module does
+    not have raises :class:`ProjectorSiteError`.
+    """
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
-    claimed: set[int] = set()
-    coverage = Coverage()
+    claims = _Claims(Coverage(), uses, names, set())
     instances: dict[type, Projector] = {}
     for module_name, module in model.named_modules():
         projector_class = registry.projector_for(module)
-        if projector_class is None:
-            continue
-        projector = instances.setdefault(projector_class, projector_class())
-        covered = CoveredModule(module_name, module, projector, [])
-        site_params = {
-            local: module.get_parameter(local)
-            for site in projector.sites(module)
-            for local in filter(None, (site.weight, site.bias))
-        }
-        frozen = projector.frozen(module)
-        owned = [module.get_parameter(local) for local in (*site_params, *frozen)]
-        if all(id(p) in claimed for p in owned):
-            continue
-        claimed.update(id(p) for p in owned)
-        for local, reason in frozen.items():
-            if module.get_parameter(local).requires_grad:
-                coverage.frozen[covered.qualified(local)] = reason
-                coverage.owners[covered.qualified(local)] = module_name
+        if projector_class is not None:
+            projector = instances.setdefault(projector_class, projector_class())
+            claims.claim(CoveredModule(module_name, module, projector, []))
+    claims.leave_unclaimed(model)
+    return claims.coverage
+
+
+class ProjectorSiteError(ValueError):
+    """A projector names a parameter its module lacks (a bias the module was built without)."""
+
+
+@dataclass
+class _Claims:
+    """What the projectors claimed so far while :func:`assign_projectors` walks the model."""
+
+    coverage: Coverage
+    uses: Counter  # modules holding each parameter, by id
+    names: dict[int, str]  # each trainable parameter's qualified name, by id
+    claimed: set[int]
+
+    def claim(self, covered: CoveredModule) -> None:
+        """Claim what ``covered``'s projector moves or keeps fixed, unless already claimed."""
+        module, projector = covered.module, covered.projector
+        sites: list[tuple[Site, list[nn.Parameter]]] = []
+        fixed: dict[str, tuple[nn.Parameter, str]] = {}  # qualified name -> (parameter, reason)
         for site in projector.sites(module):
-            params = [
-                module.get_parameter(local) for local in filter(None, (site.weight, site.bias))
-            ]
-            if all(p.requires_grad and uses[id(p)] == 1 for p in params):
-                covered.sites.append(site)
-                for local in filter(None, (site.weight, site.bias)):
-                    coverage.owners[covered.qualified(local)] = module_name
-                continue
-            reason = (
-                "shared between modules"
-                if any(uses[id(p)] > 1 for p in params)
-                else "its site has a parameter with requires_grad=False"
+            tensors = [local for local in (site.weight, site.bias) if local]
+            reason = next(
+                filter(None, (_parametrization(module, local) for local in tensors)), None
             )
-            for p in params:
-                if p.requires_grad:
-                    coverage.frozen[names[id(p)]] = reason
-                    coverage.owners.setdefault(names[id(p)], module_name)
+            if reason is None:
+                sites.append((site, [_parameter(covered, local, site) for local in tensors]))
+            else:  # a parametrization computes the site's weight: its own tensors stay fixed
+                for local in tensors:
+                    fixed.update(_fixed(covered, local, reason))
+        for local, reason in projector.frozen(module).items():
+            fixed.update(_fixed(covered, local, _parametrization(module, local) or reason))
+        owned = [p for _, params in sites for p in params] + [p for p, _ in fixed.values()]
+        if all(id(p) in self.claimed for p in owned):
+            return
+        self.claimed.update(id(p) for p in owned)
+        for name, (param, reason) in fixed.items():
+            if param.requires_grad:
+                self.coverage.frozen[name] = reason
+                self.coverage.owners[name] = covered.name
+        for site, params in sites:
+            self._take(covered, site, params)
         if covered.sites:
-            coverage.modules.append(covered)
-    holders = {}
-    for module_name, module in model.named_modules():
-        for _, p in module.named_parameters(recurse=False):
-            holders.setdefault(id(p), module_name)
-    for pid, name in names.items():
-        if pid not in claimed:
-            coverage.frozen[name] = UNCOVERED_REASON
-            coverage.owners[name] = holders[pid]
-    return coverage
+            self.coverage.modules.append(covered)
+
+    def _take(self, covered: CoveredModule, site: Site, params: list[nn.Parameter]) -> None:
+        """Move ``site`` if its parameters are trainable and not shared, else keep them fixed."""
+        if all(p.requires_grad and self.uses[id(p)] == 1 for p in params):
+            covered.sites.append(site)
+            for local in (site.weight, site.bias):
+                if local:
+                    self.coverage.owners[covered.qualified(local)] = covered.name
+            return
+        reason = (
+            "shared between modules"
+            if any(self.uses[id(p)] > 1 for p in params)
+            else "its site has a parameter with requires_grad=False"
+        )
+        for p in params:
+            if p.requires_grad:
+                self.coverage.frozen[self.names[id(p)]] = reason
+                self.coverage.owners.setdefault(self.names[id(p)], covered.name)
+
+    def leave_unclaimed(self, model: nn.Module) -> None:
+        """Every trainable parameter no projector claimed: fixed, owned by the module holding it
+        (by the parametrized module for a parametrization's tensors)."""
+        holders: dict[int, str] = {}
+        for module_name, module in model.named_modules():
+            if isinstance(module, parametrize.ParametrizationList):
+                module_name = module_name.rpartition("parametrizations.")[0].removesuffix(".")
+            for _, p in module.named_parameters(recurse=False):
+                holders.setdefault(id(p), module_name)
+        for pid, name in self.names.items():
+            if pid not in self.claimed:
+                self.coverage.frozen[name] = UNCOVERED_REASON
+                self.coverage.owners[name] = holders[pid]
+
+
+def _parametrization(module: nn.Module, local: str) -> str | None:
+    """Why ``module``'s tensor ``local`` cannot move if a parametrization computes it, else None."""
+    prefix, _, leaf = local.rpartition(".")
+    owner = _submodule(module, prefix)
+    if owner is None or not parametrize.is_parametrized(owner, leaf):
+        return None
+    kinds = ", ".join(type(step).__name__ for step in owner.parametrizations[leaf])
+    return (
+        f"{leaf} is parametrized by {kinds} (torch.nn.utils.parametrize): a teleport step in "
+        "weight space cannot be mapped through it"
+    )
+
+
+def _fixed(covered: CoveredModule, local: str, reason: str) -> dict[str, tuple[nn.Parameter, str]]:
+    """``local`` kept fixed for ``reason``: the tensor itself, or the parametrization's own tensors
+    (``parametrizations.weight.original0``, ...) where a parametrization computes it."""
+    prefix, _, leaf = local.rpartition(".")
+    owner = _submodule(covered.module, prefix)
+    if owner is not None and parametrize.is_parametrized(owner, leaf):
+        base = f"{prefix}.parametrizations.{leaf}" if prefix else f"parametrizations.{leaf}"
+        tensors = owner.parametrizations[leaf].named_parameters()
+        return {covered.qualified(f"{base}.{name}"): (p, reason) for name, p in tensors}
+    return {covered.qualified(local): (_parameter(covered, local), reason)}
+
+
+def _parameter(covered: CoveredModule, local: str, site: Site | None = None) -> nn.Parameter:
+    """The parameter ``local`` of ``covered``'s module; a projector naming one it lacks is told."""
+    prefix, _, leaf = local.rpartition(".")
+    owner = _submodule(covered.module, prefix)
+    value = getattr(owner, leaf, None) if owner is not None else None
+    if isinstance(value, nn.Parameter):
+        return value
+    if owner is None or not hasattr(owner, leaf):
+        found = "the module has no such attribute"
+    elif value is None:
+        found = "it is None (the module was built without it)"
+    else:
+        found = f"it is a {type(value).__name__}, not an nn.Parameter"
+    role = (
+        f"the {'bias' if local == site.bias else 'weight'} of site {site.name!r}"
+        if site
+        else "a frozen parameter"
+    )
+    where = f"module {covered.name!r}" if covered.name else "the model itself"
+    raise ProjectorSiteError(
+        f"{type(covered.projector).__name__} names parameter {local!r} as {role} of {where} "
+        f"({type(covered.module).__name__}), but {found}; a site names only parameters its module "
+        "has (bias=None for a module without a bias)"
+    )
+
+
+def _submodule(module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(path) if path else module
+    except AttributeError:
+        return None
 
 
 # -- messages --------------------------------------------------------------------------
@@ -215,7 +313,7 @@ def _count(params: list[str]) -> str:
 
 
 def _nothing_moves(model: nn.Module, coverage: Coverage) -> str:
-    """Why no parameter of ``model`` can move: the uncovered module types apart from the frozen ones."""
+    """Why no parameter of ``model`` can move: the uncovered module types apart from the frozen."""
     head = f"no parameter of {type(model).__name__} can be teleported"
     if not coverage.frozen:
         return f"{head}: it has no trainable parameters"
@@ -238,201 +336,3 @@ def _nothing_moves(model: nn.Module, coverage: Coverage) -> str:
         )
     parts.append(HOW_TO_ADD)
     return ". ".join(parts)
-
-
-# -- checking a model ---------------------------------------------------------------------
-STATUSES = ("covered", "frozen", "uncovered")
-
-
-@dataclass(frozen=True)
-class SiteCheck:
-    """One site of a covered module on the example batch: how much room a teleport has there.
-
-    ``input_dim`` counts the folded bias and adds up over groups, as
-    ``null_dim`` does; ``null_dim`` is ``None`` when the module did not run.
-    """
-
-    name: str
-    input_dim: int
-    null_dim: int | None
-    samples: int
-    groups: int = 1
-
-
-@dataclass(frozen=True)
-class ModuleCheck:
-    """One module with trainable parameters: ``covered`` (some site can move), ``frozen`` or ``uncovered``.
-
-    ``frozen`` maps the module's parameters that stay fixed to the reason,
-    also for a covered module (an LSTM's output projection).
-    """
-
-    name: str
-    type: str
-    status: str
-    parameters: tuple[str, ...]
-    sites: tuple[SiteCheck, ...] = ()
-    frozen: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def reason(self) -> str | None:
-        """Why the module's fixed parameters stay fixed (distinct reasons joined), ``None`` if none do."""
-        reasons = list(dict.fromkeys(self.frozen.values()))
-        return "; ".join(reasons) if reasons else None
-
-
-@dataclass
-class CoverageTable:
-    """What a teleport could move in a model, per module, on one example batch (exact null space)."""
-
-    model: str
-    batch: int
-    modules: list[ModuleCheck]
-
-    def __getitem__(self, name: str) -> ModuleCheck:
-        for module in self.modules:
-            if module.name == name:
-                return module
-        raise KeyError(f"no module {name!r} with trainable parameters in the table")
-
-    def count(self, status: str) -> int:
-        return sum(module.status == status for module in self.modules)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def summary(self) -> str:
-        sites = [site for module in self.modules for site in module.sites]
-        room = sum(bool(site.null_dim) for site in sites)
-        return (
-            f"{self.model}: {len(self.modules)} modules with trainable parameters: "
-            f"{self.count('covered')} covered, {self.count('frozen')} frozen, "
-            f"{self.count('uncovered')} uncovered; {room} of {len(sites)} sites have room on this "
-            f"batch of {self.batch}"
-        )
-
-    def __str__(self) -> str:
-        rows = [("module", "type", "status", "site", "inputs", "null", "samples", "note")]
-        for module in self.modules:
-            first = (module.name or "(model)", module.type, module.status)
-            lines = [
-                (
-                    site.name,
-                    str(site.input_dim),
-                    "-" if site.null_dim is None else str(site.null_dim),
-                    str(site.samples),
-                    _site_note(site),
-                )
-                for site in module.sites
-            ]
-            notes = {}
-            for param, reason in module.frozen.items():
-                notes.setdefault(_short(reason), []).append(param.removeprefix(module.name + "."))
-            lines += [
-                (
-                    "",
-                    "",
-                    "",
-                    "",
-                    ("fixed: " + ", ".join(params) + ": " if module.sites else "") + reason,
-                )
-                for reason, params in notes.items()
-            ]
-            for i, line in enumerate(lines):
-                rows.append((*(first if i == 0 else ("", "", "")), *line))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-        right = {4, 5, 6}
-        text = [
-            "  ".join(
-                cell.rjust(w) if i in right else cell.ljust(w)
-                for i, (cell, w) in enumerate(zip(row, widths, strict=False))
-            )
-            + "  "
-            + row[-1]
-            for row in rows
-        ]
-        return "\n".join(line.rstrip() for line in [*text, "", self.summary()])
-
-
-def _site_note(site: SiteCheck) -> str:
-    if site.null_dim is None:
-        return "did not run on the batch"
-    return "no room on this batch" if site.null_dim == 0 else ""
-
-
-NOTE_WIDTH = 80
-"""Longest reason a table cell shows; ``to_dict`` keeps the full text."""
-
-
-def _short(reason: str) -> str:
-    """The first clause of a reason, cut to :data:`NOTE_WIDTH` characters, for one table cell."""
-    clause = reason.split(":")[0]
-    if len(clause) <= NOTE_WIDTH:
-        return clause
-    return clause[: NOTE_WIDTH - 3].rsplit(" ", 1)[0] + " ..."
-
-
-def check_coverage(
-    model: nn.Module, inputs: Tensor, registry: Registry | None = None
-) -> CoverageTable:
-    """Which modules of ``model`` a teleport moves, which stay fixed and why, and the room on ``inputs``.
-
-    One no-grad forward of ``inputs`` (a batch, as a teleport gets it) in
-    eval mode, with the projectors' capture hooks; each covered site's null
-    space is the exact one (tau = 1). Hooks, train/eval flags and buffers
-    are restored: the model is left as it was. Nothing is raised for a
-    model that cannot move at all; its table says why.
-    """
-    registry = registry or default_registry()
-    coverage = assign_projectors(model, registry)
-    with preserved_state(model):
-        captured = capture_inputs(coverage, model, inputs)
-    exact = registry.get("null_space", "exact")(tau=1.0)
-    sites: dict[str, list[SiteCheck]] = {}
-    for covered in coverage.modules:
-        for site in covered.sites:
-            tensors = captured.get((covered.name, site.stream))
-            if not tensors:
-                input_dim = covered.projector.input_dim(covered.module, site) * site.groups
-                check = SiteCheck(site.name, input_dim, None, 0, site.groups)
-            else:
-                representation = covered.projector.representation(
-                    covered.module, site, tensors
-                ).detach()
-                spec = spectrum(representation)
-                basis = exact.basis_of(spec)
-                check = SiteCheck(
-                    site.name,
-                    basis.input_dim * site.groups,
-                    basis.null_dim,
-                    spec.samples,
-                    site.groups,
-                )
-            sites.setdefault(covered.name, []).append(check)
-    params: dict[str, list[str]] = {}
-    for name, owner in coverage.owners.items():
-        params.setdefault(owner, []).append(name)
-    rows = []
-    for module_name, module in model.named_modules():
-        if module_name not in params:
-            continue
-        frozen = {
-            name: coverage.frozen[name] for name in params[module_name] if name in coverage.frozen
-        }
-        if module_name in sites:
-            status = "covered"
-        elif UNCOVERED_REASON in frozen.values():
-            status = "uncovered"
-        else:
-            status = "frozen"
-        rows.append(
-            ModuleCheck(
-                module_name,
-                type(module).__name__,
-                status,
-                tuple(params[module_name]),
-                tuple(sites.get(module_name, ())),
-                frozen,
-            )
-        )
-    return CoverageTable(type(model).__name__, batch_size(inputs), rows)

@@ -19,10 +19,11 @@ import transformers
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from torch_teleport import Teleporter, default_registry
-from torch_teleport.coverage import UNCOVERED_REASON, assign_projectors, check_coverage
+from torch_teleport import Teleporter, check_coverage, default_registry
+from torch_teleport.coverage import UNCOVERED_REASON, assign_projectors
 from torch_teleport.inputs import call_model
 from torch_teleport.model_state import preserved_state
+from torch_teleport.projectors.frozen import LAYER_SCALE_REASON, OFFSET_REASON, TOKEN_REASON
 
 F64_RTOL = 1e-10
 """Relative change of the teleport-batch loss allowed after an exact teleport in float64 (the
@@ -170,9 +171,9 @@ def test_torchvision_vision_transformer_with_multihead_attention():
 
     model = built(0, make, "eval")
     inputs, targets = images(3, 32, 10)
-    report = check_teleport(
-        model, classification_loss, inputs, targets, uncovered={"class_token", "encoder.pos_embedding"}
-    )
+    report = check_teleport(model, classification_loss, inputs, targets)
+    assert report.frozen["class_token"] == TOKEN_REASON
+    assert report.frozen["encoder.pos_embedding"] == OFFSET_REASON
     moved = {layer.name for layer in report.layers if layer.null_dim > 0}
     assert any("self_attention" in name for name in moved), moved
 
@@ -181,8 +182,9 @@ def test_timm_convnext_with_layer_norm_2d_and_layer_scale():
     model = built(0, lambda: timm.create_model("convnext_atto", pretrained=False, num_classes=10), "train")
     inputs, targets = images(4, 32, 10, batch=2)
     gammas = {name for name, _ in model.named_parameters() if name.endswith(".gamma")}
-    assert gammas  # the layer scales: elementwise gains no projector covers
-    check_teleport(model, classification_loss, inputs, targets, uncovered=gammas)
+    assert gammas  # the layer scales: elementwise gains, frozen with their reason
+    report = check_teleport(model, classification_loss, inputs, targets)
+    assert {name: report.frozen[name] for name in gammas} == dict.fromkeys(gammas, LAYER_SCALE_REASON)
 
 
 VOCABULARY = 50
