@@ -23,25 +23,25 @@ class TeleportPlan:
 class Schedule(ABC):
     """Base class of teleport schedules.
 
-    The trainer asks :meth:`plan` once before every optimisation step (before
-    the first micro-batch of a gradient-accumulation window), with ``step``
-    the number of optimizer steps taken so far; a schedule keeps whatever it
-    needs to remember in :meth:`state_dict`.
+    :class:`~torch_teleport.TeleportEvents` asks :meth:`plan` once before every
+    optimisation step (before the first micro-batch of a gradient-accumulation
+    window), with ``step`` the number of optimizer steps taken so far; a
+    schedule keeps whatever it needs to remember in :meth:`state_dict`.
     """
 
     measures_time = False
     """Whether :meth:`plan` decides by measured time (then it is not reproducible step for step, and
-    data-parallel ranks could disagree: the trainer refuses such a schedule there)."""
+    data-parallel ranks could disagree: :class:`~torch_teleport.TeleportEvents` refuses it there)."""
 
     @abstractmethod
     def plan(self, *, epoch: int, step: int) -> TeleportPlan | None:
         """The teleport to run before global ``step`` (in ``epoch``), or ``None``."""
 
     def observe(self, *, train_seconds: float = 0.0, teleport_seconds: float = 0.0) -> None:
-        """The compute the trainer spent since its last report: training steps and teleports.
+        """The compute spent since the last report: training steps and teleports.
 
-        :class:`~torch_teleport.TeleportTrainer` reports after every step; schedules that
-        budget teleports by compute use it, the others ignore it.
+        :meth:`TeleportEvents.observe <torch_teleport.TeleportEvents.observe>` reports after every
+        step; schedules that budget teleports by compute use it, the others ignore it.
         """
         return None
 

@@ -14,12 +14,12 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import torch_teleport as tt
+from torch_teleport.plugin_manager import build_plugin_manager
 from torch_teleport.plugins.integrations.lightning import TeleportCallback
 from torch_teleport.plugins.schedules import EpochSchedule, EveryStepsSchedule
-from torch_teleport.registry import build_plugin_manager
 from torch_teleport.wrappers import StaleShadowWarning
 
-PLUGIN = Path(tt.__file__).resolve().parent.parent / "plugins" / "integrations" / "lightning.py"
+PLUGIN = Path(sys.modules[TeleportCallback.__module__].__file__)  # in a source tree or installed
 
 
 class Classifier(pl.LightningModule):
@@ -100,6 +100,28 @@ def test_accumulation_teleports_at_optimizer_steps_only(tmp_path):
     # Six micro-batches, three optimizer steps: a teleport before each step's first micro-batch.
     assert [(step, index) for step, index, _ in record.calls] == [(0, 0), (0, 1), (1, 2), (1, 3), (2, 4), (2, 5)]
     assert len(callback.reports) == 3
+
+
+class Heard(EveryStepsSchedule):
+    """Every second step, and what the callback tells it about time."""
+
+    def __init__(self) -> None:
+        super().__init__(every=2, steps=1)
+        self.heard: list[tuple[float, float]] = []
+
+    def observe(self, *, train_seconds: float = 0.0, teleport_seconds: float = 0.0) -> None:
+        self.heard.append((train_seconds, teleport_seconds))
+
+
+def test_the_schedule_hears_the_time_between_optimizer_steps(tmp_path):
+    schedule = Heard()
+    callback = TeleportCallback(F.cross_entropy, schedule)
+    fit([callback], root=tmp_path, steps=5)
+    assert isinstance(callback.events, tt.TeleportEvents)
+    # before each optimizer step after the first: the training time since the previous step's
+    # events, and the time of those events (steps 0, 2 and 4 teleport)
+    assert len(schedule.heard) == 4 and all(train > 0 for train, _ in schedule.heard)
+    assert [teleport > 0 for _, teleport in schedule.heard] == [True, False, True, False]
 
 
 class StateAtStart(pl.Callback):

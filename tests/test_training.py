@@ -1,5 +1,6 @@
 """TeleportTrainer: defaults, optimizer-state policy, Parameter identity, LR scheduler, resumable
-state, custom loops, clipping, loss scaling and gradient accumulation."""
+state, step counting, clipping, loss scaling and gradient accumulation (the events alone, in a loop
+of one's own: test_events.py)."""
 
 from __future__ import annotations
 
@@ -105,6 +106,8 @@ def test_trainer_state_round_trip_and_lr_scheduler():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
     state = trainer.state_dict()
     assert (state["epoch"], state["global_step"], state["schedule"]) == (1, 3, {"done": [0]})
+    assert state == {"epoch": 1, "global_step": 3, **trainer.events.state_dict()}
+    assert state["teleport_pass"] is None  # teleports on the training batch: no pass to place
 
     _, _, resumed = setup("reset", EpochSchedule(epochs=(0, 1), batches=1, steps=2))
     resumed.load_state_dict(state)
@@ -154,6 +157,9 @@ def test_trainer_options_are_checked():
     for steps in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="accumulation_steps must be a positive int"):
             TeleportTrainer(model, nn.functional.cross_entropy, optimizer, accumulation_steps=steps)
+    for samples in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="guard_samples must be a positive int"):
+            TeleportTrainer(model, nn.functional.cross_entropy, optimizer, guard_samples=samples)
     for norm in (0, -1.0, math.inf, math.nan, True, "1"):
         with pytest.raises(ValueError, match="max_grad_norm must be a positive finite number"):
             TeleportTrainer(model, nn.functional.cross_entropy, optimizer, max_grad_norm=norm)
@@ -228,7 +234,8 @@ def test_without_teleport_parts_or_with_teleport_false_there_are_no_teleports():
         model = small_mlp()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         trainer = TeleportTrainer(model, nn.functional.cross_entropy, optimizer, **options)
-        assert trainer.teleporter is None and trainer.schedule is None
+        assert trainer.events is None and trainer.teleporter is None and trainer.schedule is None
+        assert trainer.state_dict() == {"epoch": 0, "global_step": 0, "schedule": {}, "teleport_pass": None}
         assert all(trainer.step(*batch).teleports == [] for batch in data)
         assert same(model, reference)
 
@@ -247,25 +254,7 @@ def test_teleport_false_refuses_teleport_parts(part):
         )
 
 
-# -- custom loops -------------------------------------------------------------------------
-def test_a_custom_loop_calling_scheduled_teleports_honours_the_schedule():
-    model = small_mlp()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    trainer = TeleportTrainer(
-        model, nn.functional.cross_entropy, optimizer, schedule=EveryStepsSchedule(every=5, steps=1)
-    )
-    teleported = []
-    for index, (inputs, targets) in enumerate(batches(10)):
-        reports, failures = trainer.scheduled_teleports(inputs, targets)
-        assert failures == []
-        teleported += [index] * len(reports)
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(inputs), targets).backward()
-        optimizer.step()
-    assert teleported == [0, 5]
-    assert trainer.global_step == 10
-
-
+# -- step counting -------------------------------------------------------------------------
 def test_step_counts_each_step_once():
     model = small_mlp()
     trainer = TeleportTrainer(
@@ -436,8 +425,6 @@ def test_accumulation_teleports_only_before_the_first_micro_batch_of_a_window():
     counts = [len(trainer.step(*batch).teleports) for batch in batches(7)]
     assert counts == [1, 0, 0, 1, 0, 0, 1]
     assert trainer.global_step == 2
-    with pytest.raises(RuntimeError, match="between the micro-batches of one optimizer step"):
-        trainer.scheduled_teleports(*batches(1)[0])
 
 
 def test_end_epoch_finishes_an_incomplete_window_with_the_mean_gradient():

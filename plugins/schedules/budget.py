@@ -10,15 +10,15 @@ from torch_teleport import Schedule, TeleportPlan, hookimpl
 class BudgetSchedule(Schedule):
     """Teleport whenever doing so keeps teleport time under ``fraction`` of training time.
 
-    The trainer reports the seconds it spends in training steps and in teleports after
-    every step (:meth:`Schedule.observe`; with ``scheduled_teleports`` in a loop of your own,
-    call ``schedule.observe(train_seconds=...)`` yourself). Before each step, if the teleports
+    The seconds spent in training steps and in teleports are reported after every step
+    (:meth:`Schedule.observe`; the trainer and the Lightning callback do it, a loop of your own
+    calls ``TeleportEvents.observe(train_seconds=...)``). Before each step, if the teleports
     so far have cost at most ``fraction`` of the training so far (and ``warmup`` steps have
     passed), one teleport of ``batches`` x ``steps`` is planned; a costly teleport is thus
     paid back by the steps after it before the next one runs.
 
     Its decisions follow the measured time, so they differ from run to run and from process
-    to process: under data parallelism use a step-based schedule (the trainer refuses this
+    to process: under data parallelism use a step-based schedule (``TeleportEvents`` refuses this
     one there, since ranks could disagree on whether to teleport).
     """
 

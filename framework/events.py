@@ -1,0 +1,376 @@
+"""Teleport events: when a training run teleports, on which data, and what its optimizer keeps.
+
+:class:`TeleportEvents` is what every training loop shares:
+:class:`~torch_teleport.TeleportTrainer`, a loop of your own and the Lightning callback each call
+:meth:`TeleportEvents.before_step` once per optimizer step and keep their own optimizer, counters
+and gradients.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .inputs import Inputs, concatenate, to_device
+from .report import TeleportReport
+from .schedule import Schedule, TeleportPlan
+from .teleporter import Teleporter
+from .wrappers import POLICIES as SHADOW_POLICIES
+from .wrappers import check_shadows
+
+StatePolicy = str | Callable[[torch.optim.Optimizer, list[TeleportReport]], None]
+STATE_POLICIES = ("reset", "keep")
+FAILURE_POLICIES = ("skip", "raise")
+Device = torch.device | str | None
+
+_CORE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class TeleportFailedError(RuntimeError):
+    """A teleport failed under ``on_teleport_failure="raise"``; the weights are those before it."""
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value`` if it is a positive int (``True`` is not), else a ``ValueError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_event_options(
+    *,
+    guard_samples: object,
+    optimizer_state: object,
+    on_teleport_failure: object,
+    shadow_policy: object,
+) -> None:
+    """Refuse event options that cannot work, naming the option.
+
+    Shared with :class:`~torch_teleport.TeleportTrainer`, which checks them even when it does not
+    teleport, so that a typo is found before the run that would have used it.
+    """
+    positive_int("guard_samples", guard_samples)
+    if not callable(optimizer_state) and optimizer_state not in STATE_POLICIES:
+        raise ValueError(
+            f"optimizer_state must be 'reset', 'keep' or a callable, got {optimizer_state!r}"
+        )
+    if on_teleport_failure not in FAILURE_POLICIES:
+        raise ValueError(
+            f"on_teleport_failure must be one of {FAILURE_POLICIES}, got {on_teleport_failure!r}"
+        )
+    if shadow_policy not in SHADOW_POLICIES:
+        raise ValueError(f"shadow_policy must be one of {SHADOW_POLICIES}, got {shadow_policy!r}")
+
+
+def on_device(inputs: Inputs, targets: Tensor, device: Device) -> tuple[Inputs, Tensor]:
+    """The batch moved to ``device`` (as it is when ``device`` is ``None``)."""
+    if device is None:
+        return inputs, targets
+    return to_device(inputs, device), targets.to(device)
+
+
+class TeleportEvents:
+    """The teleports of a training run: when (a :class:`Schedule`), on what, and what follows.
+
+    A training loop calls :meth:`before_step` once per optimizer step, before
+    its forward pass (before the first micro-batch when it accumulates
+    gradients), with the epoch, the number of optimizer steps taken so far
+    and its optimizer. When the schedule plans an event there, the event runs
+    ``plan.batches`` teleports of ``plan.steps`` steps::
+
+        events = TeleportEvents(Teleporter(model, loss_fn), EveryStepsSchedule(every=100),
+                                teleport_data=teleport_loader)
+        for step, (inputs, targets) in enumerate(loader):
+            reports, failures = events.before_step(optimizer, epoch=0, step=step)
+            ...  # forward, backward, optimizer.step(), as the loop always did
+
+    ``schedule`` defaults to :class:`~torch_teleport.plugins.schedules.EpochSchedule` ``()``
+    (the paper's: 32 batches x 8 steps at the start of epochs 0 to 4).
+
+    ``teleport_data`` yields ``(inputs, targets)`` teleport batches, cycled
+    (a shuffled ``DataLoader`` gives the paper's random batches), moved to
+    ``device`` when it is given; without it each event teleports on the
+    training batch handed to :meth:`before_step`. With ``teleport_data`` and
+    ``guard=True`` each event first draws a guard sample: batches joined until
+    it holds at least ``guard_samples`` samples. Its inputs join every
+    teleport's core space, and its loss when the event begins is the baseline
+    of all the event's teleports: a step that raises it beyond the
+    teleporter's guard limit is undone, so the event's teleports cannot
+    compound small rises. On digits and MNIST-1D a guard of 32 samples
+    let the paper's event raise the training loss by up to 20%; 256 held it
+    within 0.1% (``lab/benchmarks/data_level_set.py``).
+
+    ``optimizer_state`` says what the optimizer's state becomes after an
+    event in which a teleport moved the weights: ``"reset"`` (default:
+    moments gathered at the old point are stale), ``"keep"``, or a callable
+    ``(optimizer, reports)``. An event that moved nothing leaves it alone.
+
+    A teleport *fails* when it is rolled back or rejects its batch or its
+    starting point (``ValueError``); no value of it reaches the weights.
+    ``on_teleport_failure="skip"`` (default) warns and lists the failure;
+    ``"raise"`` raises :class:`TeleportFailedError`. Under data parallelism
+    every rank sees the same failure, so all ranks skip or raise together;
+    a schedule that decides by measured time is refused there (ranks could
+    disagree on whether to teleport).
+
+    An optimizer that keeps its own copy of the weights (Lookahead, SAM)
+    would undo teleports: :meth:`check_optimizer` refuses or warns about it
+    (``shadow_policy``, see :func:`~torch_teleport.wrappers.check_shadows`),
+    at the first event of each optimizer or earlier when called.
+
+    :meth:`state_dict` holds the schedule's state and, when ``teleport_data``
+    has a ``generator`` (a shuffled ``DataLoader``), the place in its pass,
+    so a resumed run draws the same teleport batches. The loop keeps its own
+    counters, optimizer and model.
+    """
+
+    def __init__(
+        self,
+        teleporter: Teleporter,
+        schedule: Schedule | None = None,
+        *,
+        teleport_data: Iterable[tuple[Inputs, Tensor]] | None = None,
+        guard: bool = True,
+        guard_samples: int = 256,
+        optimizer_state: StatePolicy = "reset",
+        on_teleport_failure: str = "skip",
+        shadow_policy: str = "default",
+        device: Device = None,
+    ) -> None:
+        check_event_options(
+            guard_samples=guard_samples,
+            optimizer_state=optimizer_state,
+            on_teleport_failure=on_teleport_failure,
+            shadow_policy=shadow_policy,
+        )
+        self.teleporter = teleporter
+        self.schedule = schedule if schedule is not None else _default_schedule()
+        self.teleport_data = teleport_data
+        self.guard = bool(guard)
+        self.guard_samples = guard_samples
+        self.optimizer_state = optimizer_state
+        self.on_teleport_failure = on_teleport_failure
+        self.shadow_policy = shadow_policy
+        self._batches = None if teleport_data is None else _TeleportBatches(teleport_data, device)
+        self._teleport_seconds = 0.0  # spent in events since the schedule was last told
+        self._checked: weakref.ref | None = None  # the optimizer check_optimizer last passed
+
+    def before_step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        epoch: int,
+        step: int,
+        inputs: Inputs | None = None,
+        targets: Tensor | None = None,
+    ) -> tuple[list[TeleportReport], list[str]]:
+        """Run the event the schedule plans before optimizer step ``step`` of ``epoch``, if any.
+
+        ``step`` is the number of optimizer steps taken so far, so
+        ``EveryStepsSchedule(every=5)`` teleports before steps 0, 5, 10, ...
+        ``(inputs, targets)`` is the training batch, needed only without
+        ``teleport_data``. ``optimizer`` gets the state policy. Returns the
+        event's reports and failure messages (two empty lists when there is no event).
+        """
+        if self.schedule.measures_time and self.teleporter.replicas.size > 1:
+            raise ValueError(
+                f"{type(self.schedule).__name__} decides by each process's own clock, so "
+                "data-parallel ranks could disagree on whether to teleport; "
+                "use a step-based schedule"
+            )
+        plan = self.schedule.plan(epoch=epoch, step=step)
+        if plan is None:
+            return [], []
+        started = time.perf_counter()
+        try:
+            self.check_optimizer(optimizer)
+            reports, failures = self._teleports(plan, step, inputs, targets)
+            if any(report.steps and not report.rolled_back for report in reports):
+                self._apply_state_policy(optimizer, reports)
+        finally:
+            self._teleport_seconds += time.perf_counter() - started
+        return reports, failures
+
+    def observe(self, *, train_seconds: float) -> None:
+        """Tell the schedule the seconds spent training since the last call.
+
+        The seconds spent in events meanwhile go with them
+        (:meth:`Schedule.observe`): a compute-budget schedule such as
+        :class:`~torch_teleport.plugins.schedules.BudgetSchedule` needs both.
+        Call it after each optimizer step; other schedules ignore it.
+        """
+        self.schedule.observe(train_seconds=train_seconds, teleport_seconds=self._teleport_seconds)
+        self._teleport_seconds = 0.0
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse or warn about ``optimizer`` if it keeps a copy of the weights (undoing teleports).
+
+        Runs once per optimizer (a weak reference remembers the last one passed).
+        """
+        if self._checked is not None and self._checked() is optimizer:
+            return
+        check_shadows(optimizer, policy=self.shadow_policy)
+        self._checked = weakref.ref(optimizer)
+
+    def _teleports(
+        self, plan: TeleportPlan, step: int, inputs: Inputs | None, targets: Tensor | None
+    ) -> tuple[list[TeleportReport], list[str]]:
+        guard = self._guard_sample() if self.guard and self._batches is not None else None
+        baseline = None  # the guard loss when the event began
+        reports: list[TeleportReport] = []
+        failures: list[str] = []
+        for _ in range(plan.batches):
+            batch = self._teleport_batch(inputs, targets)
+            try:
+                report = self.teleporter.teleport(
+                    *batch, guard=guard, guard_baseline=baseline, steps=plan.steps, cap=plan.cap
+                )
+            except ValueError as error:
+                failures.append(self._failed(f"teleport rejected at step {step}: {error}", error))
+                continue
+            reports.append(report)
+            if baseline is None:
+                baseline = report.guard_loss_before
+            if report.rolled_back:
+                failures.append(self._failed(f"teleport at step {step} {report.summary()}"))
+        return reports, failures
+
+    def _teleport_batch(
+        self, inputs: Inputs | None, targets: Tensor | None
+    ) -> tuple[Inputs, Tensor]:
+        if self._batches is not None:
+            return next(self._batches)
+        if inputs is None or targets is None:
+            raise ValueError(
+                "TeleportEvents has no teleport_data, so an event teleports on the training batch: "
+                "pass it as before_step(..., inputs=..., targets=...)"
+            )
+        return inputs, targets
+
+    def _guard_sample(self) -> tuple[Inputs, Tensor]:
+        """Batches of ``teleport_data`` joined until they hold ``guard_samples`` samples (fewer,
+        with a warning, when they cannot be joined: token batches padded to different lengths)."""
+        parts = [next(self._batches)]
+        while sum(len(targets) for _, targets in parts) < self.guard_samples:
+            parts.append(next(self._batches))
+        try:
+            return concatenate([i for i, _ in parts]), torch.cat([t for _, t in parts])
+        except ValueError as error:
+            warnings.warn(
+                f"the guard sample is one batch: {error}",
+                RuntimeWarning,
+                stacklevel=_outside_core(),
+            )
+            return parts[0]
+
+    def _failed(self, message: str, error: Exception | None = None) -> str:
+        if self.on_teleport_failure == "raise":
+            raise TeleportFailedError(message) from error
+        warnings.warn(
+            f"{message}; training goes on (on_teleport_failure='skip')",
+            RuntimeWarning,
+            stacklevel=_outside_core(),
+        )
+        return message
+
+    def _apply_state_policy(
+        self, optimizer: torch.optim.Optimizer, reports: list[TeleportReport]
+    ) -> None:
+        if callable(self.optimizer_state):
+            self.optimizer_state(optimizer, reports)
+        elif self.optimizer_state == "reset":
+            optimizer.state.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule's state and the place in the pass over ``teleport_data``.
+
+        ``{"schedule": ..., "teleport_pass": {"start": generator state, "drawn": count} or None}``.
+        """
+        return {
+            "schedule": self.schedule.state_dict(),
+            "teleport_pass": None if self._batches is None else self._batches.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; other keys (a trainer's counters beside it) are ignored."""
+        self.schedule.load_state_dict(state["schedule"])
+        place = state.get("teleport_pass")
+        if place is not None and self._batches is not None:
+            self._batches.load_state_dict(place)
+
+
+class _TeleportBatches(Iterator):
+    """``teleport_data`` cycled, with its place in the current pass restorable.
+
+    A shuffled ``DataLoader`` draws its order from its ``generator``: the
+    generator's state when the pass began and the number of batches drawn
+    since pin the place down, and replaying that many batches returns to it.
+    """
+
+    def __init__(self, data: Iterable[tuple[Inputs, Tensor]], device: Device) -> None:
+        self.data, self.device = data, device
+        self._pass: Iterator | None = None
+        self._start: Tensor | None = None  # the generator's state when the pass began
+        self._drawn = 0  # batches drawn in the current pass
+
+    def __next__(self) -> tuple[Inputs, Tensor]:
+        if self._pass is None:
+            self._begin()
+        batch = next(self._pass, None)
+        if batch is None:
+            self._begin()
+            batch = next(self._pass, None)
+            if batch is None:
+                raise ValueError(
+                    "teleport_data yields no batch: give it at least one (inputs, targets)"
+                )
+        self._drawn += 1
+        return on_device(*batch, self.device)
+
+    def _begin(self, start: Tensor | None = None) -> None:
+        generator = getattr(self.data, "generator", None)
+        if generator is not None:
+            if start is not None:
+                generator.set_state(start)
+            self._start = generator.get_state()
+        self._pass = iter(self.data)
+        self._drawn = 0
+
+    def state_dict(self) -> dict[str, Any] | None:
+        if self._pass is None or self._start is None:
+            return None
+        return {"start": self._start, "drawn": self._drawn}
+
+    def load_state_dict(self, place: dict[str, Any]) -> None:
+        self._begin(place["start"])
+        drawn = int(place["drawn"])
+        for _ in range(drawn):  # replay the pass up to where it was
+            next(self._pass)
+        self._drawn = drawn
+
+
+def _default_schedule() -> Schedule:
+    # imported here: the plugins import this package
+    from torch_teleport.plugins.schedules import EpochSchedule
+
+    return EpochSchedule()
+
+
+def _outside_core() -> int:
+    """The ``stacklevel`` that makes a warning name the first line outside the core.
+
+    The caller of ``warnings.warn`` is reached from a training loop either
+    directly or through the trainer: the warning should point at the loop.
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_CORE):
+        frame, level = frame.f_back, level + 1
+    return level
