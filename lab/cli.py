@@ -19,8 +19,10 @@ from typing import Any
 
 import torch
 
-from torch_teleport.coverage import check_coverage
-from torch_teleport.registry import DISTRIBUTION, Registry, UnknownPluginError, default_registry
+from torch_teleport.core_space import DEFAULT_NULL_SPACE, resolve_null_space
+from torch_teleport.coverage_table import check_coverage
+from torch_teleport.plugin_manager import DISTRIBUTION
+from torch_teleport.registry import Registry, UnknownPluginError, default_registry
 
 from .checkpoint import CheckpointError
 from .config import DEFAULT_CONFIG_NAME, ConfigError, apply_overrides, dumps_toml, load_config
@@ -99,7 +101,25 @@ def _parser() -> argparse.ArgumentParser:
         "check",
         help="show which modules of a registered model a teleport moves, on a random example batch",
     )
-    check.add_argument("model", help="a registered model (`teleport plugins`), e.g. mlp")
+    check.add_argument(
+        "model",
+        nargs="?",
+        help="a registered model (`teleport plugins`), e.g. mlp (default: the --config's [model])",
+    )
+    check.add_argument(
+        "--config",
+        type=Path,
+        help="a run config: its [teleport] null_space and tau judge the room; its [model] is "
+        "checked when MODEL is not given",
+    )
+    check.add_argument(
+        "--null-space",
+        metavar="NAME",
+        help=f"the teleport's null space (default: the config's, else {DEFAULT_NULL_SPACE})",
+    )
+    check.add_argument(
+        "--tau", type=float, help="its tau (default: the config's, else the null space's default)"
+    )
     _add_set_option(
         check,
         "a keyword option of the model factory, e.g. hidden=[64]; VALUE a TOML literal or a string",
@@ -238,49 +258,82 @@ def _shape(text: str) -> tuple[int, ...]:
 def _check(args: argparse.Namespace) -> int:
     """Print the coverage table of a registered model on a random example batch."""
     registry = default_registry()
-    factory = registry.get("model", args.model)
-    options = apply_overrides({}, args.overrides)
+    config = load_config(args.config) if args.config else {}
+    name, options = _model_to_check(args, config)
+    factory = registry.get("model", name)
     if args.batch < 1:
         raise ConfigError(f"--batch must be at least 1, got {args.batch}")
+    core_space = _core_space(args, config, registry)
     torch.manual_seed(0)
     try:
         model = factory(**options)
     except (TypeError, ValueError, RuntimeError) as error:
-        raise ConfigError(f"building model {args.model!r} failed: {_first_line(error)}") from error
-    inputs, description = _example_batch(args, factory, options)
+        raise ConfigError(f"building model {name!r} failed: {_first_line(error)}") from error
+    inputs, description = _example_batch(args, name, factory, options)
     try:
-        table = check_coverage(model, inputs, registry)
+        table = check_coverage(model, inputs, registry=registry, **core_space)
     except (TypeError, ValueError, RuntimeError, IndexError) as error:
         raise ConfigError(
-            f"running model {args.model!r} on {description} failed: {_first_line(error)} "
+            f"running model {name!r} on {description} failed: {_first_line(error)} "
             "(--shape and --tokens set the example inputs)"
         ) from error
     if args.json:
         data = table.to_dict()
         data["type"] = data.pop("model")
-        print(json.dumps({"model": args.model, "inputs": description, **data}, indent=2))
+        print(json.dumps({"model": name, "inputs": description, **data}, indent=2))
     else:
-        print(f"{args.model} on {description}, exact null space (tau = 1):\n")
+        print(f"{name} on {description}, null space {table.null_space}:\n")
         print(table)
     return 0
 
 
+def _model_to_check(args: argparse.Namespace, config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """MODEL with its ``--set`` options, else the config's ``[model]``, options updated by ``--set``."""
+    if args.model is not None:
+        return args.model, apply_overrides({}, args.overrides)
+    model = config.get("model")
+    if not (isinstance(model, dict) and isinstance(model.get("name"), str)):
+        where = f"{args.config} has no [model] name" if args.config else "no MODEL given"
+        raise ConfigError(f"{where}: give the registered model to check, e.g. teleport check mlp")
+    options = model.get("options", {})
+    if not isinstance(options, dict):
+        raise ConfigError(f"{args.config}: model.options must be a table, got {options!r}")
+    return model["name"], apply_overrides(options, args.overrides)
+
+
+def _core_space(
+    args: argparse.Namespace, config: dict[str, Any], registry: Registry
+) -> dict[str, Any]:
+    """The teleport's ``null_space`` and ``tau``: the flags, else the config's ``[teleport]``, else
+    the teleport's defaults; checked before any model is built."""
+    teleport = config.get("teleport", {})
+    if not isinstance(teleport, dict):
+        raise ConfigError(f"{args.config}: [teleport] must be a table, got {teleport!r}")
+    null_space = args.null_space or teleport.get("null_space", DEFAULT_NULL_SPACE)
+    tau = args.tau if args.tau is not None else teleport.get("tau")
+    try:
+        resolve_null_space(null_space, tau, registry)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"null space {null_space!r} with tau {tau}: {error}") from None
+    return {"null_space": null_space, "tau": tau}
+
+
 def _example_batch(
-    args: argparse.Namespace, factory: Any, options: dict[str, Any]
+    args: argparse.Namespace, name: str, factory: Any, options: dict[str, Any]
 ) -> tuple[torch.Tensor, str]:
     """A random batch for the model: the built-in example for its name, or ``--shape``/``--tokens``."""
     shape, vocabulary = args.shape, args.tokens
-    if args.model in EXAMPLES:
+    if name in EXAMPLES:
         defaults = {
-            name: parameter.default
-            for name, parameter in inspect.signature(factory).parameters.items()
+            key: parameter.default
+            for key, parameter in inspect.signature(factory).parameters.items()
             if parameter.default is not inspect.Parameter.empty
         }
-        example_shape, example_vocabulary = EXAMPLES[args.model]({**defaults, **options})
+        example_shape, example_vocabulary = EXAMPLES[name]({**defaults, **options})
         shape, vocabulary = shape or example_shape, vocabulary or example_vocabulary
     elif shape is None:
         raise ConfigError(
-            f"no built-in example inputs for model {args.model!r}: give the shape of one "
+            f"no built-in example inputs for model {name!r}: give the shape of one "
             "sample with --shape (and --tokens VOCAB for token ids)"
         )
     generator = torch.Generator().manual_seed(0)

@@ -2,22 +2,28 @@
 
 A config is a plain nested dict read with :mod:`tomllib`. Each experiment
 kind declares a :class:`Table` schema; :func:`resolve` checks a config
-against it (unknown keys, wrong types, missing values) and fills in the
-defaults, so a run fails before any training starts. Every problem is a
-:class:`ConfigError` whose one-line message names the key.
+against it (unknown keys, wrong types, values out of range, names no plugin
+provides, missing values) and fills in the defaults, so ``teleport config``
+rejects what ``teleport run`` would, before any training starts. Every
+problem is a :class:`ConfigError` whose one-line message names the key, the
+value and what is allowed.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch_teleport.registry import Registry
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -102,12 +108,15 @@ class Option:
 
     ``items`` is the element type of a list. An ``int`` is accepted (and
     converted) where a ``float`` is expected; a ``bool`` is never an ``int``.
+    ``plugin`` is the registry kind (``"null_space"``) whose registered
+    names the value must be one of; the default is never checked.
     """
 
     default: Any
     type: type
     items: type | None = None
     check: Check | None = None
+    plugin: str | None = None
 
 
 @dataclass(frozen=True)
@@ -136,7 +145,18 @@ def at_least(minimum: float) -> Check:
 
 
 def positive(value: float) -> str | None:
-    return None if value > 0 else "must be positive"
+    return None if math.isfinite(value) and value > 0 else "must be a positive finite number"
+
+
+def interval(low: float, high: float, *, open_low: bool = False) -> Check:
+    """A number in ``[low, high]``, or in ``(low, high]`` with ``open_low``."""
+    allowed = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+
+    def check(value: float) -> str | None:
+        above = value > low if open_low else value >= low
+        return None if above and value <= high else f"must lie in {allowed}"
+
+    return check
 
 
 def non_empty(value: list) -> str | None:
@@ -149,12 +169,19 @@ def one_of(*choices: str) -> Check:
     )
 
 
-def resolve(config: dict[str, Any], schema: Table) -> dict[str, Any]:
-    """``config`` checked against ``schema``, with every default filled in (a new dict)."""
-    return _resolve_table(config, schema, "")
+def resolve(
+    config: dict[str, Any], schema: Table, registry: Registry | None = None
+) -> dict[str, Any]:
+    """``config`` checked against ``schema``, with every default filled in (a new dict).
+
+    Plugin names (:attr:`Option.plugin`) are checked against ``registry`` when one is given.
+    """
+    return _resolve_table(config, schema, "", registry)
 
 
-def _resolve_table(value: Any, schema: Table, path: str) -> dict[str, Any]:
+def _resolve_table(
+    value: Any, schema: Table, path: str, registry: Registry | None
+) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"{path} must be a table, got {_describe(value)}", key=path)
     if schema.open:
@@ -167,13 +194,16 @@ def _resolve_table(value: Any, schema: Table, path: str) -> dict[str, Any]:
             f"unknown key {key!r}; known keys{where}: {', '.join(sorted(schema.fields))}", key=key
         )
     return {
-        name: _resolve(value, name, spec, _join(path, name)) for name, spec in schema.fields.items()
+        name: _resolve(value, name, spec, _join(path, name), registry)
+        for name, spec in schema.fields.items()
     }
 
 
-def _resolve(table: dict, name: str, spec: Option | Table | TableList, path: str) -> Any:
+def _resolve(
+    table: dict, name: str, spec: Option | Table | TableList, path: str, registry: Registry | None
+) -> Any:
     if isinstance(spec, Table):
-        return _resolve_table(table.get(name, {}), spec, path)
+        return _resolve_table(table.get(name, {}), spec, path, registry)
     if name not in table:
         if spec.default is REQUIRED:
             raise ConfigError(f"missing key {path!r}", key=path)
@@ -184,15 +214,28 @@ def _resolve(table: dict, name: str, spec: Option | Table | TableList, path: str
             raise ConfigError(
                 f"{path} must be an array of tables, got {_describe(value)}", key=path
             )
-        value = [_resolve_table(item, spec.table, f"{path}[{i}]") for i, item in enumerate(value)]
+        value = [
+            _resolve_table(item, spec.table, f"{path}[{i}]", registry)
+            for i, item in enumerate(value)
+        ]
     else:
         value = _typed(value, spec.type, path)
         if spec.items is not None:
             value = [_typed(item, spec.items, f"{path}[{i}]") for i, item in enumerate(value)]
     problem = spec.check(value) if spec.check else None
+    if not problem and isinstance(spec, Option) and spec.plugin and registry is not None:
+        problem = _unregistered(value, spec.plugin, registry)
     if problem:
         raise ConfigError(f"{path} {problem}, got {value!r}", key=path)
     return value
+
+
+def _unregistered(name: str, kind: str, registry: Registry) -> str | None:
+    names = registry.names(kind)
+    if name in names:
+        return None
+    known = ", ".join(map(repr, names)) or "none is registered"
+    return f"must be a registered {kind.replace('_', ' ')} ({known})"
 
 
 _TYPE_NAMES = {

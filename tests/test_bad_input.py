@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
-from test_model_state import assert_unchanged, snapshot
+from conftest import assert_unchanged, snapshot
 from torch import nn
 
+import torch_teleport as tt
 from torch_teleport import Batch, Evaluation, Objective, Teleporter, UnknownPluginError
 
 
@@ -270,15 +271,22 @@ def test_non_finite_objective_mid_ascent_rolls_back():
         ("build", {"steps": 0}, ValueError, "steps must be at least 1"),
         ("build", {"cap": 0}, ValueError, "cap must be a positive finite number"),
         ("build", {"lr": 10}, ValueError, "lr is relative to the weights' norm"),
-        ("build", {"max_gain": 0.5}, ValueError, "max_gain .* at least 1"),
-        ("build", {"drift_tolerance": -1}, ValueError, "drift_tolerance must be a positive finite number"),
-        ("build", {"guard_tolerance": math.inf}, ValueError, "guard_tolerance must be a positive finite"),
+        ("limits", {"max_gain": 0.5}, ValueError, "max_gain .* at least 1"),
+        ("limits", {"drift": -1}, ValueError, "drift must be a positive finite number"),
+        ("limits", {"guard": math.inf}, ValueError, "guard must be a positive finite"),
+        ("limits", {"module_step": 0}, ValueError, "module_step must be a positive finite"),
+        ("limits", {"max_loss_change": -1}, ValueError, "max_loss_change must be None or a non-negative"),
+        ("build", {"max_gain": 2}, TypeError, r"max_gain is one of the limits: give limits=Limits\(max_gain=...\)"),
+        ("build", {"limits": {"drift": 1e-3}}, TypeError, "limits must be a torch_teleport.Limits"),
     ],
 )
 def test_bad_counts_and_limits_are_refused(where, value, error, match):
     model = make_model()
     inputs, targets = make_batch()
-    if where == "build":
+    if where == "limits":
+        with pytest.raises(error, match=match):
+            tt.Limits(**value)
+    elif where == "build":
         expect_error(model, error, match, build=lambda: Teleporter(
             model, nn.functional.cross_entropy, uncovered="freeze", **value))
     else:

@@ -9,7 +9,6 @@ batch, computed here in one process, must be unchanged by each teleport.
 
 from __future__ import annotations
 
-import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import DEADLINE_SECONDS, free_port
 from torch import nn
 from torch.nn import functional as F
 
@@ -30,9 +30,6 @@ from torch_teleport.distributed import (
     underlying_module,
 )
 from torch_teleport.schedule import TeleportPlan
-
-DEADLINE_SECONDS = 120
-"""Wall-clock bound of one spawned group: a hang fails the test instead of stalling the suite."""
 
 TELEPORT_STEPS = 8
 """Steps of the teleport phase at the fixed rate 0.05: no step moves a module by more than
@@ -161,12 +158,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def spawn(world: int, out_dir: Path) -> list[dict]:
     """Run :func:`_worker` on ``world`` spawned ranks, failing after :data:`DEADLINE_SECONDS`."""
     context = mp.start_processes(
@@ -232,7 +223,7 @@ def test_replicas_stay_identical_and_the_global_loss_is_invariant(world, tmp_pat
             null_space="exact",
             lr=0.05,
             steps=TELEPORT_STEPS,
-            method_options={"gradient": "structured"},
+            gradient="structured",
         ).teleport(inputs, targets)
         assert report["layers"] == [layer.__dict__ for layer in single.layers]
         first = report["layers"][0]

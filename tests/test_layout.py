@@ -1,23 +1,31 @@
 """The library stands alone: a plain teleport loads nothing of the lab, the library never imports the
-lab, its imports need only its required dependencies, and the core's imports form no cycle."""
+lab, its imports need only its required dependencies, the core's imports form no cycle, and no core
+function is longer than a screen."""
 
 from __future__ import annotations
 
 import ast
 import importlib.metadata
+import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-import torch_teleport
-from torch_teleport.registry import DISTRIBUTION, ROOMS
+from torch_teleport.plugin_manager import DISTRIBUTION, ROOMS
 
-CORE = Path(torch_teleport.__file__).resolve().parent
-LIBRARY = [CORE, *(CORE.parent / folder for folder in ("projectors", "objectives", "plugins"))]
+
+def package_folder(name: str) -> Path:
+    """Where a package's modules lie: its source folder (editable install) or site-packages."""
+    return Path(importlib.util.find_spec(name).submodule_search_locations[0]).resolve()
+
+
+CORE = package_folder("torch_teleport")
+LAB = package_folder("torch_teleport.lab")
+LIBRARY = [CORE, *(package_folder(f"torch_teleport.{room}") for room in ("projectors", "objectives", "plugins"))]
 LAB_ONLY = ("torch_teleport.lab", "torchvision", "tensorboard", "nltk", "matplotlib", "sklearn", "tqdm", "hypothesis")
-EXTRAS = {"testing.py": {"hypothesis"}, "lightning.py": {"lightning"}}
-"""Library modules that need an extra: the testing contract (``test``) and the Lightning callback."""
+EXTRAS = {"strategies.py": {"hypothesis"}, "lightning.py": {"lightning"}}
+"""Library modules that need an extra: the testing kit's strategies (``test``) and the Lightning callback."""
 
 PLAIN_TELEPORT = """
 import sys
@@ -42,7 +50,8 @@ def test_a_plain_teleport_loads_nothing_of_the_lab():
 
 
 def library_files() -> list[Path]:
-    return sorted(path for folder in LIBRARY for path in folder.rglob("*.py"))
+    """Installed (not editable), the lab and the rooms lie inside ``CORE``: each file once, no lab."""
+    return sorted({path for folder in LIBRARY for path in folder.rglob("*.py") if LAB not in path.parents})
 
 
 def _names(node: ast.stmt) -> list[tuple[str, int]]:
@@ -131,4 +140,19 @@ def test_the_core_imports_form_no_cycle():
     for module in sorted(graph):
         if module not in state:
             visit(module)
-    assert graph["engine"] >= {"registry", "method"}  # the graph is read, not empty
+    assert graph["teleporter"] >= {"registry", "method", "ascent"}  # the graph is read, not empty
+
+
+FUNCTION_LINES = 60
+"""The longest function the core may hold, decorators and docstring included: a reader sees it whole."""
+
+
+def test_no_core_function_is_longer_than_a_screen():
+    long = []
+    for path in sorted(CORE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                start = min([node.lineno, *(decorator.lineno for decorator in node.decorator_list)])
+                if node.end_lineno - start + 1 > FUNCTION_LINES:
+                    long.append(f"{path.relative_to(CORE)}:{node.lineno} {node.name} ({node.end_lineno - start + 1} lines)")
+    assert not long, "longer than a screen: " + ", ".join(long)

@@ -2,55 +2,14 @@
 
 from __future__ import annotations
 
-from itertools import chain
-
 import torch
+from conftest import LOSS_RTOL, assert_unchanged, snapshot
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 from torch_teleport import Teleporter
 from torch_teleport.testing import assert_teleport_invariant
-
-LOSS_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-
-
-def snapshot(model: nn.Module) -> dict:
-    """Everything a teleport must leave alone (or restore), copied."""
-    return {
-        "tensors": {
-            name: tensor.detach().clone()
-            for name, tensor in chain(model.named_parameters(), model.named_buffers())
-        },
-        "objects": [id(p) for p in model.parameters()],
-        "storage": [p.data_ptr() for p in model.parameters()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "modes": [m.training for m in model.modules()],
-        "hooks": [
-            (
-                len(m._forward_hooks),
-                len(m._forward_pre_hooks),
-                len(m._backward_hooks),
-                len(m._backward_pre_hooks),
-            )
-            for m in model.modules()
-        ],
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict, *, parameters: bool = True) -> None:
-    """``model`` matches ``before`` bit for bit (parameters only when ``parameters``)."""
-    after = snapshot(model)
-    for key in ("objects", "storage", "requires_grad", "modes", "hooks"):
-        assert after[key] == before[key], f"{key} changed"
-    param_names = {name for name, _ in model.named_parameters()}
-    for name, saved in before["tensors"].items():
-        if name in param_names and not parameters:
-            continue
-        now = after["tensors"][name]
-        assert now.dtype == saved.dtype and torch.equal(
-            now.reshape(-1).view(torch.uint8), saved.reshape(-1).view(torch.uint8)
-        ), f"{name} changed"
 
 
 @st.composite

@@ -13,48 +13,18 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import (
+    exact,
+    integer_matrix,
+    rank_deficient,
+    reference_null_projection,
+    reference_rank,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
-from torch_teleport import CoreBasis, default_registry
+from torch_teleport import CoreBasis
 from torch_teleport import null_space as null_space_module
-from torch_teleport.null_space import uses_gram_route
-
-PROJECTION_TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
-"""Allowed error of a projection, relative to the update's norm."""
-
-
-def exact():
-    return default_registry().get("null_space", "exact")()
-
-
-def threshold(tau: float):
-    return default_registry().get("null_space", "svd")(tau=tau)
-
-
-def integer_matrix(generator, rows, cols, rank, dtype=torch.float64):
-    """An exact integer ``rows x cols`` matrix of rank at most ``rank``."""
-    left = torch.randint(-3, 4, (rows, rank), generator=generator)
-    right = torch.randint(-3, 4, (rank, cols), generator=generator)
-    return (left @ right).to(dtype)
-
-
-def reference_rank(matrix: torch.Tensor, dtype: torch.dtype) -> int:
-    """Numerical rank with the documented float64 tolerance of the route the spectrum takes:
-    sigma_i > sigma_max * max(d, N) * eps (SVD), sigma_i^2 > sigma_max^2 * max(d, N) * eps (Gram)."""
-    relative = max(matrix.shape) * torch.finfo(torch.float64).eps
-    if uses_gram_route(*matrix.shape, dtype):
-        relative = relative**0.5
-    return int(torch.linalg.matrix_rank(matrix.double(), rtol=relative))
-
-
-def reference_null_projection(
-    update: torch.Tensor, matrix: torch.Tensor, rank: int
-) -> torch.Tensor:
-    """``G - G U_k U_k^T`` with ``U_k`` the top ``rank`` left singular vectors of ``matrix``."""
-    left, _, _ = torch.linalg.svd(matrix.double(), full_matrices=True)
-    core = left[:, :rank]
-    return update - update @ core @ core.T
 
 
 def projection_matrix(basis: CoreBasis) -> torch.Tensor:
@@ -63,24 +33,6 @@ def projection_matrix(basis: CoreBasis) -> torch.Tensor:
     identity = torch.eye(basis.input_dim, dtype=basis.vectors.dtype).expand(groups, -1, -1).clone()
     projected, _ = basis.project(identity, None)
     return projected
-
-
-@st.composite
-def rank_deficient(draw, dtypes=(torch.float64, torch.float32)):
-    """A matrix with duplicate columns and zero rows, with samples below and above the dims."""
-    seed = draw(st.integers(0, 2**31 - 1))
-    dims = draw(st.integers(2, 24))
-    samples = draw(st.integers(1, 4 * dims))
-    rank = draw(st.integers(1, dims))
-    dtype = draw(st.sampled_from(dtypes))
-    generator = torch.Generator().manual_seed(seed)
-    matrix = integer_matrix(generator, dims, samples, rank)
-    zero_rows = draw(st.integers(0, dims - 1))
-    matrix[:zero_rows] = 0
-    if samples > 1:
-        duplicates = draw(st.integers(1, samples - 1))
-        matrix[:, -duplicates:] = matrix[:, :1]
-    return matrix.to(dtype)
 
 
 def core_projector(spectrum, rank: int) -> torch.Tensor:

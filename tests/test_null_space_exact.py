@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import torch
-from hypothesis import given
-from test_null_space import (
+from conftest import (
     PROJECTION_TOL,
     exact,
     rank_deficient,
     reference_null_projection,
     reference_rank,
 )
+from hypothesis import given
 
 
 @given(rank_deficient())

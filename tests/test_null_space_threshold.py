@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from conftest import exact, integer_matrix, reference_rank, threshold
 from hypothesis import given
 from hypothesis import strategies as st
-from test_null_space import exact, integer_matrix, reference_rank, threshold
 
 
 @given(

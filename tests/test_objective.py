@@ -9,6 +9,7 @@ import types
 
 import pytest
 import torch
+from conftest import leaky_mlp_problem
 from hypothesis import given, settings
 from torch import nn
 
@@ -21,40 +22,11 @@ from torch_teleport.objectives.curvature import (
 from torch_teleport.objectives.grad_norm import GradNorm
 from torch_teleport.objectives.log_grad_norm import LogGradNorm
 from torch_teleport.objectives.sharpness import Sharpness, measure_sharpness
-from torch_teleport.registry import build_plugin_manager, build_registry
+from torch_teleport.plugin_manager import build_plugin_manager
+from torch_teleport.registry import build_registry
 from torch_teleport.testing import assert_teleport_invariant, mlp_problems
 
 cross_entropy = nn.functional.cross_entropy
-
-
-def _directional_check(objective: tt.Objective, problem, seed: int) -> None:
-    """Central differences of the objective along random directions match autograd (float64)."""
-    model = problem.model
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def value() -> torch.Tensor:
-        batch = tt.Batch(model, problem.loss_fn, problem.inputs, problem.targets, params)
-        return objective.evaluate(batch).value
-
-    grads = torch.autograd.grad(value(), params, allow_unused=True)
-    grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params, strict=True)]
-    generator = torch.Generator().manual_seed(seed)
-    eps = 1e-6
-    for _ in range(2):
-        direction = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params]
-        norm = torch.sqrt(sum(d.square().sum() for d in direction))
-        direction = [d / norm for d in direction]
-        analytic = float(sum((g * d).sum() for g, d in zip(grads, direction, strict=True)))
-        values = []
-        for step in (eps, -2 * eps, eps):
-            with torch.no_grad():
-                for p, d in zip(params, direction, strict=True):
-                    p.add_(step * d)
-            values.append(float(value().detach()))
-        plus, minus = values[:2]
-        numeric = (plus - minus) / (2 * eps)
-        scale = max(abs(analytic), abs(numeric), float(torch.sqrt(sum(g.square().sum() for g in grads))), 1e-12)
-        assert abs(analytic - numeric) <= 1e-6 * scale, (analytic, numeric)
 
 
 # -- measurements and options ------------------------------------------------------------------
@@ -102,25 +74,17 @@ def test_bad_options_get_clear_errors():
 def test_teleport_batch_loss_is_invariant_with_each_objective(problem, objective, options):
     assert_teleport_invariant(
         problem.model, problem.loss_fn, problem.inputs, problem.targets,
-        objective=objective, objective_options=options, uncovered="freeze", steps=3,
+        objective=tt.default_registry().get("objective", objective)(**options), uncovered="freeze", steps=3,
     )
-
-
-def _direction_problem(seed: int):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(12, 32), nn.LeakyReLU(0.1), nn.Linear(32, 24), nn.LeakyReLU(0.1), nn.Linear(24, 4))
-    generator = torch.Generator().manual_seed(seed)
-    return model.double(), torch.randn(10, 12, generator=generator, dtype=torch.float64), torch.randint(0, 4, (10,), generator=generator)
 
 
 # -- choosing objectives by name -------------------------------------------------------------------
 
 
-def test_objectives_are_chosen_by_name_with_options_through_the_python_api():
-    model, x, y = _direction_problem(0)
+def test_objectives_are_chosen_by_name_or_given_with_options_through_the_python_api():
+    model, x, y = leaky_mlp_problem(0)
     tele = tt.Teleporter(
-        model, cross_entropy, objective="sharpness",
-        objective_options={"radii": [0.2, 0.4], "directions": 3, "seed": 7, "direction": "ascend"},
+        model, cross_entropy, objective=Sharpness(radii=[0.2, 0.4], directions=3, seed=7, direction="ascend")
     )
     assert isinstance(tele.objective, Sharpness)
     assert (tele.objective.radii, tele.objective.directions, tele.objective.seed) == ((0.2, 0.4), 3, 7)
@@ -171,7 +135,7 @@ def test_a_third_party_objective_registers_through_an_entry_point(monkeypatch):
     entry = next(e for e in registry.entries() if e.kind == "objective" and e.name == "weight_norm")
     assert entry.origin == "third-party-objectives 1.2.3"
     assert {"sharpness", "curvature", "log_grad_norm", "grad_norm"} <= set(registry.names("objective"))
-    model, x, y = _direction_problem(1)
+    model, x, y = leaky_mlp_problem(1)
     report = tt.Teleporter(
         model, cross_entropy, objective="weight_norm", registry=registry, steps=2, null_space="exact"
     ).teleport(x, y)

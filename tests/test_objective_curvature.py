@@ -7,10 +7,11 @@ import copy
 
 import pytest
 import torch
+from conftest import assert_gradient_matches_finite_differences, leaky_mlp_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_objective import _direction_problem, _directional_check, cross_entropy
 from torch import nn
+from torch.nn.functional import cross_entropy
 
 import torch_teleport as tt
 from torch_teleport.objectives.curvature import (
@@ -62,7 +63,8 @@ def invertible_mlps(draw, dtype=torch.float64, max_batch=12):
 @settings(max_examples=8)
 @given(problem=invertible_mlps())
 def test_curvature_gradient_matches_finite_differences(problem):
-    _directional_check(Curvature(generators=3, seed=problem.seed % 1000), problem, problem.seed)
+    objective = Curvature(generators=3, seed=problem.seed % 1000)
+    assert_gradient_matches_finite_differences(objective, problem, problem.seed)
 
 
 @settings(max_examples=6)
@@ -153,13 +155,13 @@ def test_curvature_is_refused_where_it_is_undefined_and_the_model_is_untouched(m
 def test_teleport_batch_loss_is_invariant_with_curvature(problem, direction):
     assert_teleport_invariant(
         problem.model, problem.loss_fn, problem.inputs, problem.targets,
-        objective="curvature", objective_options={"generators": 3, "direction": direction}, steps=3,
+        objective=Curvature(generators=3, direction=direction), steps=3,
     )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_ascending_curvature_raises_measured_curvature(seed):
-    model, x, y = _direction_problem(seed)
+    model, x, y = leaky_mlp_problem(seed)
     before = measure_curvature(model, [x], seed=100)
     report = tt.Teleporter(
         model, cross_entropy, objective="curvature", steps=10, lr=0.05, null_space="exact"

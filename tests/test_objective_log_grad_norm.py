@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
+from conftest import assert_gradient_matches_finite_differences
 from hypothesis import given, settings
-from test_objective import _directional_check
 
 import torch_teleport as tt
 from torch_teleport.objectives.grad_norm import GradNorm
@@ -15,7 +15,7 @@ from torch_teleport.testing import mlp_problems
 @settings(max_examples=8)
 @given(problem=mlp_problems(dtypes=(torch.float64,), max_depth=3, max_width=12, max_batch=12))
 def test_log_grad_norm_gradient_matches_finite_differences(problem):
-    _directional_check(LogGradNorm(), problem, problem.seed)
+    assert_gradient_matches_finite_differences(LogGradNorm(), problem, problem.seed)
 
 
 @settings(max_examples=8)

@@ -7,9 +7,10 @@ import copy
 
 import pytest
 import torch
+from conftest import assert_gradient_matches_finite_differences, leaky_mlp_problem
 from hypothesis import given, settings
-from test_objective import _direction_problem, _directional_check, cross_entropy
 from torch import nn
+from torch.nn.functional import cross_entropy
 
 import torch_teleport as tt
 from torch_teleport.objectives.sharpness import Sharpness, measure_sharpness, perturbed_loss
@@ -20,7 +21,7 @@ from torch_teleport.testing import mlp_problems
 @given(problem=mlp_problems(dtypes=(torch.float64,), max_depth=3, max_width=12, max_batch=12))
 def test_sharpness_gradient_matches_finite_differences(problem):
     objective = Sharpness(radii=(0.05, 0.1), directions=2, seed=problem.seed % 1000)
-    _directional_check(objective, problem, problem.seed)
+    assert_gradient_matches_finite_differences(objective, problem, problem.seed)
 
 
 def test_sharpness_is_the_mean_over_radii_and_unit_gaussian_directions():
@@ -48,11 +49,11 @@ def test_sharpness_is_the_mean_over_radii_and_unit_gaussian_directions():
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_descending_sharpness_lowers_measured_sharpness(seed):
-    model, x, y = _direction_problem(seed)
+    model, x, y = leaky_mlp_problem(seed)
     radii = (0.5, 1.0, 1.5)
     # measured with directions the teleport never saw
     before = measure_sharpness(model, cross_entropy, [(x, y)], radii=radii, seed=100)
-    tele = tt.Teleporter(model, cross_entropy, objective="sharpness", objective_options={"radii": radii, "directions": 4}, steps=10, lr=0.05, null_space="exact")
+    tele = tt.Teleporter(model, cross_entropy, objective=Sharpness(radii=radii, directions=4), steps=10, lr=0.05, null_space="exact")
     report = tele.teleport(x, y)
     after = measure_sharpness(model, cross_entropy, [(x, y)], radii=radii, seed=100)
     assert report.objective_after < report.objective_before

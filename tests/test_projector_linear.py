@@ -9,24 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import LOSS_RTOL, STEPS, batch_loss, reference_rank
 from hypothesis import given
 from hypothesis import strategies as st
-from test_null_space import reference_rank
 from torch import nn
 
 from torch_teleport import Teleporter
 from torch_teleport.testing import assert_teleport_invariant, mlp_problems
 
-STEPS = 8  # the paper's t
-LOSS_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 ANNIHILATION_TOL = {torch.float64: 1e-11, torch.float32: 1e-5}
-
-
-def batch_loss(problem, model=None) -> float:
-    """The teleport-batch loss as the engine sees it (dropout-free MLPs: eval mode)."""
-    model = problem.model if model is None else model
-    with torch.no_grad():
-        return float(problem.loss_fn(model(problem.inputs), problem.targets))
 
 
 def linear_inputs(model: nn.Module, inputs: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -16,12 +16,13 @@ from torch import nn
 
 import torch_teleport
 from torch_teleport import Teleporter, build_registry
+from torch_teleport.core_space import DEFAULT_NULL_SPACE, DEFAULT_TAU
 from torch_teleport.lab import cli as cli_module
 from torch_teleport.lab.cli import main
 from torch_teleport.lab.config import apply_overrides, load_config, tomllib
 from torch_teleport.lab.train import resolve_config
+from torch_teleport.plugin_manager import BUILTIN_ORIGIN
 from torch_teleport.projectors.frozen import EmbeddingPolicy
-from torch_teleport.registry import BUILTIN_ORIGIN
 
 TINY = """
 threads = 1
@@ -216,29 +217,71 @@ def test_bad_value_from_set_on_the_default_config(capsys):
 
 
 @pytest.mark.parametrize(
-    ("override", "expected"),
+    ("override", "kind"),
     [
-        ("model.name=perceptron", "unknown model 'perceptron'; registered: "),
-        ("dataset.name=imagenet", "unknown dataset 'imagenet'; registered: "),
-        (
-            "training.optimizers=[{name='lbfgs', lr=1}]",
-            "unknown optimizer 'lbfgs'; registered: adagrad, adam, momentum, rmsprop, sgd",
-        ),
-        ("teleport.objective=energy", "unknown objective 'energy'; registered: "),
-        ("teleport.null_space=qr", "unknown null space 'qr'; registered: "),
-        ("teleport.schedule.name=sometimes", "unknown schedule 'sometimes'; registered: "),
-        ("teleport.method=magic", "unknown method 'magic'; registered: "),
-        ("kind=dream", "unknown experiment 'dream'; registered: "),
+        ("model.name=perceptron", "model"),
+        ("dataset.name=imagenet", "dataset"),
+        ("teleport.objective=energy", "objective"),
+        ("teleport.null_space=qr", "null_space"),
+        ("teleport.schedule.name=sometimes", "schedule"),
+        ("teleport.method=magic", "method"),
     ],
 )
-def test_unknown_plugin_names_list_the_registered_ones(capsys, tiny, tmp_path, override, expected):
-    message = _error(capsys, ["run", str(tiny), "--set", override, "--out", str(tmp_path / "out")])
-    assert expected in message
-    kind = expected.split("'")[0].removeprefix("unknown ").strip().replace(" ", "_")
-    if kind != "optimizer":
-        for name in build_registry().names(kind):
-            assert name in message
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("command", [["run", "--out", "out"], ["config"]])
+def test_unknown_plugin_names_list_the_registered_ones(
+    capsys, tiny, tmp_path, monkeypatch, override, kind, command
+):
+    monkeypatch.chdir(tmp_path)
+    key, _, name = override.partition("=")
+    message = _error(capsys, [*command, str(tiny), "--set", override])
+    registered = ", ".join(map(repr, build_registry().names(kind)))
+    assert message == (
+        f"teleport: error: --set {override}: {key} must be a registered "
+        f"{kind.replace('_', ' ')} ({registered}), got {name!r}"
+    )
+    assert list(tmp_path.iterdir()) == [tiny]
+
+
+def test_unknown_optimizer_and_kind_list_the_known_ones(capsys, tiny):
+    override = "training.optimizers=[{name='lbfgs', lr=1}]"
+    message = _error(capsys, ["run", str(tiny), "--set", override])
+    assert message.endswith(
+        "training.optimizers[0].name must be one of "
+        "'adagrad', 'adam', 'momentum', 'rmsprop', 'sgd', got 'lbfgs'"
+    )
+    message = _error(capsys, ["run", str(tiny), "--set", "kind=dream"])
+    assert "unknown experiment 'dream'; registered: " in message and "train" in message
+
+
+@pytest.mark.parametrize(
+    ("override", "problem"),
+    [
+        ("teleport.tau=1.5", "teleport.tau must lie in (0, 1], got 1.5"),
+        ("teleport.tau=0", "teleport.tau must lie in (0, 1], got 0.0"),
+        ("teleport.tau=high", "teleport.tau must be a number, got 'high' (a string)"),
+        ("teleport.lr=0", "teleport.lr must be a positive finite number, got 0.0"),
+        ("teleport.lr=-0.01", "teleport.lr must be a positive finite number, got -0.01"),
+        ("teleport.cap=inf", "teleport.cap must be a positive finite number, got inf"),
+        ("teleport.max_loss_change=-1", "teleport.max_loss_change must be at least 0, got -1.0"),
+        ("teleport.steps=0", "teleport.steps must be at least 1, got 0"),
+    ],
+)
+def test_config_and_run_reject_a_bad_teleport_value_alike(
+    capsys, tiny, tmp_path, override, problem
+):
+    """The key, the value and what is allowed, from ``config`` as from ``run``, before any work."""
+    expected = f"teleport: error: --set {override}: {problem}"
+    assert _error(capsys, ["config", str(tiny), "--set", override]) == expected
+    out = tmp_path / "out"
+    assert _error(capsys, ["run", str(tiny), "--set", override, "--out", str(out)]) == expected
+    assert not out.exists()
+
+
+def test_a_bad_value_in_the_file_names_the_file(capsys, tiny):
+    tiny.write_text(TINY.replace("steps = 2", "steps = 2\ntau = 1.5"))
+    for command in ("config", "run"):
+        message = _error(capsys, [command, str(tiny)])
+        assert message == f"teleport: error: {tiny}: teleport.tau must lie in (0, 1], got 1.5"
 
 
 def test_plugin_option_errors_name_the_key(capsys, tiny):
@@ -340,7 +383,11 @@ def _table_rows(printed: str) -> dict[str, list[str]]:
 def test_check_prints_the_table_of_a_registered_model(capsys):
     assert main(["check", "mlp"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("mlp on random normal inputs of shape (32, 784)")
+    # The room a default teleport has: its own null space and tau.
+    assert printed.startswith(
+        "mlp on random normal inputs of shape (32, 784), "
+        f"null space {DEFAULT_NULL_SPACE} (tau = {DEFAULT_TAU:g}):"
+    )
     rows = _table_rows(printed)
     # The paper's 784-1024-1024-10 MLP on 32 samples: each layer's null space is its inputs + 1 - 32.
     assert rows["1"] == ["1", "Linear", "covered", "weight", "785", "753", "32"]
@@ -354,9 +401,10 @@ def test_check_prints_the_table_of_a_registered_model(capsys):
 
 def test_check_takes_model_options_batch_size_and_json(capsys):
     argv = ["check", "mlp", "--set", "input_dim=6", "--set", "hidden=[5]", "--batch", "4", "--json"]
-    assert main(argv) == 0
+    assert main([*argv, "--null-space", "exact"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["model"] == "mlp" and data["type"] == "Sequential" and data["batch"] == 4
+    assert data["null_space"] == "exact (tau = 1)"
     assert [(m["name"], m["sites"][0]["input_dim"], m["sites"][0]["null_dim"]) for m in data["modules"]] == [
         ("1", 7, 3),
         ("3", 6, 2),
@@ -373,6 +421,64 @@ def test_check_a_token_model_with_frozen_layers(capsys):
     assert " ".join(rows["embed"][1:]) == "Embedding frozen " + _short(EmbeddingPolicy.reason)
     assert rows["body.encoder.layers.0.norm1"][1:3] == ["LayerNorm", "frozen"]
     assert rows["head"][1:4] == ["Linear", "covered", "weight"]
+
+
+def _check_json(capsys, argv: list[str]) -> dict:
+    assert main(["check", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _null_dims(data: dict) -> dict[str, int]:
+    return {m["name"]: m["sites"][0]["null_dim"] for m in data["modules"]}
+
+
+def test_check_takes_the_model_and_the_teleport_options_of_a_run_config(capsys, tmp_path):
+    """A 3-32-2 ReLU network on 64 samples: the exact null space leaves its head far less room than
+    the default, so the table must use the null space the config's teleport would."""
+    model = ["mlp", "--set", "input_dim=3", "--set", "hidden=[32]", "--batch", "64"]
+    default = _check_json(capsys, model)
+    exact = _check_json(capsys, [*model, "--null-space", "exact"])
+    assert _null_dims(default)["3"] > _null_dims(exact)["3"]
+    config = tmp_path / "run.toml"
+    config.write_text(
+        '[model]\nname = "mlp"\noptions = { input_dim = 3, hidden = [32] }\n\n'
+        '[teleport]\nnull_space = "svd"\ntau = 1.0\n'
+    )
+    from_config = _check_json(capsys, ["--config", str(config), "--batch", "64"])
+    assert from_config["model"] == "mlp" and from_config["null_space"] == "svd (tau = 1)"
+    assert _null_dims(from_config) == _null_dims(exact)  # svd at tau = 1 is the exact null space
+    # A MODEL and flags win over the config's.
+    flagged = _check_json(capsys, [*model, "--config", str(config), "--tau", str(DEFAULT_TAU)])
+    assert flagged["null_space"] == default["null_space"]
+    assert _null_dims(flagged) == _null_dims(default)
+
+
+def test_check_errors_name_the_null_space_and_the_missing_model(capsys, tmp_path):
+    message = _error(capsys, ["check", "mlp", "--tau", "1.5"])
+    assert message == (
+        f"teleport: error: null space {DEFAULT_NULL_SPACE!r} with tau 1.5: tau must lie in (0, 1], "
+        "got 1.5"
+    )
+    message = _error(capsys, ["check", "mlp", "--null-space", "fourier"])
+    assert "unknown null space 'fourier'; registered: " in message and "exact" in message
+    message = _error(capsys, ["check"])
+    assert message == (
+        "teleport: error: no MODEL given: give the registered model to check, "
+        "e.g. teleport check mlp"
+    )
+    config = tmp_path / "teleport_only.toml"
+    config.write_text('[teleport]\nnull_space = "exact"\n')
+    message = _error(capsys, ["check", "--config", str(config)])
+    assert message == (
+        f"teleport: error: {config} has no [model] name: give the registered model to check, "
+        "e.g. teleport check mlp"
+    )
+    config.write_text('teleport = 5\n[model]\nname = "mlp"\n')
+    message = _error(capsys, ["check", "--config", str(config)])
+    assert message == f"teleport: error: {config}: [teleport] must be a table, got 5"
+    config.write_text('[model]\nname = "mlp"\noptions = 3\n')
+    message = _error(capsys, ["check", "--config", str(config)])
+    assert message == f"teleport: error: {config}: model.options must be a table, got 3"
 
 
 def test_check_needs_a_shape_for_a_model_without_a_built_in_example(capsys, monkeypatch):

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from torch_teleport import build_registry
 from torch_teleport.lab.config import (
     OPTIONS,
     REQUIRED,
@@ -18,12 +19,14 @@ from torch_teleport.lab.config import (
     apply_overrides,
     at_least,
     dumps_toml,
+    interval,
     load_config,
     parse_value,
+    positive,
     resolve,
     tomllib,
 )
-from torch_teleport.lab.train import SCHEMA
+from torch_teleport.lab.train import SCHEMA, resolve_config
 
 SMALL = Table(
     {
@@ -31,7 +34,9 @@ SMALL = Table(
         "rate": Option(0.5, float),
         "count": Option(3, int, check=at_least(1)),
         "seeds": Option([0], list, items=int),
-        "cap": Option(None, float),
+        "cap": Option(None, float, check=positive),
+        "share": Option(None, float, check=interval(0, 1, open_low=True)),
+        "null_space": Option("nowhere", str, plugin="null_space"),
         "options": OPTIONS,
         "inner": Table({"flag": Option(False, bool)}),
         "items": TableList(Table({"size": Option(REQUIRED, int)}), default=[]),
@@ -131,6 +136,8 @@ def test_resolve_fills_defaults_and_converts_integers_to_floats():
         "count": 3,
         "seeds": [0],
         "cap": None,
+        "share": None,
+        "null_space": "nowhere",  # a default is the schema's own: never looked up
         "options": {"anything": [1]},
         "inner": {"flag": False},
         "items": [],
@@ -155,6 +162,10 @@ def test_resolve_fills_defaults_and_converts_integers_to_floats():
         ({"name": 3}, "name", "name must be a string, got 3 (an integer)"),
         ({"name": "a", "count": True}, "count", "count must be an integer, got True (a boolean)"),
         ({"name": "a", "count": 0}, "count", "count must be at least 1, got 0"),
+        ({"name": "a", "cap": 0}, "cap", "cap must be a positive finite number, got 0.0"),
+        ({"name": "a", "cap": math.inf}, "cap", "cap must be a positive finite number, got inf"),
+        ({"name": "a", "share": 1.5}, "share", "share must lie in (0, 1], got 1.5"),
+        ({"name": "a", "share": 0}, "share", "share must lie in (0, 1], got 0.0"),
         ({"name": "a", "rate": "fast"}, "rate", "rate must be a number, got 'fast' (a string)"),
         ({"name": "a", "seeds": [0, "1"]}, "seeds[1]", "seeds[1] must be an integer"),
         ({"name": "a", "inner": 5}, "inner", "inner must be a table, got 5 (an integer)"),
@@ -172,6 +183,87 @@ def test_resolve_names_the_key_at_fault(config, key, message):
     assert caught.value.key == key
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+@given(low=st.floats(-10, 10), width=st.floats(0, 10), value=st.floats(allow_nan=True))
+def test_an_interval_admits_exactly_its_numbers(low, width, value):
+    high = low + width
+    assert (interval(low, high)(value) is None) == (low <= value <= high)
+    assert (interval(low, high, open_low=True)(value) is None) == (low < value <= high)
+
+
+def test_plugin_names_are_checked_against_the_registry_given():
+    registry = build_registry()
+    assert resolve({"name": "a", "null_space": "svd"}, SMALL, registry)["null_space"] == "svd"
+    with pytest.raises(ConfigError) as caught:
+        resolve({"name": "a", "null_space": "qr"}, SMALL, registry)
+    known = ", ".join(map(repr, registry.names("null_space")))
+    assert str(caught.value) == f"null_space must be a registered null space ({known}), got 'qr'"
+    assert caught.value.key == "null_space"
+    registry.add_null_space("qr", object)
+    assert resolve({"name": "a", "null_space": "qr"}, SMALL, registry)["null_space"] == "qr"
+    assert resolve({"name": "a", "null_space": "qr"}, SMALL)["null_space"] == "qr"  # no registry
+
+
+def _train_config(**teleport) -> dict:
+    config = load_config()
+    config["teleport"].update(teleport)
+    return config
+
+
+numbers = st.floats(allow_nan=True) | st.integers(-3, 3)
+
+
+@given(tau=numbers)
+def test_tau_is_a_share_of_the_energy(tau):
+    if 0 < tau <= 1:
+        assert resolve_config(_train_config(tau=tau))["teleport"]["tau"] == tau
+    else:
+        allowed = r"^teleport\.tau must lie in \(0, 1\], got "
+        with pytest.raises(ConfigError, match=allowed) as caught:
+            resolve_config(_train_config(tau=tau))
+        assert caught.value.key == "teleport.tau"
+
+
+@pytest.mark.parametrize("key", ["lr", "cap"])
+@given(value=numbers)
+def test_teleport_rates_and_caps_are_positive_and_finite(key, value):
+    if math.isfinite(value) and value > 0:
+        assert resolve_config(_train_config(**{key: value}))["teleport"][key] == value
+    else:
+        with pytest.raises(ConfigError, match=f"^teleport.{key} must be a positive finite number"):
+            resolve_config(_train_config(**{key: value}))
+
+
+@given(value=numbers)
+def test_the_loss_change_tolerance_is_not_negative(value):
+    if value >= 0:
+        resolve_config(_train_config(max_loss_change=value))
+    else:
+        with pytest.raises(ConfigError, match="^teleport.max_loss_change must be at least 0"):
+            resolve_config(_train_config(max_loss_change=value))
+
+
+@pytest.mark.parametrize(
+    ("key", "kind"),
+    [
+        ("model.name", "model"),
+        ("dataset.name", "dataset"),
+        ("teleport.method", "method"),
+        ("teleport.objective", "objective"),
+        ("teleport.null_space", "null_space"),
+        ("teleport.schedule.name", "schedule"),
+    ],
+)
+def test_every_plugin_name_of_a_train_config_is_looked_up(key, kind):
+    registry = build_registry()
+    config = apply_overrides(load_config(), [f"{key}=nothing_by_this_name"])
+    with pytest.raises(ConfigError) as caught:
+        resolve_config(config, registry)
+    assert caught.value.key == key
+    names = registry.names(kind)
+    assert str(caught.value).startswith(f"{key} must be a registered {kind.replace('_', ' ')} (")
+    assert all(repr(name) in str(caught.value) for name in names) and names
 
 
 toml_keys = st.text(min_size=0, max_size=8)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_distributed import DEADLINE_SECONDS, free_port
+from conftest import DEADLINE_SECONDS, free_port
 
 TORCHRUN_CONFIG = """
 kind = "train"
