@@ -2,23 +2,26 @@
 
 The core defines the interfaces (:class:`Projector`, :class:`NullSpace`,
 :class:`Objective`, :class:`Schedule`), the plugin hooks and the engine
-(:class:`Teleporter`); every concrete projector, objective, null space,
+(:class:`Teleporter`, its :class:`Limits` and :class:`LineSearch`); every concrete projector, objective, null space,
 schedule and method is a plugin in a room of the library, loaded on first
 use. Models, datasets and experiments are the lab's (``torch_teleport.lab``),
 which the library never imports.
 """
 
 # The engine and trainer import the interfaces above; keep them last.
-from .engine import Teleporter  # noqa: E402
+from .coverage_table import check_coverage
+from .events import TeleportEvents  # noqa: E402
 from .hookspecs import hookimpl
-from .method import TeleportMethod  # noqa: E402
+from .limits import Limits
+from .line_search import LineSearch
+from .method import Mover, TeleportMethod
 from .null_space import CoreBasis, NullSpace
-from .null_space_method import NullSpaceMethod  # noqa: E402
 from .objective import Batch, Evaluation, Objective
 from .projector import Projector, Site
 from .registry import Registry, UnknownPluginError, build_registry, default_registry
 from .report import LayerReport, TeleportReport
 from .schedule import Schedule, TeleportPlan
+from .teleporter import Teleporter  # noqa: E402
 from .training import TeleportTrainer  # noqa: E402
 
 __all__ = [
@@ -26,13 +29,16 @@ __all__ = [
     "CoreBasis",
     "Evaluation",
     "LayerReport",
-    "NullSpaceMethod",
+    "Limits",
+    "LineSearch",
+    "Mover",
     "NullSpace",
     "Objective",
     "Projector",
     "Registry",
     "Schedule",
     "Site",
+    "TeleportEvents",
     "TeleportPlan",
     "TeleportMethod",
     "TeleportReport",
@@ -40,6 +46,7 @@ __all__ = [
     "Teleporter",
     "UnknownPluginError",
     "build_registry",
+    "check_coverage",
     "default_registry",
     "hookimpl",
 ]

@@ -27,7 +27,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .bases import Bases
+from .coverage import Coverage
+from .gradient_path import GradientPath
+from .inputs import call_model
+from .method import MethodContext
 from .objective import Batch, Evaluation, checked_loss
+from .update import FactoredSite, MovedWeights, ProjectedUpdate
 
 ELEMENTWISE: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -139,3 +145,50 @@ class ChainState:
                 dz = dz + tangents[k] @ layer.weight.T
             tangents.append(self.gains[k] * dz)
         return tangents
+
+
+class ClosedFormPath(GradientPath):
+    """The closed form: one capture, then steps with no forward pass and no autograd.
+
+    Its evaluations keep the captured loss (exact steps keep it), so the
+    limits are checked once, on :meth:`final`, a real forward pass.
+    """
+
+    name = "closed_form"
+    measures_loss = False
+
+    def __init__(self, context: MethodContext, batch: Batch, coverage: Coverage, chain: LinearChain) -> None:
+        super().__init__(context, batch, coverage)
+        self.state = chain.prepare(batch)
+        sites = {id(covered.module): (covered, site) for covered in coverage.modules for site in covered.sites}
+        self.sites = [sites[id(layer)] for layer in chain.layers]
+        self.first = self.evaluate()
+
+    def captured_inputs(self) -> dict[tuple[str, str], list[Tensor]]:
+        """The layers' inputs the chain captured (no second forward)."""
+        return {
+            (covered.name, site.stream): [x] for (covered, site), x in zip(self.sites, self.state.inputs, strict=True)
+        }
+
+    def evaluate(self) -> ChainEvaluation:
+        return self.state.evaluate(self.context.objective)
+
+    def final(self) -> ChainEvaluation:
+        evaluation = self.evaluate()
+        with torch.no_grad():
+            output = call_model(self.batch.model, self.batch.inputs)
+            evaluation.loss = checked_loss(self.batch.loss_fn(output, self.batch.targets))
+        return evaluation
+
+    def update(self, evaluation: ChainEvaluation, weights: MovedWeights, bases: Bases) -> ProjectedUpdate:
+        coefficient = self.context.objective.slope(evaluation.squared)
+        factored = []
+        tangents = self.state.tangents(evaluation.deltas)
+        for (covered, site), delta, tangent in zip(self.sites, evaluation.deltas, tangents, strict=True):
+            basis = bases.of.get((covered.name, site.name))
+            if basis is None or tangent is None:
+                continue
+            folded = torch.cat([tangent, torch.zeros_like(tangent[:, :1])], 1) if site.bias is not None else tangent
+            left = (delta.T * coefficient).unsqueeze(0)
+            factored.append(FactoredSite.projected(covered, site, left, folded.unsqueeze(0), basis))
+        return ProjectedUpdate({}, factored)

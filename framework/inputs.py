@@ -53,11 +53,7 @@ def batch_size(inputs: Inputs) -> int:
 
 def to_device(inputs: Inputs, device: torch.device | str) -> Inputs:
     """``inputs`` with every tensor moved to ``device``, in the same form."""
-    if isinstance(inputs, Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, Mapping):
-        return {key: value.to(device) if isinstance(value, Tensor) else value for key, value in inputs.items()}
-    return type(inputs)(value.to(device) if isinstance(value, Tensor) else value for value in inputs)
+    return map_tensors(inputs, lambda tensor: tensor.to(device))
 
 
 def concatenate(parts: Sequence[Inputs]) -> Inputs:
@@ -82,3 +78,50 @@ def concatenate(parts: Sequence[Inputs]) -> Inputs:
     if isinstance(first, Mapping):
         return {key: join([part[key] for part in parts]) for key in first}
     return type(first)(join([part[i] for part in parts]) for i in range(len(first)))
+
+
+def usable(inputs: Inputs) -> Inputs:
+    """``inputs`` with every tensor made in ``torch.inference_mode`` copied into a normal one: autograd,
+    which a teleport needs, cannot save inference tensors. Others are passed through as they are."""
+    if not any(t.is_inference() for t in tensors(inputs)):
+        return inputs
+    with torch.inference_mode(False):
+        return map_tensors(inputs, lambda t: t.clone() if t.is_inference() else t)
+
+
+def map_tensors(inputs: Inputs, function: Any) -> Inputs:
+    """``inputs`` with ``function`` applied to every tensor, in the same form."""
+    if isinstance(inputs, Tensor):
+        return function(inputs)
+    if isinstance(inputs, Mapping):
+        return {key: function(value) if isinstance(value, Tensor) else value for key, value in inputs.items()}
+    return type(inputs)(function(value) if isinstance(value, Tensor) else value for value in inputs)
+
+
+def check_inputs(inputs: Inputs, label: str = "inputs") -> None:
+    """A clear error unless ``inputs`` hold a tensor with at least one sample and finite floating values."""
+    given = tensors(inputs)  # raises for a form that is none of tensor, sequence, mapping
+    if not given:
+        raise TypeError(f"{label} hold no tensor")
+    for tensor in given:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{label} contain non-finite values")
+    _check_samples(given[0], label)
+
+
+def check_batch(inputs: Inputs, targets: Tensor) -> None:
+    """A clear error unless ``(inputs, targets)`` is a batch a teleport can take."""
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
+    check_inputs(inputs)
+    if targets.is_floating_point() and not torch.isfinite(targets).all():
+        raise ValueError("targets contain non-finite values")
+    _check_samples(targets, "targets")
+    samples = batch_size(inputs)
+    if samples != targets.shape[0]:
+        raise ValueError(f"inputs and targets disagree on the batch size: {samples} vs {targets.shape[0]}")
+
+
+def _check_samples(tensor: Tensor, label: str) -> None:
+    if tensor.dim() == 0 or tensor.shape[0] == 0:
+        raise ValueError(f"{label} must hold at least one sample, got shape {tuple(tensor.shape)}")

@@ -29,7 +29,6 @@ class Batch:
     parameters: Sequence[nn.Parameter]
     guard: tuple[Inputs, Tensor] | None = None  # other data whose loss the teleport must not raise
     basis: Inputs | None = None  # a larger sample whose inputs the core space must span too
-    guard_baseline: float | None = None  # the guard loss to compare with (default: before this teleport)
 
     def loss(self) -> Tensor:
         """The primary loss on the teleport batch, as a scalar tensor with graph."""

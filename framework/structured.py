@@ -30,10 +30,10 @@ streams go through its own :meth:`~torch_teleport.Projector.capture` and
 
 from __future__ import annotations
 
-from collections import defaultdict
+import warnings
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -41,16 +41,14 @@ from torch import Tensor
 from torch.func import functional_call
 from torch.nn.utils import get_total_norm
 
-from .coverage import CoveredModule
+from .bases import Bases, SiteKey, SiteRef
+from .coverage import Coverage, CoveredModule
+from .gradient_path import GradientPath, autograd_gradient
 from .inputs import as_call
+from .method import MethodContext
 from .objective import Batch, Evaluation
-from .projector import Site
-
-if TYPE_CHECKING:
-    from .method import MethodContext
-
-SiteKey = tuple[str, str]
-"""``(module name, site name)``."""
+from .projector import Projector, Site, site_view, tangent_representation
+from .update import FactoredSite, MovedWeights, ProjectedUpdate
 
 
 @dataclass
@@ -99,6 +97,111 @@ class StructuredEvaluator:
         if context.replicas.size > 1:
             evaluation = context.replicas.combine_structured(evaluation, batch, grads)
         return evaluation
+
+
+class StructuredPath(GradientPath):
+    """First derivatives only: one forward and first-order backward, one forward-mode pass per step.
+
+    Sites whose projector records outputs contribute ``2 f'(s) delta^T lambda``,
+    whose projection is the projected gradient; where fewer samples than rows
+    and inputs make it cheaper (and the site owns its parameters), the tangent
+    factor is projected and the update stays factored. Every other parameter
+    gets autograd's gradient of the objective. Building it raises
+    ``NotImplementedError`` when an op of the model has no forward-mode derivative.
+    """
+
+    name = "structured"
+
+    def __init__(self, context: MethodContext, batch: Batch, coverage: Coverage, owners: Counter) -> None:
+        super().__init__(context, batch, coverage)
+        self.owners = owners  # how many sites each moved parameter belongs to
+        self.evaluator = StructuredEvaluator(context, batch, capable_sites(coverage))
+        self.first = self.evaluator(batch)
+        self.sites = self.evaluator.sites  # those whose outputs were recorded
+        self.modules = list({id(covered): covered for covered, _ in self.sites}.values())
+        self.first_tangents = tangent_streams(batch, self.first.direction, self.modules) if self.sites else None
+
+    def evaluate(self) -> StructuredEvaluation:
+        return self.evaluator(self.batch)
+
+    def update(self, evaluation: StructuredEvaluation, weights: MovedWeights, bases: Bases) -> ProjectedUpdate:
+        moving = [(c, s) for c, s in self.sites if (c.name, s.name) in bases.of]
+        fast = {covered.qualified(p) for covered, site in moving for p in (site.weight, site.bias) if p}
+        rest = [name for name in weights.params if name not in fast]
+        dense = autograd_gradient(self.context.evaluate(self.batch), weights.params, rest) if rest else {}
+        factored: list[FactoredSite] = []
+        if moving:
+            tangents = self.first_tangents if evaluation is self.first else self._tangents(evaluation)
+            coefficient = self.context.objective.slope(evaluation.local_squared) * evaluation.share
+            for covered, site in moving:
+                part = self._site_update(covered, site, evaluation, tangents, coefficient, bases)
+                if isinstance(part, FactoredSite):
+                    factored.append(part)
+                else:
+                    _write_site(dense, weights.params, covered, site, part)
+        return self.finished(dense, factored, bases)
+
+    def _tangents(self, evaluation: StructuredEvaluation) -> dict[tuple[str, str], list[Tensor]]:
+        return tangent_streams(self.batch, evaluation.direction, self.modules)
+
+    def _site_update(
+        self, covered: CoveredModule, site: Site, evaluation: StructuredEvaluation, tangents: dict,
+        coefficient: Tensor, bases: Bases,
+    ) -> FactoredSite | Tensor:
+        """The site's ``2 f'(s) delta^T lambda``: factored and projected where that is cheaper, else
+        as one ``(groups, rows, inputs)`` tensor (the folded bias last), projected later."""
+        grads, streams = evaluation.deltas[(covered.name, site.name)], tangents[(covered.name, site.stream)]
+        names = [covered.qualified(p) for p in (site.weight, site.bias) if p]
+        module, projector = covered.module, covered.projector
+        if self.context.replicas.size == 1 and _factored_is_cheaper(covered, site, grads, names, self.owners):
+            left = projector.output_representation(module, site, grads) * coefficient
+            right = tangent_representation(projector, module, site, streams).transpose(-1, -2)
+            return FactoredSite.projected(covered, site, left, right, bases.of[(covered.name, site.name)])
+        return projector.structured_gradient(module, site, grads, streams) * coefficient
+
+
+def _write_site(dense: dict[str, Tensor], params: dict, covered: CoveredModule, site: Site, product: Tensor) -> None:
+    """Write a site's ``(groups, rows, inputs)`` update into the dense per-parameter updates."""
+    for local in (site.weight, site.bias):
+        if local:
+            dense.setdefault(covered.qualified(local), torch.zeros_like(params[covered.qualified(local)]))
+    weight = site_view(dense[covered.qualified(site.weight)], site)
+    weight.copy_(product[..., : weight.shape[-1]])
+    if site.bias is not None:
+        site_view(dense[covered.qualified(site.bias)], site, bias=True).copy_(product[..., weight.shape[-1] :])
+
+
+def _factored_is_cheaper(
+    covered: CoveredModule, site: Site, output_grads: list[Tensor], names: list[str], owners: Counter
+) -> bool:
+    """Whether to keep the site's update factored: few samples, the base projection, sole owner.
+
+    Projecting the ``samples x inputs`` factor instead of the ``rows x
+    inputs`` update, and taking norms from ``samples x samples`` Gram
+    matrices, pays when there are fewer samples than rows and inputs.
+    """
+    weight = site_view(covered.module.get_parameter(site.weight), site)
+    rows, inputs = weight.shape[-2:]
+    samples = sum(grad.numel() for grad in output_grads) // (rows * site.groups)
+    params = [covered.module.get_parameter(p) for p in (site.weight, site.bias) if p]
+    return (
+        samples <= min(rows, inputs)
+        and type(covered.projector).project is Projector.project
+        and all(owners[name] == 1 for name in names)
+        and all(p.is_contiguous() for p in params)
+    )
+
+
+def capable_sites(coverage: Coverage) -> list[SiteRef]:
+    """Sites whose projector can record their outputs (a probe install, removed at once)."""
+    sites = []
+    for covered in coverage.modules:
+        handles = covered.projector.capture_outputs(covered.module, lambda site, tensor: None)
+        if handles is not None:
+            for handle in handles:
+                handle.remove()
+            sites += [(covered, site) for site in covered.sites]
+    return sites
 
 
 def first_order_pass(
@@ -170,7 +273,10 @@ def tangent_streams(
         torch.backends.mha.set_fastpath_enabled(False)
         for covered in modules:
             handles += covered.projector.capture(covered.module, recorder(covered.name))
-        with fwAD.dual_level(), torch.no_grad():
+        with fwAD.dual_level(), torch.no_grad(), warnings.catch_warnings():
+            # The first dual loads torch's forward-mode decompositions, which script functions
+            # through the deprecated torch.jit.script: torch's own business, not the caller's.
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
             duals = {name: fwAD.make_dual(p.detach(), direction[name]) for name, p in _named(batch, direction)}
             args, kwargs = as_call(batch.inputs)
             functional_call(batch.model, duals, args, kwargs, strict=False)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from torch_teleport import Schedule, Teleporter, TeleportReport, TeleportTrainer, hookimpl
+from torch_teleport import Limits, Schedule, Teleporter, TeleportReport, TeleportTrainer, hookimpl
 from torch_teleport.distributed import Replicas
 from torch_teleport.lab.checkpoint import (
     CheckpointError,
@@ -42,6 +42,7 @@ from torch_teleport.lab.config import (
     TableList,
     at_least,
     dumps_toml,
+    interval,
     non_empty,
     one_of,
     positive,
@@ -49,6 +50,7 @@ from torch_teleport.lab.config import (
 )
 from torch_teleport.lab.data import DataSplits
 from torch_teleport.lab.experiment import (
+    OPTIMIZERS,
     Loaders,
     build_optimizer,
     evaluate_loss,
@@ -72,14 +74,17 @@ from torch_teleport.lab.launch import (
     leave_launch,
     rank_and_world,
 )
+from torch_teleport.plugins.methods.null_space import NullSpaceMethod
 from torch_teleport.registry import Registry, default_registry
 
 TELEPORTER_DEFAULTS = {
     name: parameter.default
-    for name, parameter in inspect.signature(Teleporter).parameters.items()
+    for signature in (inspect.signature(Teleporter), inspect.signature(NullSpaceMethod), inspect.signature(Limits))
+    for name, parameter in signature.parameters.items()
     if parameter.default is not inspect.Parameter.empty
 }
-"""The ``[teleport]`` table defaults to whatever :class:`Teleporter` defaults to..."""
+"""The ``[teleport]`` table defaults to whatever :class:`Teleporter`, its default method and its
+:class:`Limits` default to..."""
 
 TRAINER_DEFAULTS = {
     name: parameter.default
@@ -90,7 +95,7 @@ TRAINER_DEFAULTS = {
 
 OPTIMIZER = Table(
     {
-        "name": Option(REQUIRED, str),
+        "name": Option(REQUIRED, str, check=one_of(*sorted(OPTIMIZERS))),
         "lr": Option(REQUIRED, float, check=positive),
         "label": Option(None, str),
         "options": OPTIONS,
@@ -105,9 +110,13 @@ SCHEMA = Table(
         "kind": Option("train", str, check=one_of("train")),
         "device": Option("cpu", str),
         "threads": Option(None, int, check=at_least(1)),
-        "model": Table({"name": Option(REQUIRED, str), "options": OPTIONS}),
+        "model": Table({"name": Option(REQUIRED, str, plugin="model"), "options": OPTIONS}),
         "dataset": Table(
-            {"name": Option(REQUIRED, str), "root": Option("data", str), "options": OPTIONS}
+            {
+                "name": Option(REQUIRED, str, plugin="dataset"),
+                "root": Option("data", str),
+                "options": OPTIONS,
+            }
         ),
         "training": Table(
             {
@@ -123,23 +132,29 @@ SCHEMA = Table(
         ),
         "teleport": Table(
             {
-                "method": Option(TELEPORTER_DEFAULTS["method"], str),
-                "objective": Option(TELEPORTER_DEFAULTS["objective"], str),
-                "null_space": Option(TELEPORTER_DEFAULTS["null_space"], str),
-                "tau": Option(TELEPORTER_DEFAULTS["tau"], float),
-                "lr": Option(TELEPORTER_DEFAULTS["lr"], float),
+                "method": Option(TELEPORTER_DEFAULTS["method"], str, plugin="method"),
+                "objective": Option(TELEPORTER_DEFAULTS["objective"], str, plugin="objective"),
+                "null_space": Option(TELEPORTER_DEFAULTS["null_space"], str, plugin="null_space"),
+                "tau": Option(
+                    TELEPORTER_DEFAULTS["tau"], float, check=interval(0, 1, open_low=True)
+                ),
+                "lr": Option(TELEPORTER_DEFAULTS["lr"], float, check=positive),
                 "steps": Option(TELEPORTER_DEFAULTS["steps"], int, check=at_least(1)),
-                "cap": Option(TELEPORTER_DEFAULTS["cap"], float),
+                "cap": Option(TELEPORTER_DEFAULTS["cap"], float, check=positive),
                 "normalize": Option(TELEPORTER_DEFAULTS["normalize"], bool),
                 "batch_size": Option(32, int, check=at_least(1)),
                 "guard_samples": Option(TRAINER_DEFAULTS["guard_samples"], int, check=at_least(1)),
                 "uncovered": Option(TELEPORTER_DEFAULTS["uncovered"], str, check=one_of("error", "warn", "freeze")),
                 "optimizer_state": Option("reset", str, check=one_of("reset", "keep")),
-                "max_loss_change": Option(TELEPORTER_DEFAULTS["max_loss_change"], float),
+                "max_loss_change": Option(
+                    TELEPORTER_DEFAULTS["max_loss_change"], float, check=at_least(0)
+                ),
                 "on_failure": Option("skip", str, check=one_of("skip", "raise")),
                 "objective_options": OPTIONS,
                 "method_options": OPTIONS,
-                "schedule": Table({"name": Option("epochs", str), "options": OPTIONS}),
+                "schedule": Table(
+                    {"name": Option("epochs", str, plugin="schedule"), "options": OPTIONS}
+                ),
             }
         ),
         "checkpoint": Table(
@@ -188,21 +203,21 @@ class TrainSetup:
             if teleport["method"] == "null_space"
             else {}
         )
+        objective = self.registry.get("objective", teleport["objective"])(**teleport["objective_options"])
         return Teleporter(
             model,
             self.loss_fn,
             method=teleport["method"],
-            objective=teleport["objective"],
-            **null_space_options,
+            objective=objective,
             lr=teleport["lr"],
             steps=teleport["steps"],
             cap=teleport["cap"],
             normalize=teleport["normalize"],
-            objective_options=teleport["objective_options"],
-            method_options=teleport["method_options"],
-            max_loss_change=teleport["max_loss_change"],
+            limits=Limits(max_loss_change=teleport["max_loss_change"]),
             replicas=Replicas(verify=self.config["distributed"]["verify"]),
             registry=self.registry,
+            **null_space_options,
+            **teleport["method_options"],
         )
 
     def runs(self) -> Iterator[RunSpec]:
@@ -253,7 +268,7 @@ def prepare(config: dict[str, Any], registry: Registry | None = None) -> TrainSe
     :class:`~torch_teleport.lab.data.MissingDataError`.
     """
     registry = registry or default_registry()
-    config = resolve_config(config)
+    config = resolve_config(config, registry)
     with _rejected("device", f"using device {config['device']!r}"):
         device = torch.device(config["device"])
         torch.empty(0, device=device)
@@ -285,12 +300,13 @@ def prepare(config: dict[str, Any], registry: Registry | None = None) -> TrainSe
     return setup
 
 
-def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
+def resolve_config(config: dict[str, Any], registry: Registry | None = None) -> dict[str, Any]:
     """``config`` checked against :data:`SCHEMA`, defaults and optimizer labels filled in; nothing is built.
 
-    What a run writes to its ``config.toml``, and what ``teleport config`` prints.
+    Plugin names are checked against ``registry`` (default: the default registry). What a run
+    writes to its ``config.toml``, and what ``teleport config`` prints.
     """
-    config = resolve(config, SCHEMA)
+    config = resolve(config, SCHEMA, registry or default_registry())
     _label_optimizers(config["training"]["optimizers"])
     return config
 

@@ -12,11 +12,11 @@ from torch import nn
 from torch.nn import functional as F
 
 import torch_teleport as tt
+from torch_teleport.events import TeleportFailedError
 from torch_teleport.objective import Batch, Evaluation, Objective
 from torch_teleport.objectives.grad_norm import GradNorm
 from torch_teleport.schedule import TeleportPlan
 from torch_teleport.testing import assert_teleport_invariant
-from torch_teleport.training import TeleportFailedError
 
 
 def mlp(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Sequential:
@@ -80,8 +80,8 @@ def test_non_finite_starting_loss_is_rejected():
     [
         # A plain ascent rate so large that the first step overflows the weights, on either path.
         # (drift tolerance off: with it, the step would be undone before anything was rolled back)
-        (torch.float32, {"lr": 1e38, "normalize": False, "gradient": "full", "drift_tolerance": None}, "weights"),
-        (torch.float32, {"lr": 1e38, "normalize": False, "drift_tolerance": None}, "weights"),
+        (torch.float32, {"lr": 1e38, "normalize": False, "gradient": "full", "limits": tt.Limits(drift=None)}, "weights"),
+        (torch.float32, {"lr": 1e38, "normalize": False, "limits": tt.Limits(drift=None)}, "weights"),
         # A finite objective with an infinite gradient: the update itself is non-finite.
         (torch.float64, {"objective": InfiniteSlope()}, "update"),
     ],
@@ -101,18 +101,19 @@ def test_far_too_large_rate_moves_the_loss_and_the_guard_rolls_it_back():
     weights grow many-fold in the null space and rounding moves the batch loss."""
     inputs, targets = batch(dtype=torch.float32)
     unguarded = mlp(torch.float32)
-    absurd = {"lr": 1.0, "steps": 512, "drift_tolerance": None, "max_gain": None}
-    report = tt.Teleporter(unguarded, F.cross_entropy, **absurd).teleport(inputs, targets)
+    absurd = {"lr": 1.0, "steps": 512}
+    absurd_limits = {"drift": None, "max_gain": None}
+    report = tt.Teleporter(unguarded, F.cross_entropy, **absurd, limits=tt.Limits(**absurd_limits)).teleport(inputs, targets)
     # Without any guard the damage is applied and shows in the report ...
     assert not report.rolled_back and report.loss_change > 2e-5
     guarded = mlp(torch.float32)
     before = snapshot(guarded)
-    report = tt.Teleporter(guarded, F.cross_entropy, **absurd, max_loss_change=1e-6).teleport(inputs, targets)
+    report = tt.Teleporter(guarded, F.cross_entropy, **absurd, limits=tt.Limits(**absurd_limits, max_loss_change=1e-6)).teleport(inputs, targets)
     # ... with one, the teleport is undone.
     assert report.rolled_back and report.stopped == "loss_changed"
     assert_unchanged(guarded, before)
     # A sane rate passes the same guard.
-    report = tt.Teleporter(guarded, F.cross_entropy, max_loss_change=1e-6).teleport(inputs, targets)
+    report = tt.Teleporter(guarded, F.cross_entropy, limits=tt.Limits(max_loss_change=1e-6)).teleport(inputs, targets)
     assert not report.rolled_back and report.steps == 8
 
 
@@ -121,7 +122,7 @@ def test_the_default_drift_tolerance_backtracks_to_the_last_good_step():
     the teleport ends at the last good step, with the batch loss kept to float32 precision."""
     inputs, targets = batch(dtype=torch.float32)
     model = mlp(torch.float32)
-    report = tt.Teleporter(model, F.cross_entropy, lr=1.0, steps=512, max_gain=None).teleport(inputs, targets)
+    report = tt.Teleporter(model, F.cross_entropy, lr=1.0, steps=512, limits=tt.Limits(max_gain=None)).teleport(inputs, targets)
     assert report.stopped == "drift" and not report.rolled_back and 0 < report.steps < 512
     assert report.loss_change <= 1e-5
     with torch.no_grad():
@@ -146,7 +147,7 @@ def test_relative_rates_above_one_are_refused():
 
 def test_max_loss_change_must_be_a_non_negative_number():
     with pytest.raises(ValueError, match="max_loss_change"):
-        tt.Teleporter(mlp(), F.cross_entropy, max_loss_change=-1.0)
+        tt.Teleporter(mlp(), F.cross_entropy, limits=tt.Limits(max_loss_change=-1.0))
 
 
 # -- batch shapes ------------------------------------------------------------------------
@@ -319,7 +320,7 @@ def test_teleports_keep_no_graph_alive_and_memory_does_not_grow(gradient):
     model = mlp(torch.float32)
     inputs, targets = batch(size=12, dtype=torch.float32)
     teleporter = tt.Teleporter(  # the closed form needs the exact null space; every path takes it alike
-        model, F.cross_entropy, null_space="exact", steps=2, lr=1e-3, method_options={"gradient": gradient}
+        model, F.cross_entropy, null_space="exact", steps=2, lr=1e-3, gradient=gradient
     )
     # Every module output of a forward with gradients is held by its autograd graph (Tanh saves
     # its output, the next Linear its input): a graph kept alive keeps one of them alive.

@@ -61,7 +61,7 @@ def quiet_guard_problem(seed: int = 0):
 @pytest.mark.parametrize("seed", range(3))
 def test_a_step_that_raises_the_guard_loss_is_undone(seed):
     model, teleport_batch, guard = quiet_guard_problem(seed)
-    options = {"lr": 0.05, "max_gain": None}  # a fixed step: the first rejected one ends the teleport
+    options = {"lr": 0.05, "limits": tt.Limits(max_gain=None)}  # a fixed step: the first rejected one ends the teleport
     unguarded = copy.deepcopy(model)
     report = tt.Teleporter(unguarded, F.mse_loss, **options).teleport(*teleport_batch)
     rise = loss_on(unguarded, guard, F.mse_loss) / loss_on(model, guard, F.mse_loss) - 1
@@ -80,7 +80,7 @@ def test_a_step_that_raises_the_guard_loss_is_undone(seed):
 
 def test_the_guard_tolerance_is_the_teleporters():
     model, teleport_batch, guard = quiet_guard_problem(0)
-    loose = tt.Teleporter(copy.deepcopy(model), F.mse_loss, lr=0.05, max_gain=None, guard_tolerance=1e3)
+    loose = tt.Teleporter(copy.deepcopy(model), F.mse_loss, lr=0.05, limits=tt.Limits(max_gain=None, guard=1e3))
     report = loose.teleport(*teleport_batch, guard=guard)
     assert report.stopped == "steps" and report.steps == 8
     assert report.guard_loss_after > 1.01 * report.guard_loss_before  # what the default tolerance stops
@@ -106,8 +106,8 @@ def test_the_guard_batchs_inputs_join_the_core_space():
     teleport_batch, guard = (inputs.double(), targets), (guard_inputs[:8].double(), guard_targets[:8])
     start = loss_on(model, guard)
     plain, guarded = copy.deepcopy(model), copy.deepcopy(model)
-    tt.Teleporter(plain, F.cross_entropy, null_space="exact", max_gain=None).teleport(*teleport_batch)
-    report = tt.Teleporter(guarded, F.cross_entropy, null_space="exact", max_gain=None).teleport(
+    tt.Teleporter(plain, F.cross_entropy, null_space="exact", limits=tt.Limits(max_gain=None)).teleport(*teleport_batch)
+    report = tt.Teleporter(guarded, F.cross_entropy, null_space="exact", limits=tt.Limits(max_gain=None)).teleport(
         *teleport_batch, guard=guard
     )
     assert abs(loss_on(plain, guard) / start - 1) > 1e-3
@@ -135,7 +135,7 @@ def test_a_basis_sample_keeps_the_loss_of_the_data_it_represents():
     labels = torch.randint(0, 3, (30,), generator=generator)
     batch = (sample[:5], labels[:5])
     alone, with_sample = copy.deepcopy(model), copy.deepcopy(model)
-    options = {"null_space": "exact", "lr": 0.05, "max_gain": None}
+    options = {"null_space": "exact", "lr": 0.05, "limits": tt.Limits(max_gain=None)}
     tt.Teleporter(alone, F.cross_entropy, **options).teleport(*batch)
     report = tt.Teleporter(with_sample, F.cross_entropy, **options).teleport(*batch, basis=sample)
     start = loss_on(model, (sample, labels))
@@ -156,7 +156,7 @@ def test_a_guard_baseline_keeps_a_series_of_teleports_from_compounding():
     above that level by more than the tolerance takes no step; judged on its own, it moves."""
     model, teleport_batch, guard = problem(0)
     start = loss_on(model, guard)
-    teleporter = tt.Teleporter(model, F.cross_entropy, lr=1e-3, max_gain=None)  # a first step within drift
+    teleporter = tt.Teleporter(model, F.cross_entropy, lr=1e-3, limits=tt.Limits(max_gain=None))  # a first step within drift
     alone = teleporter.teleport(*teleport_batch, guard=guard, guard_baseline=start / 1.05)
     assert alone.stopped == "guard" and alone.steps == 0
     assert loss_on(model, guard) == start  # nothing moved

@@ -44,7 +44,7 @@ def test_a_step_satisfies_the_linearised_constraint_and_errs_at_second_order():
             steps=1,
             lr=lr,
             normalize=False,
-            method_options=options,
+            **options,
         ).teleport(inputs, targets)
         step = (model.weight.detach() - start).squeeze(0)
         gradient = (EIGENVALUES * start).squeeze(0)
@@ -131,7 +131,7 @@ def test_a_zero_objective_is_refused_and_the_model_left_as_found():
 def test_bad_options_are_refused(options, message):
     model, _, _ = quadratic([1.0, 0.0, 0.0, 0.0])
     with pytest.raises(ValueError, match=message):
-        Teleporter(model, half_squared_error, method="level_set", method_options=options)
+        Teleporter(model, half_squared_error, method="level_set", **options)
 
 
 def test_it_is_the_registered_level_set_method():

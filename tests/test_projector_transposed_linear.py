@@ -12,7 +12,6 @@ from torch import Tensor, nn
 
 from torch_teleport import Site, Teleporter, build_registry
 from torch_teleport.coverage import CoveredModule
-from torch_teleport.null_space_method import FactoredSite
 from torch_teleport.projector import site_view
 from torch_teleport.projectors.transposed_linear import TransposedLinearProjector
 from torch_teleport.testing import (
@@ -20,6 +19,7 @@ from torch_teleport.testing import (
     assert_structured_matches_full,
     assert_teleport_invariant,
 )
+from torch_teleport.update import FactoredSite
 
 # These tests check that nothing here imports ``transformers``.
 pytestmark = pytest.mark.usefixtures("transformers_unloaded")

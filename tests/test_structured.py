@@ -10,6 +10,8 @@ the full path, and the report says so.
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -31,44 +33,12 @@ from torch_teleport.testing import (
 F64 = (torch.float64,)
 
 
-@pytest.mark.parametrize("path", ["structured", "closed_form"])
 @settings(max_examples=40)
 @given(problem=mlp_problems(dtypes=F64))
-def test_linear_chains(path, problem):
-    report = assert_structured_matches_full(
-        problem.model, problem.loss_fn, problem.inputs, problem.targets, path=path
-    )
-    assert all(layer.gradient == path for layer in report.layers)
-
-
-@settings(max_examples=40)
-@given(problem=mlp_problems(dtypes=(torch.float32,)))
-def test_the_closed_form_keeps_the_batch_loss_in_float32(problem):
-    """The closed form never re-runs the forward pass between steps: the final, real one checks it."""
-    report = tt.testing.assert_teleport_invariant(
-        problem.model, problem.loss_fn, problem.inputs, problem.targets, steps=8
-    )
-    assert {layer.gradient for layer in report.layers} == {"closed_form"}
-
-
-def test_the_default_takes_the_closed_form_only_where_it_is_exact():
-    """The closed form needs an exact null space: the default core space (svd, tau = 0.999) takes
-    the structured path, ``null_space="exact"`` the closed form, and asking for the closed form
-    with a thresholded null space is an error."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
-    inputs, targets = torch.randn(4, 3, 4), torch.tensor([0, 1, 2, 0])
-    paths = lambda report: {layer.gradient for layer in report.layers}  # noqa: E731
-    assert paths(tt.Teleporter(model, F.cross_entropy).teleport(inputs, targets)) == {"structured"}
-    exact = tt.Teleporter(model, F.cross_entropy, null_space="exact")
-    assert paths(exact.teleport(inputs, targets)) == {"closed_form"}
-    thresholded = tt.Teleporter(model, F.cross_entropy, null_space="svd", tau=0.99)
-    assert paths(thresholded.teleport(inputs, targets)) == {"structured"}
-    with pytest.raises(ValueError, match="closed_form.*exact null space"):
-        tt.Teleporter(model, F.cross_entropy, gradient="closed_form")
-    with pytest.raises(ValueError, match="closed_form"):
-        tt.Teleporter(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Linear(3, 2)), F.cross_entropy,
-                      method_options={"gradient": "closed_form"})
+def test_linear_chains(problem):
+    """(The closed form of the same chains: tests/test_chain.py.)"""
+    report = assert_structured_matches_full(problem.model, problem.loss_fn, problem.inputs, problem.targets)
+    assert all(layer.gradient == "structured" for layer in report.layers)
 
 
 @settings(max_examples=25)
@@ -110,7 +80,7 @@ def test_both_gradient_norm_objectives_and_several_steps(objective):
     for gradient in ("structured", "full"):
         subject = copy.deepcopy(model)
         tt.Teleporter(subject, F.cross_entropy, objective=objective, steps=4, lr=0.05, null_space="exact",
-                      method_options={"gradient": gradient}).teleport(inputs, targets)
+                      gradient=gradient).teleport(inputs, targets)
         moved.append(torch.nn.utils.parameters_to_vector(subject.parameters()).detach())
     assert float((moved[0] - moved[1]).norm()) <= 1e-10 * float((moved[1] - start).detach().norm())
 
@@ -133,7 +103,7 @@ def test_ops_without_a_double_backward_teleport_on_the_structured_path():
     model = nn.Sequential(nn.Linear(6, 24), nn.Hardsigmoid(), nn.Linear(24, 24), nn.Hardswish(), nn.Linear(24, 3))
     inputs, targets = torch.randn(8, 6), torch.randint(0, 3, (8,))
     with pytest.raises(RuntimeError, match="hardsigmoid_backward"):
-        tt.Teleporter(copy.deepcopy(model), F.cross_entropy, method_options={"gradient": "full"}).teleport(inputs, targets)
+        tt.Teleporter(copy.deepcopy(model), F.cross_entropy, gradient="full").teleport(inputs, targets)
     report = tt.testing.assert_teleport_invariant(model, F.cross_entropy, inputs, targets, steps=8)
     assert report.grad_norm_after > report.grad_norm_before
 
@@ -169,7 +139,7 @@ def test_full_path_is_there_for_objectives_without_structure():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
     with pytest.raises(ValueError, match="gradient='structured' needs an objective of the gradient norm"):
-        tt.Teleporter(model, F.cross_entropy, objective="sharpness", method_options={"gradient": "structured"})
+        tt.Teleporter(model, F.cross_entropy, objective="sharpness", gradient="structured")
     report = tt.Teleporter(model, F.cross_entropy, objective="sharpness").teleport(
         torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 0])
     )
@@ -188,3 +158,15 @@ def test_compiled_models_teleport_through_the_original_module():
     assert report.grad_norm_after > report.grad_norm_before
     assert abs(float(F.cross_entropy(compiled(inputs), targets)) - before) <= 1e-5 * before
     assert all(p is q for p, q in zip(compiled.parameters(), model.parameters(), strict=True))
+
+
+def test_the_first_structured_teleport_of_a_process_warns_of_nothing_of_torchs_own():
+    """torch's forward-mode decompositions load on the first dual tensor of a process, through the
+    deprecated torch.jit.script: the teleport keeps that FutureWarning from its caller."""
+    script = (
+        "import torch, torch_teleport as tt\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))\n"
+        "tt.Teleporter(model, torch.nn.functional.cross_entropy).teleport(torch.randn(5, 4), torch.randint(0, 3, (5,)))\n"
+    )
+    done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -22,7 +22,7 @@ from typing import Any
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from torch_teleport import Teleporter, hookimpl
+from torch_teleport import Limits, Teleporter, hookimpl
 from torch_teleport.lab.benchmarks.common import (
     leaky_mlp,
     prepare,
@@ -107,7 +107,7 @@ def run_accuracy(config: dict[str, Any], out_dir: Path) -> None:
                     lr=options["lr"],
                     steps=steps,
                     registry=registry,
-                    drift_tolerance=None,  # the drift is what this benchmark measures
+                    limits=Limits(drift=None),  # the drift is what this benchmark measures
                     **teleport_options,
                 )
                 report = teleporter.teleport(inputs, targets)

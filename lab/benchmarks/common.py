@@ -218,7 +218,7 @@ def representations(teleporter: Teleporter, inputs: Tensor) -> dict[str, Tensor]
     The model runs once in eval mode without a graph; hooks are removed and
     the mode restored, also on error.
     """
-    coverage = teleporter.method.coverage
+    coverage = teleporter.mover.coverage
     with preserved_state(teleporter.model):
         captured = capture_inputs(coverage, teleporter.model, inputs)
     return {

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from torch_teleport import Teleporter, hookimpl
+from torch_teleport import Limits, Teleporter, hookimpl
 from torch_teleport.lab.benchmarks.common import (
     prepare,
     pyplot,
@@ -194,7 +194,7 @@ def _trajectories(
                 steps=options["steps"],
                 uncovered="freeze",
                 registry=registry,
-                drift_tolerance=None,  # the drift is what this benchmark measures
+                limits=Limits(drift=None),  # the drift is what this benchmark measures
             )
             report = teleporter.teleport(inputs, targets)
             runs.setdefault(str(lr), {})[str(tau)] = {

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from torch_teleport import Teleporter, hookimpl
+from torch_teleport import Limits, Teleporter, hookimpl
 from torch_teleport.lab.benchmarks.common import (
     clock,
     prepare,
@@ -109,9 +109,9 @@ def teleporter_options(drift_tolerance: str) -> dict[str, Any]:
     if drift_tolerance == "auto":
         return {}
     if drift_tolerance == "none":
-        return {"drift_tolerance": None}
+        return {"limits": Limits(drift=None)}
     try:
-        return {"drift_tolerance": float(drift_tolerance)}
+        return {"limits": Limits(drift=float(drift_tolerance))}
     except ValueError:
         raise ValueError(
             f"drift_tolerance must be 'auto', 'none' or a number, got {drift_tolerance!r}"
@@ -251,7 +251,7 @@ def _teleport(
         null_space="svd",
         tau=tau,
         uncovered="freeze",
-        method_options={"gradient": gradient},
+        gradient=gradient,
         **extra,
     )
     held_before = _held_out_loss(subject, probe, *held_out)
@@ -289,7 +289,7 @@ def _warm_up(
                 null_space="svd",
                 tau=tau,
                 uncovered="freeze",
-                method_options={"gradient": gradient},
+                gradient=gradient,
                 **extra,
             ).teleport(*batch, steps=1)
         except Exception:  # the measured run records the error

@@ -166,7 +166,7 @@ def _time_point(
             F.cross_entropy,
             lr=options["lr"],
             steps=point["t"],
-            method_options={"gradient": "full"},
+            gradient="full",
         )
     reports: dict[str, list] = {method: [] for method in teleporters}
 

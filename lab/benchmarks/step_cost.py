@@ -201,7 +201,7 @@ def _measure(
 
     full = _teleporter(model, probe, null_space, tau, options, registry, gradient="full")
     sites = representations(teleporter, inputs)
-    builder = teleporter.method.null_space
+    builder = teleporter.mover.null_space
 
     def basis() -> None:
         for representation in sites.values():

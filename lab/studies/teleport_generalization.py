@@ -185,8 +185,7 @@ def _teleport(model, objective: str, direction: str, teleport: dict[str, Any], b
     teleporter = Teleporter(
         model,
         F.cross_entropy,
-        objective=objective,
-        objective_options={"direction": direction, **teleport[objective]},
+        objective=default_registry().get("objective", objective)(direction=direction, **teleport[objective]),
         null_space=teleport["null_space"],
         tau=teleport["tau"],
         lr=teleport["lr"],

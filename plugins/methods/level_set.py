@@ -24,8 +24,10 @@ import math
 import torch
 from torch import Tensor
 
-from torch_teleport import Batch, Objective, TeleportMethod, TeleportReport, hookimpl
-from torch_teleport.method import MethodContext
+from torch_teleport.climb import Applied, AscentStopped, Climb, Step
+from torch_teleport.hookspecs import hookimpl
+from torch_teleport.method import MethodContext, Mover, TeleportMethod
+from torch_teleport.objective import Batch, Evaluation, Objective
 
 
 class LevelSetMethod(TeleportMethod):
@@ -34,7 +36,7 @@ class LevelSetMethod(TeleportMethod):
     It keeps the loss by its own constraint and line search, not through the
     shared limits (drift, guard batch, gain cap).
 
-    Options (``method_options``):
+    Options:
         kkt_tol: stop when ``||grad m - lambda grad f||^2`` is at most this
             and ``|f - f0|`` at most ``constraint_tol`` (``stopped="kkt"``).
         constraint_tol: see ``kkt_tol``.
@@ -53,7 +55,6 @@ class LevelSetMethod(TeleportMethod):
 
     def __init__(
         self,
-        context: MethodContext,
         *,
         kkt_tol: float = 1e-6,
         constraint_tol: float = 1e-6,
@@ -62,7 +63,6 @@ class LevelSetMethod(TeleportMethod):
         max_backtracks: int = 30,
         line_search: bool = True,
     ) -> None:
-        super().__init__(context)
         if not 0 < armijo < 1:
             raise ValueError(f"armijo must lie in (0, 1), got {armijo!r}")
         if not 0 < backtrack < 1:
@@ -75,121 +75,115 @@ class LevelSetMethod(TeleportMethod):
         self.backtrack = float(backtrack)
         self.max_backtracks = int(max_backtracks)
         self.line_search = bool(line_search)
+
+    def bind(self, context: MethodContext) -> LevelSetMover:
+        return LevelSetMover(context, self)
+
+
+class LevelSetMover(Mover):
+    """Level-set teleport on one model: every trainable parameter moves."""
+
+    def __init__(self, context: MethodContext, method: LevelSetMethod) -> None:
+        super().__init__(context)
+        self.method = method
         for name, param in context.model.named_parameters():
             if param.requires_grad and param.dtype not in (torch.float32, torch.float64):
-                raise TypeError(
-                    f"teleport needs float32 or float64 parameters, {name} is {param.dtype}"
-                )
+                raise TypeError(f"teleport needs float32 or float64 parameters, {name} is {param.dtype}")
 
-    def run(self, batch: Batch, steps: int, cap: float | None) -> TeleportReport:
-        params = list(batch.parameters)
-        rule = self.context.step
-        sign = 1.0 if rule.ascend else -1.0
-        point = _Point(self.context.objective, batch, params, sign)
-        if not point.finite:
-            raise ValueError(
-                f"the loss or objective on the teleport batch is not finite (loss {point.loss})"
-            )
-        if point.value <= 0:
+    def climb(self, batch: Batch) -> LevelSetClimb:
+        return LevelSetClimb(self, batch)
+
+
+class LevelSetClimb(Climb):
+    """One batch: the level ``f(x0)``, the merit penalty and the step's shrink factor, carried over steps.
+
+    A step solves the linearised subproblem at the current point and runs
+    the Armijo search itself; the loop takes no second trial.
+    """
+
+    retries = False
+
+    def __init__(self, mover: LevelSetMover, batch: Batch) -> None:
+        self.method, self.batch = mover.method, batch
+        self.objective = mover.context.objective
+        self.params = list(batch.parameters)
+        self.sign = 1.0 if self.objective.ascend else -1.0
+        self.point = self.first = _Point(self.objective, batch, self.params, self.sign)
+        if not self.point.finite:
+            raise ValueError(f"the loss or objective on the teleport batch is not finite (loss {self.point.loss_value})")
+        if self.point.objective <= 0:
             raise ValueError(
                 "level-set teleport climbs log(objective), so the objective must be positive; "
-                f"it is {point.value}"
+                f"it is {self.point.objective}"
             )
-        report = TeleportReport(
-            loss_before=point.loss,
-            loss_after=point.loss,
-            grad_norm_before=point.grad_norm,
-            grad_norm_after=point.grad_norm,
-            objective_before=point.value,
-            objective_after=point.value,
-            steps=0,
-            stopped="steps",
-        )
-        level = point.loss
-        penalty = 0.0
-        shrink = 1.0
-        for _ in range(steps):
-            report.losses.append(point.loss)
-            report.grad_norms.append(point.grad_norm)
-            if cap is not None and point.grad_norm >= cap:
-                report.stopped = "cap"
-                break
-            subproblem = _Linearisation(point, level)
-            if not subproblem.squared > 0:
-                report.stopped = (
-                    "no_room"  # a critical point of the loss: the constraint is degenerate
-                )
-                break
-            if (
-                subproblem.residual_norm**2 <= self.kkt_tol
-                and abs(subproblem.gap) <= self.constraint_tol
-            ):
-                report.stopped = "kkt"
-                break
-            penalty = max(penalty, 2 * abs(subproblem.multiplier))
-            weights = math.sqrt(_dot(params, params))
-            rho = shrink * abs(rule.scale(max(subproblem.residual_norm, 1e-30), weights))
-            accepted, backtracks = self._line_search(
-                batch, params, sign, point, subproblem, penalty, rho
-            )
-            if accepted is None:
-                report.stopped = "line_search"
-                break
-            shrink = (
-                min(1.0, shrink / self.backtrack)
-                if backtracks == 0
-                else shrink * self.backtrack**backtracks
-            )
-            point = accepted
-            report.steps += 1
-        report.loss_after = point.loss
-        report.grad_norm_after = point.grad_norm
-        report.objective_after = point.value
-        return report
+        self.level, self.penalty, self.shrink = self.point.loss_value, 0.0, 1.0
 
-    def _line_search(
-        self,
-        batch: Batch,
-        params: list[Tensor],
-        sign: float,
-        point: _Point,
-        subproblem: _Linearisation,
-        penalty: float,
-        rho: float,
-    ) -> tuple[_Point | None, int]:
-        """The first step, shrinking ``rho``, that passes the Armijo test on the merit function.
+    def evaluate(self) -> _Point:
+        return self.point
 
-        Returns the accepted point (the parameters are left there) and the
-        number of rejected trials, or ``None`` with the parameters restored.
-        """
-        start = [p.detach().clone() for p in params]
-        merit = sign * math.log(point.value) - penalty * abs(subproblem.gap)
-        for backtracks in range(self.max_backtracks):
-            step = subproblem.step(rho)
-            slope = _dot(subproblem.grad_m, step) + penalty * abs(
-                subproblem.gap
-            )  # merit derivative along the step
-            with torch.no_grad():
-                for param, origin, delta in zip(params, start, step, strict=True):
-                    param.copy_(origin + delta)
-            candidate = _Point(self.context.objective, batch, params, sign)
-            if candidate.finite and not self.line_search:
-                return candidate, backtracks
-            if candidate.finite and candidate.value > 0:
-                gained = sign * math.log(candidate.value) - penalty * abs(
-                    candidate.loss - subproblem.level
-                )
-                if gained >= merit + self.armijo * slope:
-                    return candidate, backtracks
-            rho *= self.backtrack
-        with torch.no_grad():
-            for param, origin in zip(params, start, strict=True):
-                param.copy_(origin)
-        return None, self.max_backtracks
+    def step(self, evaluation: Evaluation) -> LevelSetStep:
+        subproblem = _Linearisation(self.point, self.level)
+        if not subproblem.squared > 0:
+            raise AscentStopped("no_room")  # a critical point of the loss: the constraint is degenerate
+        if subproblem.residual_norm**2 <= self.method.kkt_tol and abs(subproblem.gap) <= self.method.constraint_tol:
+            raise AscentStopped("kkt")
+        self.penalty = max(self.penalty, 2 * abs(subproblem.multiplier))
+        return LevelSetStep(self, subproblem, math.sqrt(_dot(self.params, self.params)))
 
 
-class _Point:
-    """The objective, the loss and its gradient at the current parameters.
+class LevelSetStep(Step):
+    """The step ``rho grad m - v grad f`` of one subproblem, ``rho`` found by the Armijo search."""
+
+    def __init__(self, climb: LevelSetClimb, subproblem: _Linearisation, weights: float) -> None:
+        self.climb, self.subproblem = climb, subproblem
+        self.norm, self.reference = max(subproblem.residual_norm, 1e-30), weights
+
+    def apply(self, scale: float, module_limit: float | None) -> Applied:
+        climb, method = self.climb, self.climb.method
+        start = [p.detach().clone() for p in climb.params]
+        rho = climb.shrink * abs(scale)
+        accepted, backtracks, rho = _line_search(climb, start, self.subproblem, rho)
+        if accepted is None:
+            raise AscentStopped("line_search")
+        climb.shrink = min(1.0, climb.shrink / method.backtrack) if backtracks == 0 else climb.shrink * method.backtrack**backtracks
+        climb.point = accepted
+        return Applied(undo=lambda: _set(climb.params, start), size=rho)
+
+
+def _line_search(
+    climb: LevelSetClimb, start: list[Tensor], subproblem: _Linearisation, rho: float
+) -> tuple[_Point | None, int, float]:
+    """The first step, shrinking ``rho``, that passes the Armijo test on the merit function.
+
+    Returns the accepted point (the parameters are left there), the number of
+    rejected trials and the accepted ``rho``, or ``None`` with the parameters restored.
+    """
+    method, point, penalty = climb.method, climb.point, climb.penalty
+    merit = climb.sign * math.log(point.objective) - penalty * abs(subproblem.gap)
+    for backtracks in range(method.max_backtracks):
+        step = subproblem.step(rho)
+        slope = _dot(subproblem.grad_m, step) + penalty * abs(subproblem.gap)  # merit derivative along the step
+        _set(climb.params, [origin + delta for origin, delta in zip(start, step, strict=True)])
+        candidate = _Point(climb.objective, climb.batch, climb.params, climb.sign)
+        if candidate.finite and not method.line_search:
+            return candidate, backtracks, rho
+        if candidate.finite and candidate.objective > 0:
+            gained = climb.sign * math.log(candidate.objective) - penalty * abs(candidate.loss_value - subproblem.level)
+            if gained >= merit + method.armijo * slope:
+                return candidate, backtracks, rho
+        rho *= method.backtrack
+    _set(climb.params, start)
+    return None, method.max_backtracks, rho
+
+
+def _set(params: list[Tensor], values: list[Tensor]) -> None:
+    with torch.no_grad():
+        for param, value in zip(params, values, strict=True):
+            param.copy_(value)
+
+
+class _Point(Evaluation):
+    """The objective, the loss and its gradient at the current parameters, as an evaluation.
 
     The objective's graph is kept, so its gradient (a double backward) is
     only taken for points the line search accepts.
@@ -199,20 +193,18 @@ class _Point:
         evaluation = objective.evaluate(batch)
         grads = torch.autograd.grad(evaluation.loss, params, retain_graph=True, allow_unused=True)
         self.grad_f = [_zero_if_none(g, p) for g, p in zip(grads, params, strict=True)]
-        self.value_graph = evaluation.value
         self.params = params
         self.sign = sign
-        self.loss = float(evaluation.loss.detach())
-        self.value = float(evaluation.value.detach())
-        self.grad_norm = math.sqrt(_dot(self.grad_f, self.grad_f))
-        self.finite = (
-            math.isfinite(self.loss) and math.isfinite(self.value) and math.isfinite(self.grad_norm)
-        )
+        self.loss_value = float(evaluation.loss.detach())
+        self.objective = float(evaluation.value.detach())
+        norm = math.sqrt(_dot(self.grad_f, self.grad_f))
+        super().__init__(value=evaluation.value, loss=evaluation.loss.detach(), grad_norm=torch.tensor(norm, dtype=torch.float64))
+        self.finite = math.isfinite(self.loss_value) and math.isfinite(self.objective) and math.isfinite(norm)
 
     def grad_m(self) -> list[Tensor]:
         """``grad m = sign * grad phi / phi``, shaped like the parameters."""
-        grad_phi = torch.autograd.grad(self.value_graph, self.params, allow_unused=True)
-        scale = self.sign / self.value
+        grad_phi = torch.autograd.grad(self.value, self.params, allow_unused=True)
+        scale = self.sign / self.objective
         return [_zero_if_none(g, p) * scale for g, p in zip(grad_phi, self.params, strict=True)]
 
 
@@ -223,7 +215,7 @@ class _Linearisation:
         self.grad_m = point.grad_m()
         self.grad_f = point.grad_f
         self.level = level
-        self.gap = point.loss - level
+        self.gap = point.loss_value - level
         self.squared = _dot(self.grad_f, self.grad_f)
         self.multiplier = _dot(self.grad_m, self.grad_f) / self.squared if self.squared > 0 else 0.0
         residual = [

@@ -1,9 +1,201 @@
-"""The default teleport method, null-space gradient projection: the core's :class:`NullSpaceMethod`, by name."""
+"""The default teleport method, null-space gradient projection (Algorithm 1 of the paper).
+
+Capture every covered site's inputs on the teleport batch, build one core
+basis per site (reused for all steps: exact steps leave every site's
+inputs on the batch unchanged), and climb along the objective's gradient
+projected onto each site's null space, by the cheapest gradient path that
+applies. This module is the orchestration; the pieces are the core's
+(:mod:`~torch_teleport.bases`, :mod:`~torch_teleport.gradient_path`,
+:mod:`~torch_teleport.structured`, :mod:`~torch_teleport.chain`).
+"""
 
 from __future__ import annotations
 
-from torch_teleport import hookimpl
-from torch_teleport.null_space_method import NullSpaceMethod
+import re
+import warnings
+from collections import Counter, defaultdict
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from torch_teleport.ascent import check_start
+from torch_teleport.bases import build_bases
+from torch_teleport.chain import ClosedFormPath, LinearChain
+from torch_teleport.core_space import DEFAULT_NULL_SPACE, resolve_null_space
+from torch_teleport.coverage import Coverage, capture_inputs, find_coverage
+from torch_teleport.gradient_path import FullPath, GradientPath, ProjectedClimb, custom_functions
+from torch_teleport.hookspecs import hookimpl
+from torch_teleport.method import MethodContext, Mover, TeleportMethod
+from torch_teleport.null_space import NullSpace
+from torch_teleport.objective import Batch, GradientNormObjective
+from torch_teleport.structured import StructuredPath
+from torch_teleport.update import MovedWeights
+
+GRADIENT_PATHS = ("auto", "closed_form", "structured", "full")
+
+DEFAULT_DRIFT = 1e-5
+"""Default relative batch-loss drift allowed per teleport, whatever the null space: the float32
+invariance the property tests hold every projector to (exact teleports measure about 1e-7)."""
+
+
+class NullSpaceMethod(TeleportMethod):
+    """Null-space gradient projection, with its options.
+
+    ``null_space`` (a registered name or a :class:`~torch_teleport.NullSpace`)
+    and ``tau`` choose the core space (default: ``"svd"`` with ``tau = 0.999``,
+    see :mod:`~torch_teleport.core_space`); ``uncovered`` is the policy for
+    trainable parameters no projector covers (``"warn"``, ``"freeze"``,
+    ``"error"``). ``gradient`` chooses how the projected objective gradient is
+    computed: ``"structured"`` from first derivatives only (needs a
+    :class:`~torch_teleport.objective.GradientNormObjective`), ``"closed_form"``
+    the structured step's closed form for chains of Linear layers (exact null
+    spaces, one process), ``"full"`` by autograd through the objective,
+    ``"auto"`` (default) the closed form where it applies, else structured
+    wherever the objective and the site's projector allow it. Sites whose
+    projector provides no output gradients take the full path; the report
+    names each site's path. A model with an op that has no forward-mode
+    derivative takes the full path with a warning naming the op.
+    """
+
+    default_drift: ClassVar[float | None] = DEFAULT_DRIFT
+    keeps_replicas_in_sync = True
+    takes_basis_sample = True
+
+    def __init__(
+        self,
+        *,
+        null_space: str | NullSpace = DEFAULT_NULL_SPACE,
+        tau: float | None = None,
+        uncovered: str = "warn",
+        gradient: str = "auto",
+    ) -> None:
+        if gradient not in GRADIENT_PATHS:
+            raise ValueError(f"gradient must be one of {GRADIENT_PATHS}, got {gradient!r}")
+        self.null_space, self.tau, self.uncovered, self.gradient = null_space, tau, uncovered, gradient
+
+    def bind(self, context: MethodContext) -> NullSpaceMover:
+        return NullSpaceMover(context, self)
+
+
+class NullSpaceMover(Mover):
+    """The null-space method on one model: which projector moves which parameter, and the climbs."""
+
+    def __init__(self, context: MethodContext, method: NullSpaceMethod) -> None:
+        super().__init__(context)
+        objective = context.objective
+        if method.gradient == "structured" and not isinstance(objective, GradientNormObjective):
+            raise ValueError(
+                f"gradient='structured' needs an objective of the gradient norm (f(||grad L||^2)); "
+                f"{type(objective).__name__} takes gradient='full' or 'auto'"
+            )
+        self.structured = method.gradient != "full" and isinstance(objective, GradientNormObjective)
+        self.null_space = resolve_null_space(method.null_space, method.tau, context.registry)
+        self.coverage: Coverage = find_coverage(context.model, context.registry, method.uncovered)
+        moved = [
+            (covered.qualified(p), covered.name)
+            for covered in self.coverage.modules
+            for site in covered.sites
+            for p in (site.weight, site.bias)
+            if p
+        ]
+        self.owners = Counter(name for name, _ in moved)  # how many sites each moved parameter belongs to
+        self.module_of = dict(moved)  # each moved parameter's module: the unit of the module step limit
+        self.chain = self._chain(method.gradient)
+        _check_parameters(self.coverage.movable())
+
+    def _chain(self, gradient: str) -> LinearChain | None:
+        """The model as a chain of Linear layers, where the closed form may take it."""
+        chain = LinearChain.of(self.context.model) if gradient in ("auto", "closed_form") and self.structured else None
+        if chain is not None and not self._covers(chain):
+            chain = None
+        if gradient == "closed_form" and (chain is None or not self.null_space.exact):
+            raise ValueError(
+                "gradient='closed_form' needs an nn.Sequential of Linear layers and elementwise "
+                "activations whose trainable parameters are all the Linear layers', an exact null "
+                "space (tau = 1) and a gradient-norm objective; use gradient='structured'"
+            )
+        return chain
+
+    def _covers(self, chain: LinearChain) -> bool:
+        """Whether every layer of ``chain`` is one covered module moving its own weight and bias."""
+        covered = {id(c.module): c for c in self.coverage.modules}
+        return all(
+            id(layer) in covered and len(covered[id(layer)].sites) == 1 for layer in chain.layers
+        ) and len({id(layer) for layer in chain.layers}) == len(chain.layers)
+
+    def moved_parameters(self) -> list[nn.Parameter]:
+        """The parameters some covered site moves."""
+        return list(self.coverage.movable().values())
+
+    def climb(self, batch: Batch) -> ProjectedClimb:
+        """Capture -> bases -> the climb along the projected gradient of the chosen path."""
+        path = self._path(batch)
+        check_start(path.first)
+        captured = self._with_samples(path.captured_inputs(), batch)
+        bases = build_bases(self.coverage, captured, self.null_space, self.context.replicas, path.site_paths())
+        params = {name: p for name, p in self.coverage.movable().items() if name not in bases.frozen}
+        return ProjectedClimb(path, bases, MovedWeights(params, self.module_of), dict(self.coverage.frozen))
+
+    def _path(self, batch: Batch) -> GradientPath:
+        """The gradient path for ``batch``, its first evaluation taken: the closed form where it applies
+        (exact null space, one process, a tensor batch), else structured where the objective allows,
+        else full."""
+        context = self.context
+        if self.chain is not None and self.null_space.exact and context.replicas.size == 1 and isinstance(batch.inputs, Tensor):
+            return ClosedFormPath(context, batch, self.coverage, self.chain)
+        if not self.structured:
+            return FullPath(context, batch, self.coverage)
+        try:
+            return StructuredPath(context, batch, self.coverage, self.owners)
+        except NotImplementedError as error:  # an op without forward-mode derivatives
+            full = FullPath(context, batch, self.coverage)
+            warnings.warn(
+                "teleport takes the full (double-backward) path: the structured path needs "
+                f"forward-mode derivatives, and {_without_forward_mode(error, full.first.value)}",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+            return full
+
+    def _with_samples(self, captured: dict, batch: Batch) -> dict:
+        """``captured`` with the input streams of ``batch.basis`` and of the guard batch added: the core
+        space then spans the inputs of the data the teleport promises to keep too."""
+        samples = [s for s in (batch.basis, batch.guard[0] if batch.guard is not None else None) if s is not None]
+        if not samples:
+            return captured
+        merged = defaultdict(list, {key: list(tensors) for key, tensors in captured.items()})
+        for sample in samples:
+            for key, tensors in capture_inputs(self.coverage, self.context.model, sample).items():
+                merged[key] += tensors
+        return merged
+
+
+def _check_parameters(movable: dict[str, nn.Parameter]) -> None:
+    """Parameters a teleport can move: materialised, in float32 or float64."""
+    for name, param in movable.items():
+        if param.is_meta:
+            raise ValueError(
+                f"{name} is on the meta device and holds no values; materialise the model "
+                "(model.to_empty(device=...) and load its weights) before teleporting it"
+            )
+        if param.dtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"teleport needs float32 or float64 parameters, {name} is {param.dtype}; "
+                "teleport a float32 copy (e.g. the optimizer's master weights) instead"
+            )
+
+
+def _without_forward_mode(error: Exception, value: Tensor) -> str:
+    """What has no forward-mode derivative, in a phrase: the operator autograd's error names, or the
+    custom autograd Functions in ``value``'s graph that define no ``jvp``."""
+    match = re.search(r"with ([\w:.]+) that does not support it", str(error))
+    if match:
+        return f"{match[1]} has none"
+    missing = sorted({f.__qualname__ for f in custom_functions(value) if f.jvp is torch.autograd.Function.jvp})
+    if missing:
+        return f"the custom autograd Function {', '.join(missing)} defines no jvp"
+    return f"an op has none ({error})"
 
 
 @hookimpl

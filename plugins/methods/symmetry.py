@@ -25,7 +25,6 @@ null-space method avoids).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -34,8 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import get_total_norm
 
-from torch_teleport import Batch, Evaluation, TeleportMethod, TeleportReport, hookimpl
-from torch_teleport.method import MethodContext
+from torch_teleport.climb import Applied, AscentStopped, Climb, Step
+from torch_teleport.hookspecs import hookimpl
+from torch_teleport.method import MethodContext, Mover, TeleportMethod
+from torch_teleport.objective import Batch, Evaluation
 
 PASSIVE = (nn.Flatten, nn.Identity, nn.Dropout)
 """Parameter-free modules allowed before the first layer (dropout is off during a teleport)."""
@@ -67,106 +68,134 @@ class SymmetryMethod(TeleportMethod):
     most about ``lr`` of its norm, comparable to the null-space method's
     normalisation); with ``normalize=False``, ``T = lr * dObjective/dT`` as
     in the references. The report's ``basis_seconds`` is the time spent in
-    pseudo-inverses.
+    pseudo-inverses. It takes no options.
     """
+
+    def bind(self, context: MethodContext) -> SymmetryMover:
+        return SymmetryMover(context)
+
+
+class SymmetryMover(Mover):
+    """The layer pairs of one MLP (a clear error for any other model)."""
 
     def __init__(self, context: MethodContext) -> None:
         super().__init__(context)
         self.prefix, self.pairs = _parse_mlp(context.model)
 
-    def run(self, batch: Batch, steps: int, cap: float | None) -> TeleportReport:
-        first, report = self.start(batch, frozen=self._fixed())
-        params = list(batch.parameters)
-        with torch.no_grad():
-            first_input = self.prefix(batch.inputs).reshape(batch.inputs.shape[0], -1)
-        inputs: list[_Inputs] | None = None
+    def climb(self, batch: Batch) -> SymmetryClimb:
+        return SymmetryClimb(self, batch)
 
-        def step(evaluation: Evaluation, length: float) -> bool:
-            nonlocal inputs
-            grads = dict(
-                zip(params, torch.autograd.grad(evaluation.value, params, allow_unused=True), strict=True)
-            )
-            with torch.no_grad():
-                if inputs is None:
-                    inputs = self._act(first_input, None, None, report)
-                directions = [self._group_gradient(pair, inputs[i], grads) for i, pair in enumerate(self.pairs)]
-                norm = float(get_total_norm(directions))
-                if not math.isfinite(norm):
-                    return False
-                scale = self.context.step.scale(norm, length=length) if norm > 0 else 0.0  # T of norm lr in total
-                try:
-                    inputs = self._act(first_input, [t * scale for t in directions], inputs, report)
-                except torch.linalg.LinAlgError:
-                    return False  # I + T singular: the step was far too large
-            return True
-
-        return self.ascend(batch, first, report, steps, cap, step)
-
-    def _fixed(self) -> dict[str, str]:
+    def fixed(self) -> dict[str, str]:
         """Trainable parameters the action never moves: the last layer's bias."""
         names = {id(p): name for name, p in self.context.model.named_parameters()}
         bias = self.pairs[-1].upper.bias
-        return (
-            {names[id(bias)]: "the group action leaves the last layer's bias fixed"}
-            if bias is not None
-            else {}
-        )
+        return {names[id(bias)]: "the group action leaves the last layer's bias fixed"} if bias is not None else {}
 
-    def _act(
-        self, first_input: Tensor, group: list[Tensor] | None, known: list[_Inputs] | None, report
-    ) -> list[_Inputs]:
+
+class SymmetryClimb(Climb):
+    """One batch: the first layer's inputs (fixed) and every pair's inputs at the current point.
+
+    A step moves the pairs one after the other, so the inputs of the next
+    pair change with it: they are read off the moved network (a
+    pseudo-inverse per layer per step). Its steps are not retried: an undo
+    restores the weights but not the inputs read after them.
+    """
+
+    retries = False
+
+    def __init__(self, mover: SymmetryMover, batch: Batch) -> None:
+        self.mover, self.batch = mover, batch
+        self.params = list(batch.parameters)
+        self.first = mover.context.evaluate(batch)
+        self.frozen = mover.fixed()
+        with torch.no_grad():
+            self.first_input = mover.prefix(batch.inputs).reshape(batch.inputs.shape[0], -1)
+        self.inputs: list[_Inputs] | None = None
+
+    def evaluate(self) -> Evaluation:
+        return self.mover.context.evaluate(self.batch)
+
+    def step(self, evaluation: Evaluation) -> SymmetryStep:
+        grads = dict(zip(self.params, torch.autograd.grad(evaluation.value, self.params, allow_unused=True), strict=True))
+        with torch.no_grad():
+            if self.inputs is None:
+                self.inputs = self.act(None)
+            directions = [_group_gradient(pair, self.inputs[i], grads) for i, pair in enumerate(self.mover.pairs)]
+        return SymmetryStep(self, directions)
+
+    def act(self, group: list[Tensor] | None) -> list[_Inputs]:
         """Apply ``I + T`` to every pair in order and return every pair's inputs afterwards.
 
         With ``group=None`` it only reads the inputs. A pair's inputs depend
         only on the layers below it, which earlier pairs have already moved,
         so they are read off the moved network; the first layer's inputs
-        never change, so their pseudo-inverse is taken from ``known``.
+        never change, so their pseudo-inverse is taken from the last reading.
         """
         found = []
-        h = first_input
-        for i, pair in enumerate(self.pairs):
-            if i == 0 and known is not None:
-                columns, pinv = known[0].h, known[0].pinv
+        h = self.first_input
+        for i, pair in enumerate(self.mover.pairs):
+            if i == 0 and self.inputs is not None:
+                columns, pinv = self.inputs[0].h, self.inputs[0].pinv
             else:
                 columns = _with_bias_row(h.T, pair.lower.bias is not None)
                 started = time.perf_counter()
                 pinv = torch.linalg.pinv(columns)
-                report.basis_seconds += time.perf_counter() - started
+                self.basis_seconds += time.perf_counter() - started
             z = _affine(pair.lower, columns)
             if group is not None:
-                identity_plus_t = (
-                    torch.eye(group[i].shape[0], dtype=z.dtype, device=z.device) + group[i]
-                )
-                target = _leaky_relu_inverse(
-                    identity_plus_t @ F.leaky_relu(z, pair.slope), pair.slope
-                )
-                _set_affine(pair.lower, _affine_matrix(pair.lower) + (target - z) @ pinv)
-                pair.upper.weight.copy_(
-                    torch.linalg.solve(identity_plus_t, pair.upper.weight, left=False)
-                )
-                z = _affine(pair.lower, columns)
+                z = _act_on_pair(pair, group[i], z, columns, pinv)
             found.append(_Inputs(columns, pinv, z))
             h = F.leaky_relu(z, pair.slope).T
         return found
 
-    @staticmethod
-    def _group_gradient(pair: _Pair, inputs: _Inputs, grads: dict) -> Tensor:
-        """``dObjective/dT`` at ``T = 0`` for one pair, from the objective's weight gradients.
 
-        ``dU = -U dT`` and ``dV = (dT sigma(z) / sigma'(z)) h^+``, so the
-        pull-back is ``-U^T G_U + (G_V (h^+)^T / sigma'(z)) sigma(z)^T``.
-        """
-        grad_upper = _zero_if_none(grads[pair.upper.weight], pair.upper.weight)
-        grad_lower = _zero_if_none(grads[pair.lower.weight], pair.lower.weight)
-        if pair.lower.bias is not None:
-            grad_lower = torch.cat(
-                [grad_lower, _zero_if_none(grads[pair.lower.bias], pair.lower.bias)[:, None]], 1
-            )
-        through_lower = grad_lower @ inputs.pinv.T
-        through_lower = torch.where(inputs.z >= 0, through_lower, through_lower / pair.slope)
-        return (
-            -pair.upper.weight.T @ grad_upper + through_lower @ F.leaky_relu(inputs.z, pair.slope).T
-        )
+class SymmetryStep(Step):
+    """The group directions ``dObjective/dT`` of every pair; taken by acting with ``I + scale T``."""
+
+    def __init__(self, climb: SymmetryClimb, directions: list[Tensor]) -> None:
+        self.climb, self.directions = climb, directions
+        self.norm = float(get_total_norm(directions))
+
+    def apply(self, scale: float, module_limit: float | None) -> Applied:
+        layers = {id(layer): layer for pair in self.climb.mover.pairs for layer in (pair.lower, pair.upper)}
+        saved = [(layer, [p.detach().clone() for p in layer.parameters()]) for layer in layers.values()]
+        with torch.no_grad():
+            try:
+                self.climb.inputs = self.climb.act([t * scale for t in self.directions])
+            except torch.linalg.LinAlgError:
+                raise AscentStopped("non_finite") from None  # I + T singular: the step was far too large
+        return Applied(undo=lambda: _restore(saved))
+
+
+def _act_on_pair(pair: _Pair, direction: Tensor, z: Tensor, columns: Tensor, pinv: Tensor) -> Tensor:
+    """Move one pair by ``I + T`` (``T = direction``) in place; the lower layer's new pre-activations."""
+    identity_plus_t = torch.eye(direction.shape[0], dtype=z.dtype, device=z.device) + direction
+    target = _leaky_relu_inverse(identity_plus_t @ F.leaky_relu(z, pair.slope), pair.slope)
+    _set_affine(pair.lower, _affine_matrix(pair.lower) + (target - z) @ pinv)
+    pair.upper.weight.copy_(torch.linalg.solve(identity_plus_t, pair.upper.weight, left=False))
+    return _affine(pair.lower, columns)
+
+
+def _group_gradient(pair: _Pair, inputs: _Inputs, grads: dict) -> Tensor:
+    """``dObjective/dT`` at ``T = 0`` for one pair, from the objective's weight gradients.
+
+    ``dU = -U dT`` and ``dV = (dT sigma(z) / sigma'(z)) h^+``, so the
+    pull-back is ``-U^T G_U + (G_V (h^+)^T / sigma'(z)) sigma(z)^T``.
+    """
+    grad_upper = _zero_if_none(grads[pair.upper.weight], pair.upper.weight)
+    grad_lower = _zero_if_none(grads[pair.lower.weight], pair.lower.weight)
+    if pair.lower.bias is not None:
+        grad_lower = torch.cat([grad_lower, _zero_if_none(grads[pair.lower.bias], pair.lower.bias)[:, None]], 1)
+    through_lower = grad_lower @ inputs.pinv.T
+    through_lower = torch.where(inputs.z >= 0, through_lower, through_lower / pair.slope)
+    return -pair.upper.weight.T @ grad_upper + through_lower @ F.leaky_relu(inputs.z, pair.slope).T
+
+
+def _restore(saved: list[tuple[nn.Module, list[Tensor]]]) -> None:
+    with torch.no_grad():
+        for layer, values in saved:
+            for param, value in zip(layer.parameters(), values, strict=True):
+                param.copy_(value)
 
 
 def _parse_mlp(model: nn.Module) -> tuple[nn.Sequential, list[_Pair]]:

@@ -1,0 +1,139 @@
+"""The ascent loop every method shares: step, check the limits, take a bad step back.
+
+It knows no method. A :class:`~torch_teleport.climb.Climb` gives it
+evaluations and the step at each point; the :class:`~torch_teleport.line_search.StepRule`
+and :class:`~torch_teleport.line_search.LineSearch` say how long the step
+is; the :class:`~torch_teleport.limits.LimitCheck` says whether a step may
+stay. What happened comes back as an :class:`Outcome`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .climb import Applied, AscentStopped, Climb
+from .limits import Guard, LimitCheck, Limits
+from .line_search import SearchState, StepRule
+from .objective import Evaluation
+
+
+@dataclass
+class Outcome:
+    """What one ascent did: where it started and ended, how many steps it kept and why it stopped.
+
+    ``losses`` and ``grad_norms`` are the figures at the start of every step
+    tried from a new point; ``step_sizes`` the rates of the steps kept.
+    """
+
+    first: Evaluation
+    last: Evaluation
+    steps: int = 0
+    stopped: str = "steps"
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    step_sizes: list[float] = field(default_factory=list)
+    guard_before: float | None = None
+    guard_after: float | None = None
+
+
+def check_start(first: Evaluation) -> None:
+    """A non-finite loss or objective before any step is bad input, not a failed step: it raises."""
+    if first.value.dim() != 0:
+        raise ValueError(f"the objective must return a scalar tensor, got shape {tuple(first.value.shape)}")
+    if not (torch.isfinite(first.loss) and torch.isfinite(first.value)):
+        raise ValueError(f"the loss or objective on the teleport batch is not finite (loss {float(first.loss)})")
+
+
+class Ascent:
+    """At most ``steps`` steps along a climb, under one step rule (and its line search) and set of limits."""
+
+    def __init__(self, rule: StepRule, limits: Limits, steps: int, cap: float | None) -> None:
+        self.rule, self.limits, self.steps, self.cap = rule, limits, steps, cap
+        self.module_limit = limits.module_step if rule.normalize else None
+
+    def run(self, climb: Climb, guard: Guard | None = None) -> Outcome:
+        """Climb until a limit, the cap, the step count or the climb itself ends the ascent."""
+        check_start(climb.first)
+        outcome = Outcome(climb.first, climb.first)
+        if climb.blocked is not None:
+            outcome.stopped = climb.blocked
+            return outcome
+        check = LimitCheck(self.limits, climb.first, guard, self.cap)
+        outcome.guard_before = outcome.guard_after = check.guard_before
+        policy = self.rule.search if climb.retries else None
+        search = SearchState(policy, climb.may_grow)
+        try:
+            taken = self._climb(climb, check, search, outcome)
+        except AscentStopped as stop:
+            outcome.stopped = stop.reason
+            return outcome
+        if not climb.measures_loss and taken:
+            self._check_at_the_end(climb, check, taken, outcome)
+        if guard is not None and outcome.steps:
+            outcome.guard_after = guard.last if guard.last is not None else guard.loss()
+        if not torch.isfinite(outcome.last.value):
+            outcome.stopped = "non_finite"
+        return outcome
+
+    def _climb(self, climb: Climb, check: LimitCheck, search: SearchState, outcome: Outcome) -> list[Applied]:
+        """The steps, each checked (or, for a climb that does not measure its loss, kept for the end)."""
+        taken: list[Applied] = []
+        evaluation = outcome.last
+        while outcome.steps < self.steps:
+            if not search.retrying:
+                outcome.losses.append(float(evaluation.loss))
+                outcome.grad_norms.append(float(evaluation.grad_norm))
+            if not torch.isfinite(evaluation.value):
+                raise AscentStopped("non_finite")
+            reached = check.reached(evaluation)
+            if reached is not None:
+                outcome.stopped = reached
+                break
+            applied = self._take(climb.step(evaluation), search.length)
+            after = climb.evaluate()
+            reason = check.broken(after) if climb.measures_loss else None
+            if reason is None and search.active and not self._improved(after, evaluation):
+                reason = "line_search"
+            if reason is not None:
+                applied.undo()
+                if check.guard is not None:
+                    check.guard.last = None  # (an undo restores the weights to rounding: measure again)
+                if search.reject():
+                    continue
+                outcome.stopped = reason
+                break
+            taken.append(applied)
+            outcome.steps += 1
+            outcome.step_sizes.append(applied.size if applied.size is not None else self.rule.lr * search.length)
+            outcome.last = evaluation = after
+            search.accept()
+        return taken
+
+    def _take(self, step, length: float) -> Applied:
+        """Apply ``step`` at ``length`` times the rule's step (nothing moves for a zero direction)."""
+        if not math.isfinite(step.norm):
+            raise AscentStopped("non_finite")
+        scale = self.rule.scale(step.norm, step.reference, length) if step.norm > 0 else 0.0
+        return step.apply(scale, self.module_limit)
+
+    def _check_at_the_end(self, climb: Climb, check: LimitCheck, taken: list[Applied], outcome: Outcome) -> None:
+        """The limits on the measured end point; while broken, the last step is undone and measured again."""
+        outcome.last = climb.final()
+        reason = check.broken(outcome.last)
+        while reason is not None and taken:
+            taken.pop().undo()
+            outcome.steps -= 1
+            outcome.step_sizes.pop()
+            outcome.stopped = reason
+            if check.guard is not None:
+                check.guard.last = None
+            outcome.last = climb.final()
+            reason = check.broken(outcome.last)
+
+    def _improved(self, after: Evaluation, before: Evaluation) -> bool:
+        """Whether a step moved the objective the way the ascent goes."""
+        new, old = float(after.value.detach()), float(before.value.detach())
+        return new > old if self.rule.ascend else new < old

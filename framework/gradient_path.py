@@ -1,0 +1,171 @@
+"""The ways to the projected objective gradient, and the climb that follows one.
+
+A :class:`GradientPath` evaluates the objective on one teleport batch and
+computes its projected gradient at any point, by one route: autograd
+through the objective (:class:`FullPath`, here), first derivatives only
+(:class:`~torch_teleport.structured.StructuredPath`) or the closed form of
+a chain of Linear layers (:class:`~torch_teleport.chain.ClosedFormPath`).
+:class:`ProjectedClimb` turns a path and the batch's bases into the climb
+the ascent loop follows.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .bases import Bases, SiteKey, SiteRef
+from .climb import Climb
+from .coverage import Coverage, capture_inputs
+from .method import MethodContext
+from .objective import Batch, Evaluation
+from .update import FactoredSite, MovedWeights, ProjectedStep, ProjectedUpdate
+
+
+class GradientPath(ABC):
+    """One route to the projected objective gradient on one teleport batch.
+
+    Built with the batch, it takes the first evaluation (``first``).
+    ``sites`` are the sites whose gradient it computes its own way (the
+    others get autograd's); ``measures_loss`` is false when :meth:`evaluate`
+    keeps the captured loss instead of measuring it (then :meth:`final`
+    measures the end point).
+    """
+
+    name: ClassVar[str]
+    measures_loss: ClassVar[bool] = True
+    first: Evaluation
+    sites: list[SiteRef]
+
+    def __init__(self, context: MethodContext, batch: Batch, coverage: Coverage) -> None:
+        self.context, self.batch, self.coverage = context, batch, coverage
+
+    def captured_inputs(self) -> dict[tuple[str, str], list[Tensor]]:
+        """Every covered module's input streams on the batch (one capture forward)."""
+        return capture_inputs(self.coverage, self.context.model, self.batch.inputs)
+
+    def site_paths(self) -> dict[SiteKey, str]:
+        """The path of each of :attr:`sites`, for the layer reports."""
+        return {(covered.name, site.name): self.name for covered, site in self.sites}
+
+    @abstractmethod
+    def evaluate(self) -> Evaluation:
+        """The objective at the current weights."""
+
+    def final(self) -> Evaluation:
+        return self.evaluate()
+
+    @abstractmethod
+    def update(self, evaluation: Evaluation, weights: MovedWeights, bases: Bases) -> ProjectedUpdate:
+        """The projected objective gradient at the point of ``evaluation`` (global under data
+        parallelism), unscaled."""
+
+    def finished(self, dense: dict[str, Tensor], factored: list[FactoredSite], bases: Bases) -> ProjectedUpdate:
+        """The update with its dense parts summed over replicas (the global objective's gradient, the
+        same on every rank) and projected, the factored parts as they are (projected already)."""
+        dense = self.context.replicas.sum(dense)
+        bases.project(self.coverage, dense, {(part.covered.name, part.site.name) for part in factored})
+        return ProjectedUpdate(dense, factored)
+
+
+def autograd_gradient(evaluation: Evaluation, params: dict[str, nn.Parameter], names: list[str]) -> dict[str, Tensor]:
+    """Autograd's gradient of the objective's value for the parameters ``names`` (zeros where unused)."""
+    grads = torch.autograd.grad(evaluation.value, [params[n] for n in names], allow_unused=True)
+    return {
+        name: (g if g is not None else torch.zeros_like(params[name])).detach().contiguous()
+        for name, g in zip(names, grads, strict=True)
+    }
+
+
+class FullPath(GradientPath):
+    """Autograd through the objective's graph (a double backward for gradient-norm objectives): any
+    objective, any projector. A custom autograd Function whose backward is ``@once_differentiable``
+    cuts that graph: every term through it is missing from the direction, and a warning names it."""
+
+    name = "full"
+
+    def __init__(self, context: MethodContext, batch: Batch, coverage: Coverage) -> None:
+        super().__init__(context, batch, coverage)
+        self.sites = []
+        self.first = self.evaluate()
+        once = sorted({f.__qualname__ for f in custom_functions(self.first.value) if once_differentiable(f)})
+        if once:
+            warnings.warn(_ONCE_DIFFERENTIABLE.format(names=", ".join(once)), RuntimeWarning, stacklevel=2)
+
+    def evaluate(self) -> Evaluation:
+        return self.context.evaluate(self.batch)
+
+    def update(self, evaluation: Evaluation, weights: MovedWeights, bases: Bases) -> ProjectedUpdate:
+        return self.finished(autograd_gradient(evaluation, weights.params, list(weights.params)), [], bases)
+
+
+class ProjectedClimb(Climb):
+    """The null-space method's climb: a gradient path's projected gradient as steps, one basis per site.
+
+    The step at a point is computed once (a retried step reuses it). A first
+    step that is exactly zero everywhere warns: nothing the teleport may move
+    can change the objective.
+    """
+
+    def __init__(self, path: GradientPath, bases: Bases, weights: MovedWeights, frozen: dict[str, str]) -> None:
+        self.path, self.bases, self.weights = path, bases, weights
+        self.first = path.first
+        self.blocked = None if bases.of else "no_room"
+        self.measures_loss = path.measures_loss
+        self.may_grow = bases.saturated
+        self.layers, self.frozen, self.basis_seconds = bases.layers, {**frozen, **bases.frozen}, bases.seconds
+        self._at: tuple[Evaluation, ProjectedStep] | None = None
+
+    def evaluate(self) -> Evaluation:
+        return self.path.evaluate()
+
+    def final(self) -> Evaluation:
+        return self.path.final()
+
+    def step(self, evaluation: Evaluation) -> ProjectedStep:
+        if self._at is None or self._at[0] is not evaluation:
+            step = ProjectedStep(self.path.update(evaluation, self.weights, self.bases), self.weights)
+            if evaluation is self.first and step.norm == 0:
+                warnings.warn(_NO_DIRECTION.format(sites=", ".join(sorted(layer.name for layer in self.layers if layer.null_dim))), RuntimeWarning, stacklevel=2)
+            self._at = (evaluation, step)
+        return self._at[1]
+
+
+def custom_functions(output: Tensor) -> list[type]:
+    """The custom ``torch.autograd.Function`` classes in ``output``'s graph."""
+    found, seen, stack = [], set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        function = getattr(node, "_forward_cls", None)
+        if function is not None and function not in found:
+            found.append(function)
+        stack += [following for following, _ in node.next_functions]
+    return found
+
+
+def once_differentiable(function: type) -> bool:
+    """Whether a custom Function's backward is wrapped by ``torch.autograd.function.once_differentiable``."""
+    code = getattr(function.backward, "__code__", None)
+    return code is not None and code.co_name == "wrapper" and code.co_filename == torch.autograd.function.__file__
+
+
+_ONCE_DIFFERENTIABLE = (
+    "{names}: backward marked @once_differentiable, so the full path's double backward cannot "
+    "differentiate through it and the projected gradient misses every term that passes through it "
+    "(all of it, when every layer's does). Give the Function a jvp (the structured path needs first "
+    "derivatives only) or a backward that autograd can differentiate"
+)
+
+_NO_DIRECTION = (
+    "teleport cannot move: the projected objective gradient is exactly zero on every site with room "
+    "({sites}). A site whose inputs depend on no parameter the teleport moves (a network's first "
+    "layer) has its whole gradient in the span of its inputs, and one whose output the loss does "
+    "not see (a classifier head at zero) has none; check_coverage shows which layers can move"
+)

@@ -1,0 +1,135 @@
+"""What a teleport may not do, and the one check of it that the ascent loop makes after every step.
+
+Invariance on the teleport batch holds in exact arithmetic; in floating
+point, weights that grow in the null space amplify rounding, and the batch
+is not the training set. So every step is checked with a real loss:
+*drift* of the teleport batch's loss and a rise of a *guard* batch's loss
+undo the step; a *gain* of the gradient norm (or the caller's ``cap``)
+ends the ascent keeping it; no normalised step moves a module by more
+than ``module_step`` of its own norm. See docs/architecture.md, "Limits".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from .distributed import Replicas
+from .inputs import Inputs, batch_size, call_model
+from .line_search import finite_positive
+from .objective import Evaluation, LossFn
+
+AUTO = "auto"
+"""``Limits(drift=AUTO)``: the method's own default drift tolerance."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits of one teleport; ``None`` switches one off.
+
+    ``drift``: largest relative change of the teleport-batch loss a step may
+    make (``"auto"``: the method's default, the null-space method's is
+    ``1e-5``, float32's invariance). ``guard``: largest relative rise of the
+    guard batch's loss (with a guard batch). ``max_gain``: the ascent stops
+    once the gradient norm reaches this multiple of its starting value.
+    ``module_step``: no normalised step moves a module's parameters by more
+    than this fraction of their norm at the teleport's start (a plain rate
+    is not limited). ``max_loss_change``: roll the whole teleport back when
+    the batch loss moved more than this (relative) in the end.
+    """
+
+    drift: float | str | None = AUTO
+    guard: float | None = 0.01
+    max_gain: float | None = 10.0
+    module_step: float | None = 0.3
+    max_loss_change: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.drift != AUTO and self.drift is not None:
+            finite_positive(self.drift, "drift")
+        for name in ("guard", "module_step"):
+            if getattr(self, name) is not None:
+                finite_positive(getattr(self, name), name)
+        if self.max_gain is not None and finite_positive(self.max_gain, "max_gain") < 1:
+            raise ValueError(
+                f"max_gain is a multiple of the starting gradient norm and must be at least 1, got {self.max_gain}"
+            )
+        if self.max_loss_change is not None and not (
+            isinstance(self.max_loss_change, int | float) and self.max_loss_change >= 0
+        ):
+            raise ValueError(f"max_loss_change must be None or a non-negative number, got {self.max_loss_change!r}")
+
+    def with_default_drift(self, drift: float | None) -> Limits:
+        """These limits with ``drift="auto"`` replaced by ``drift`` (a method's default)."""
+        return replace(self, drift=drift) if self.drift == AUTO else self
+
+    def kept_by_the_method(self) -> Limits:
+        """What applies to a method that keeps the loss its own way: only the roll-back of a whole teleport."""
+        return Limits(drift=None, guard=None, max_gain=None, module_step=None, max_loss_change=self.max_loss_change)
+
+
+class Guard:
+    """The loss on a guard batch: a no-grad forward (the global batch's under data parallelism).
+
+    ``baseline`` is the guard loss a series of teleports started from, when
+    the caller gives one; ``last`` the latest value :meth:`loss` measured.
+    """
+
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, batch: tuple[Inputs, Tensor], replicas: Replicas,
+        baseline: float | None = None,
+    ) -> None:
+        self.model, self.loss_fn, self.replicas = model, loss_fn, replicas
+        self.inputs, self.targets = batch
+        self.baseline = baseline
+        self.last: float | None = None
+
+    def loss(self) -> float:
+        with torch.no_grad():
+            loss = float(self.loss_fn(call_model(self.model, self.inputs), self.targets))
+        self.last = self.replicas.mean(loss, batch_size(self.inputs))
+        return self.last
+
+
+class LimitCheck:
+    """The limits of one teleport, held against its start: what the ascent loop asks after every step.
+
+    Building it measures the guard loss at the start (``guard_before``).
+    """
+
+    def __init__(
+        self, limits: Limits, first: Evaluation, guard: Guard | None, cap: float | None = None
+    ) -> None:
+        self.limits, self.guard, self.cap = limits, guard, cap
+        self.loss_before, self.grad_norm_before = float(first.loss), float(first.grad_norm)
+        self.guard_before = guard.loss() if guard is not None else None
+
+    def reached(self, evaluation: Evaluation) -> str | None:
+        """``"cap"`` or ``"gain"`` when the ascent should stop at this point (keeping it), else ``None``."""
+        grad_norm = float(evaluation.grad_norm)
+        if self.cap is not None and grad_norm >= self.cap:
+            return "cap"
+        if self.limits.max_gain is not None and grad_norm >= self.limits.max_gain * self.grad_norm_before:
+            return "gain"
+        return None
+
+    def broken(self, evaluation: Evaluation) -> str | None:
+        """``"drift"`` or ``"guard"`` when the step that led to ``evaluation`` broke that limit, else ``None``.
+
+        The guard loss is measured only when the drift is within its limit (``guard.last`` says
+        whether it was).
+        """
+        if self.guard is not None:
+            self.guard.last = None
+        loss, drift = float(evaluation.loss), self.limits.drift
+        if drift is not None and math.isfinite(loss):
+            if abs(loss - self.loss_before) > drift * max(abs(self.loss_before), 1e-30):
+                return "drift"
+        if self.guard is not None and self.limits.guard is not None:
+            reference = self.guard.baseline if self.guard.baseline is not None else self.guard_before
+            if not self.guard.loss() - reference <= self.limits.guard * max(abs(reference), 1e-30):
+                return "guard"
+        return None

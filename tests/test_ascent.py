@@ -1,0 +1,324 @@
+"""The ascent loop alone, on climbs along a line: one number ``x`` whose objective, loss and
+gradient norm each test chooses, so every step the loop takes, undoes or retries is visible.
+
+Rates and lengths are powers of two, so ``x`` moves and comes back exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import guard_on
+from hypothesis import given
+from hypothesis import strategies as st
+
+from torch_teleport.ascent import Ascent, check_start
+from torch_teleport.climb import Applied, AscentStopped, Climb, Step
+from torch_teleport.limits import Limits
+from torch_teleport.line_search import LineSearch, StepRule
+from torch_teleport.objective import Evaluation
+
+
+def scalar(value: float) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float64)
+
+
+class Line(Climb):
+    """A climb along ``x`` (from 0): each step moves ``x`` by the scale the loop gives.
+
+    ``value``, ``loss`` and ``grad_norm`` map ``x`` to the figures of an
+    evaluation. With ``measures_loss=False`` an evaluation keeps the loss at
+    the start (as a closed form does) and only :meth:`final` measures it.
+    ``stop_at`` raises :class:`AscentStopped` when asked for that step (1: the first).
+    ``flags`` set the :class:`Climb` attributes (``blocked``, ``measures_loss``, ``retries``,
+    ``may_grow``).
+    """
+
+    def __init__(
+        self,
+        value=lambda x: x,
+        loss=lambda x: 1.0,
+        grad_norm=lambda x: 1.0,
+        *,
+        norm=1.0,
+        reference=1.0,
+        size=None,
+        stop_at=None,
+        **flags,
+    ) -> None:
+        self.value_at, self.loss_at, self.grad_norm_at = value, loss, grad_norm
+        self.norm, self.reference, self.size, self.stop_at = norm, reference, size, stop_at
+        for name, flag in flags.items():
+            setattr(self, name, flag)
+        self.x = 0.0
+        self.scales: list[float] = []  # every scale a step was applied at, undone or not
+        self.module_limits: list[float | None] = []
+        self.steps_asked = self.finals = 0
+        self.first = self.evaluate()
+
+    def _at(self, loss: float) -> Evaluation:
+        return Evaluation(
+            scalar(self.value_at(self.x)), scalar(loss), scalar(self.grad_norm_at(self.x))
+        )
+
+    def evaluate(self) -> Evaluation:
+        return self._at(self.loss_at(self.x if self.measures_loss else 0.0))
+
+    def final(self) -> Evaluation:
+        self.finals += 1
+        return self._at(self.loss_at(self.x))
+
+    def step(self, evaluation: Evaluation) -> Step:
+        self.steps_asked += 1
+        if self.steps_asked == self.stop_at:
+            raise AscentStopped("kkt")
+        return LineStep(self)
+
+
+class LineStep(Step):
+    def __init__(self, line: Line) -> None:
+        self.line, self.norm, self.reference = line, line.norm, line.reference
+
+    def apply(self, scale: float, module_limit: float | None) -> Applied:
+        line = self.line
+        line.scales.append(scale)
+        line.module_limits.append(module_limit)
+        line.x += scale
+
+        def undo() -> None:
+            line.x -= scale
+
+        return Applied(undo, line.size)
+
+
+def fixed(lr: float, ascend: bool = True) -> StepRule:
+    return StepRule(lr, normalize=False, ascend=ascend)
+
+
+def searched(**options) -> StepRule:
+    return StepRule.of(LineSearch(**options), normalize=False, ascend=True)
+
+
+def limits(**given) -> Limits:
+    """No limit but those ``given`` (the gain limit off unless given)."""
+    return Limits(**{"drift": None, "guard": None, "max_gain": None, "module_step": None, **given})
+
+
+def run(
+    climb: Climb, rule: StepRule, steps: int = 4, cap: float | None = None, guarded=None, **given
+):
+    """The outcome of an ascent along ``climb`` (``guarded``: a guard batch's :class:`Guard`)."""
+    return Ascent(rule, limits(**given), steps, cap).run(climb, guarded)
+
+
+# -- the step length -----------------------------------------------------------------------------
+
+
+@given(exponent=st.integers(1, 10), steps=st.integers(1, 8))
+def test_a_fixed_rate_takes_every_step_at_that_rate(exponent, steps):
+    lr = 2.0**-exponent
+    line = Line()
+    outcome = run(line, fixed(lr), steps)
+    assert (outcome.steps, outcome.stopped) == (steps, "steps")
+    assert outcome.step_sizes == [lr] * steps and line.scales == [lr] * steps
+    assert line.x == steps * lr and float(outcome.last.value) == line.x
+    assert outcome.losses == [1.0] * steps and len(outcome.grad_norms) == steps
+
+
+@given(
+    growth=st.sampled_from([1.0, 1.5, 2.0, 3.0]),
+    max_length=st.sampled_from([1.0, 4.0, 16.0]),
+    steps=st.integers(1, 8),
+)
+def test_the_search_grows_each_step_up_to_its_longest_only_when_the_climb_may_grow(
+    growth, max_length, steps
+):
+    initial = 2.0**-6
+    rule = searched(initial=initial, growth=growth, max_length=max_length)
+    grown = run(Line(), rule, steps)
+    expected = [initial * min(growth**k, max_length) for k in range(steps)]
+    assert grown.step_sizes == pytest.approx(expected, rel=1e-12)
+    kept = run(Line(may_grow=False), rule, steps)
+    assert kept.step_sizes == [initial] * steps
+
+
+def test_a_normalised_step_is_relative_to_the_reference_and_carries_the_module_limit():
+    line = Line(norm=4.0, reference=2.0)
+    Ascent(StepRule(0.125, normalize=True, ascend=True), limits(module_step=0.3), 1, None).run(line)
+    assert line.scales == [0.125 * 2.0 / 4.0] and line.module_limits == [0.3]
+    plain = Line(norm=4.0, reference=2.0)
+    Ascent(StepRule(0.125, normalize=False, ascend=True), limits(module_step=0.3), 1, None).run(
+        plain
+    )
+    assert plain.scales == [0.125] and plain.module_limits == [None]
+
+
+def test_a_step_that_measures_its_own_size_reports_it():
+    outcome = run(Line(size=0.7), fixed(0.125), 2)
+    assert outcome.step_sizes == [0.7, 0.7]
+
+
+# -- steps undone: drift and the line search -------------------------------------------------------
+
+
+@given(retries=st.integers(0, 4), shrink=st.sampled_from([0.5, 0.25]))
+def test_a_step_that_breaks_the_drift_is_undone_and_retried_shorter_until_the_retries_run_out(
+    retries, shrink
+):
+    line = Line(loss=lambda x: 1.0 + x)  # any move breaks the drift limit
+    outcome = run(line, searched(initial=0.5, shrink=shrink, retries=retries), drift=1e-9)
+    assert line.scales == [0.5 * shrink**k for k in range(retries + 1)]
+    assert (outcome.steps, outcome.stopped, outcome.step_sizes) == (0, "drift", [])
+    assert line.x == 0.0 and outcome.last is line.first
+    assert outcome.losses == [1.0]  # retries are tried from the same point
+
+
+def test_a_retry_that_keeps_the_drift_is_taken_at_its_shorter_length():
+    line = Line(loss=lambda x: 1.0 + x * x)
+    outcome = run(line, searched(initial=0.5, shrink=0.5, growth=1.0), 1, drift=0.1)
+    assert line.scales == [0.5, 0.25] and outcome.step_sizes == [0.25]
+    assert line.x == 0.25 and outcome.steps == 1 and outcome.losses == [1.0]
+
+
+def test_without_a_search_a_step_that_breaks_the_drift_ends_the_ascent_at_once():
+    line = Line(loss=lambda x: 1.0 + x)
+    outcome = run(line, fixed(0.5), drift=1e-9)
+    assert line.scales == [0.5] and line.x == 0.0
+    assert (outcome.steps, outcome.stopped) == (0, "drift")
+
+
+def test_a_climb_that_cannot_retry_ends_at_the_first_rejection_and_never_grows():
+    rule = searched(initial=0.5, max_length=4.0)
+    rejected = Line(loss=lambda x: 1.0 + x, retries=False)
+    assert run(rejected, rule, drift=1e-9).stopped == "drift" and rejected.scales == [0.5]
+    assert run(Line(retries=False), rule, 3).step_sizes == [0.5] * 3
+
+
+@pytest.mark.parametrize("ascend", [True, False])
+def test_the_search_undoes_a_step_that_does_not_improve_the_objective(ascend):
+    worse = Line(
+        value=lambda x: -x
+    )  # the step follows the rule's sign, the objective the other way
+    outcome = run(worse, StepRule.of(LineSearch(initial=0.5, retries=2), False, ascend))
+    assert (outcome.steps, outcome.stopped) == (0, "line_search")
+    assert len(worse.scales) == 3 and worse.x == 0.0
+    better = Line(value=lambda x: x)
+    assert run(better, StepRule.of(LineSearch(initial=0.5), False, ascend), 2).stopped == "steps"
+    # A fixed rate is the paper's plain ascent: it does not judge the objective.
+    assert run(Line(value=lambda x: -x), fixed(0.5, ascend), 2).steps == 2
+
+
+# -- where the ascent stops, keeping the point -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reason", "cap", "given"), [("cap", 1.25, {}), ("gain", None, {"max_gain": 1.25})]
+)
+def test_the_cap_and_the_gain_stop_the_ascent_keeping_the_step_that_reached_them(
+    reason, cap, given
+):
+    line = Line(grad_norm=lambda x: 1.0 + x)
+    outcome = run(line, fixed(0.125), 8, cap=cap, **given)
+    assert (outcome.steps, outcome.stopped) == (2, reason)
+    assert line.x == 0.25 and float(outcome.last.grad_norm) == 1.25
+    assert len(outcome.losses) == 3  # the point that reached the limit was looked at
+
+
+@pytest.mark.parametrize("norm", [math.nan, math.inf])
+def test_a_non_finite_step_ends_the_ascent_before_anything_moves(norm):
+    line = Line(norm=norm)
+    outcome = run(line, fixed(0.5))
+    assert (outcome.steps, outcome.stopped) == (0, "non_finite")
+    assert line.scales == [] and line.x == 0.0
+
+
+def test_a_non_finite_objective_after_a_step_ends_the_ascent():
+    line = Line(value=lambda x: x if x < 0.75 else math.nan)
+    outcome = run(line, fixed(0.5))
+    assert outcome.stopped == "non_finite" and line.scales == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("stop_at", [1, 3])
+def test_a_climb_may_end_the_ascent_for_its_own_reason(stop_at):
+    line = Line(stop_at=stop_at)
+    outcome = run(line, fixed(0.5))
+    assert outcome.stopped == "kkt" and outcome.steps == stop_at - 1
+    assert line.scales == [0.5] * (stop_at - 1)
+
+
+def test_a_blocked_climb_stops_before_any_step_and_never_measures_the_guard():
+    line = Line(blocked="no_room")
+    guard, probe = guard_on(lambda: -line.x)
+    outcome = run(line, fixed(0.5), guarded=guard, guard=0.01)
+    assert (outcome.steps, outcome.stopped) == (0, "no_room")
+    assert line.steps_asked == 0 and probe.forwards == 0
+    assert outcome.guard_before is None and outcome.guard_after is None
+
+
+# -- climbs that do not measure their loss per step ------------------------------------------------
+
+
+def test_a_climb_not_measuring_its_loss_is_checked_at_the_end_and_undone_from_the_last_step():
+    line = Line(loss=lambda x: 1.0 + x, measures_loss=False)
+    outcome = run(line, fixed(0.125), 4, drift=0.3)
+    assert line.scales == [0.125] * 4  # every step taken before any check
+    assert (outcome.steps, outcome.stopped, outcome.step_sizes) == (2, "drift", [0.125] * 2)
+    assert line.x == 0.25 and float(outcome.last.loss) == 1.25
+    assert line.finals == 3  # the end, and after each of two undos
+
+
+def test_a_climb_that_does_not_measure_its_loss_keeps_every_step_within_the_limits():
+    line = Line(loss=lambda x: 1.0 + x, measures_loss=False)
+    outcome = run(line, fixed(0.125), 2, drift=0.3)
+    assert (outcome.steps, outcome.stopped, line.finals) == (2, "steps", 1)
+    assert float(outcome.last.loss) == 1.25
+
+
+# -- the guard ------------------------------------------------------------------------------------
+
+
+def test_the_guard_is_measured_at_the_start_and_after_each_step_and_its_last_value_is_the_end():
+    line = Line()
+    guard, probe = guard_on(lambda: 2.0 - line.x)
+    outcome = run(line, fixed(0.25), 3, guarded=guard, guard=0.01)
+    assert outcome.steps == 3 and probe.forwards == 1 + 3
+    assert (outcome.guard_before, outcome.guard_after) == (2.0, 2.0 - 0.75)
+
+
+def test_after_an_undone_step_the_guard_is_measured_again_at_the_end():
+    line = Line(loss=lambda x: 1.0 + max(x - 0.5, 0.0))  # the third step breaks the drift
+    guard, probe = guard_on(lambda: 2.0 - line.x)
+    outcome = run(line, fixed(0.25), 4, guarded=guard, drift=1e-9, guard=0.01)
+    assert (outcome.steps, outcome.stopped) == (2, "drift")
+    assert (
+        probe.forwards == 1 + 2 + 1
+    )  # start, two kept steps, the end (the drift judged the third)
+    assert outcome.guard_after == 2.0 - 0.5
+
+
+def test_a_step_that_raises_the_guard_loss_is_undone():
+    line = Line()
+    guard, _ = guard_on(lambda: 2.0 + line.x)
+    outcome = run(line, fixed(0.25), 4, guarded=guard, guard=0.01)
+    assert (outcome.steps, outcome.stopped, line.x) == (0, "guard", 0.0)
+
+
+# -- the start ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "loss"), [(math.nan, 1.0), (1.0, math.inf), (math.inf, 1.0)])
+def test_a_non_finite_start_is_refused(value, loss):
+    with pytest.raises(ValueError, match="on the teleport batch is not finite"):
+        check_start(Evaluation(scalar(value), scalar(loss), scalar(1.0)))
+    with pytest.raises(ValueError, match="not finite"):
+        run(Line(value=lambda x: value, loss=lambda x: loss), fixed(0.5))
+
+
+def test_an_objective_that_is_not_a_scalar_is_refused():
+    evaluation = Evaluation(torch.ones(2, dtype=torch.float64), scalar(1.0), scalar(1.0))
+    with pytest.raises(
+        ValueError, match=r"the objective must return a scalar tensor, got shape \(2,\)"
+    ):
+        check_start(evaluation)
