@@ -72,6 +72,10 @@ class Spectrum:
             scale = scale**2
         return self.squared[:, :1] * scale if self.squared.shape[1] else self.squared
 
+    def numerical_rank(self) -> Tensor:
+        """The number of directions above :meth:`rank_tolerance`, per group: the exact core rank."""
+        return (self.squared > self.rank_tolerance()).sum(-1)
+
 
 def spectrum(representation: Tensor) -> Spectrum:
     """The spectrum of ``representation`` (``groups x dims x samples``) by the cheapest accurate route."""

@@ -21,7 +21,7 @@ class ExactNullSpace(NullSpace):
         super().__init__(tau)
 
     def core_rank(self, spectrum: Spectrum) -> Tensor:
-        return (spectrum.squared > spectrum.rank_tolerance()).sum(-1)
+        return spectrum.numerical_rank()
 
 
 @hookimpl

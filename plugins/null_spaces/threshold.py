@@ -7,7 +7,6 @@ from torch import Tensor
 
 from torch_teleport import NullSpace, hookimpl
 from torch_teleport.null_space import Spectrum
-from torch_teleport.plugins.null_spaces.exact import ExactNullSpace
 
 
 class ThresholdNullSpace(NullSpace):
@@ -17,7 +16,7 @@ class ThresholdNullSpace(NullSpace):
     """
 
     def core_rank(self, spectrum: Spectrum) -> Tensor:
-        exact = ExactNullSpace.core_rank(self, spectrum)
+        exact = spectrum.numerical_rank()
         if self.tau >= 1.0:
             return exact
         energy = spectrum.squared.double().cumsum(-1)
