@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .climb import Applied, AscentStopped, Climb
-from .limits import Guard, LimitCheck, Limits
+from .limits import LANDED, Guard, LimitCheck, Limits
 from .line_search import SearchState, StepRule
 from .objective import Evaluation
 
@@ -63,8 +63,7 @@ class Ascent:
             return outcome
         check = LimitCheck(self.limits, climb.first, guard, self.cap)
         outcome.guard_before = outcome.guard_after = check.guard_before
-        policy = self.rule.search if climb.retries else None
-        search = SearchState(policy, climb.may_grow)
+        search = SearchState(self.rule.search, may_grow=climb.may_grow, retries=climb.retries)
         try:
             taken = self._climb(climb, check, search, outcome)
         except AscentStopped as stop:
@@ -94,14 +93,12 @@ class Ascent:
                 break
             applied = self._take(climb.step(evaluation), search.length)
             after = climb.evaluate()
-            reason = check.broken(after) if climb.measures_loss else None
-            if reason is None and search.active and not self._improved(after, evaluation):
-                reason = "line_search"
+            reason, retry = self._judge(after, evaluation, check, search, climb.measures_loss)
             if reason is not None:
                 applied.undo()
                 if check.guard is not None:
                     check.guard.last = None  # (an undo restores the weights to rounding: measure again)
-                if search.reject():
+                if retry:
                     continue
                 outcome.stopped = reason
                 break
@@ -111,6 +108,23 @@ class Ascent:
             outcome.last = evaluation = after
             search.accept()
         return taken
+
+    def _judge(
+        self, after: Evaluation, before: Evaluation, check: LimitCheck, search: SearchState, measured: bool
+    ) -> tuple[str | None, bool]:
+        """Why the step that led to ``after`` must be undone (``None``: it stays), and whether the
+        search tries it again at another length: a broken limit, an objective that did not improve,
+        or a gradient norm past the gain limit (or the cap), which the step is shortened to land on."""
+        breach = check.broken(after) if measured else None
+        if breach is not None:
+            return breach.reason, search.breached(breach.excess)
+        if search.active and not self._improved(after, before):
+            return "line_search", search.reject()
+        passed = check.passed(after)
+        if passed is not None:
+            reason, ceiling = passed
+            return reason, search.land(float(before.grad_norm), float(after.grad_norm), ceiling, ceiling * (1 - LANDED))
+        return None, False
 
     def _take(self, step, length: float) -> Applied:
         """Apply ``step`` at ``length`` times the rule's step (nothing moves for a zero direction)."""
@@ -122,16 +136,16 @@ class Ascent:
     def _check_at_the_end(self, climb: Climb, check: LimitCheck, taken: list[Applied], outcome: Outcome) -> None:
         """The limits on the measured end point; while broken, the last step is undone and measured again."""
         outcome.last = climb.final()
-        reason = check.broken(outcome.last)
-        while reason is not None and taken:
+        breach = check.broken(outcome.last)
+        while breach is not None and taken:
             taken.pop().undo()
             outcome.steps -= 1
             outcome.step_sizes.pop()
-            outcome.stopped = reason
+            outcome.stopped = breach.reason
             if check.guard is not None:
                 check.guard.last = None
             outcome.last = climb.final()
-            reason = check.broken(outcome.last)
+            breach = check.broken(outcome.last)
 
     def _improved(self, after: Evaluation, before: Evaluation) -> bool:
         """Whether a step moved the objective the way the ascent goes."""

@@ -17,9 +17,12 @@ from torch import Tensor
 
 from .coverage import Coverage, CoveredModule
 from .distributed import Replicas
-from .null_space import CoreBasis, NullSpace
+from .null_space import CoreBasis, NullSpace, SiteBasis, SpectrumOf, local_spectrum
 from .projector import Site, site_view
 from .report import LayerReport
+
+Captured = dict[tuple[str, str], list[Tensor]]
+"""Input streams by (module name, stream), one tensor per call: what the projectors' capture records."""
 
 SATURATION = 0.75
 """A sample *saturates* a site's core space when the core rank is at most this fraction of its
@@ -40,6 +43,7 @@ class Bases:
 
     of: dict[SiteKey, CoreBasis] = field(default_factory=dict)
     saturated: bool = True  # every moving site's sample saturates its core space (see SATURATION)
+    keeps_batch: bool = True  # every site's core space holds the teleport batch's span
     pinned: list[SiteRef] = field(default_factory=list)
     layers: list[LayerReport] = field(default_factory=list)
     frozen: dict[str, str] = field(default_factory=dict)
@@ -60,35 +64,81 @@ class Bases:
                     site_view(dense[covered.qualified(local)], site, bias=is_bias).zero_()
 
 
+class SiteRepresentations:
+    """One site's representations on the teleport batch, on the other samples and on both, each built
+    by the site's projector when a null space asks for it (``None`` where no tensor was captured)."""
+
+    def __init__(self, covered: CoveredModule, site: Site, batch: list[Tensor], samples: list[Tensor]) -> None:
+        self.covered, self.site, self.batch_tensors, self.sample_tensors = covered, site, batch, samples
+
+    def _of(self, tensors: list[Tensor]) -> Tensor | None:
+        if not tensors:
+            return None
+        return self.covered.projector.representation(self.covered.module, self.site, tensors).detach()
+
+    def everything(self) -> Tensor | None:
+        return self._of(self.batch_tensors + self.sample_tensors)
+
+    def batch(self) -> Tensor | None:
+        return self._of(self.batch_tensors)
+
+    def samples(self) -> Tensor | None:
+        return self._of(self.sample_tensors)
+
+
+def site_basis(
+    covered: CoveredModule, site: Site, captured: Captured, samples: Captured, null_space: NullSpace,
+    spectrum_of: SpectrumOf = local_spectrum,
+) -> SiteBasis | None:
+    """The core basis of one site from the inputs captured on the batch and on the other samples."""
+    key = (covered.name, site.stream)
+    parts = SiteRepresentations(covered, site, captured.get(key, []), samples.get(key, []))
+    return null_space.site_basis(parts, spectrum_of)
+
+
+MIN_ROOM = 0.1
+"""A null space leaves *room* where some site's null space holds at least this fraction of its inputs;
+where it leaves none, its fallback (if it has one) builds the bases instead."""
+
+
 def build_bases(
-    coverage: Coverage,
-    captured: dict[tuple[str, str], list[Tensor]],
-    null_space: NullSpace,
-    replicas: Replicas,
+    coverage: Coverage, captured: Captured, samples: Captured, null_space: NullSpace, replicas: Replicas,
     paths: dict[SiteKey, str],
 ) -> Bases:
-    """One core basis per site from its captured inputs (the global batch's under data parallelism),
-    timed; sites whose module never ran, or without room, stay fixed. ``paths`` names the gradient
-    path of each site (the layer reports say it; a site not in it takes the full path)."""
+    """One core basis per site from the inputs captured on the teleport batch and on the other samples
+    the teleport keeps (the global batch's under data parallelism), timed; sites whose module never
+    ran, or without room, stay fixed. ``paths`` names the gradient path of each site (the layer
+    reports say it; a site not in it takes the full path). Where ``null_space`` leaves no room
+    (see :data:`MIN_ROOM`), its fallback builds them."""
     started = time.perf_counter()
+    bases = _bases(coverage, captured, samples, null_space, replicas, paths)
+    if null_space.fallback is not None and not any(s.null_dim >= MIN_ROOM * s.input_dim for s in bases.layers):
+        bases = _bases(coverage, captured, samples, null_space.fallback, replicas, paths)
+    bases.seconds = time.perf_counter() - started
+    return bases
+
+
+def _bases(
+    coverage: Coverage, captured: Captured, samples: Captured, null_space: NullSpace, replicas: Replicas,
+    paths: dict[SiteKey, str],
+) -> Bases:
     bases = Bases()
     no_room: list[tuple[CoveredModule, Site, list[str]]] = []
     for covered in coverage.modules:
         for site in covered.sites:
             names = [covered.qualified(p) for p in (site.weight, site.bias) if p]
-            tensors = captured.get((covered.name, site.stream))
-            representation = covered.projector.representation(covered.module, site, tensors).detach() if tensors else None
-            spectrum = replicas.spectrum(representation)
-            if spectrum is None:
+            found = site_basis(covered, site, captured, samples, null_space, replicas.spectrum)
+            if found is None:
                 bases.frozen.update(dict.fromkeys(names, "its module did not run on the teleport batch"))
                 continue
-            basis = null_space.basis_of(spectrum)
+            basis = found.basis
+            bases.keeps_batch &= found.keeps_batch
             bases.layers.append(
                 LayerReport(
                     name=covered.qualified(site.name),
                     input_dim=basis.input_dim * site.groups,
                     null_dim=basis.null_dim,
-                    samples=spectrum.samples,
+                    samples=found.samples,
                     groups=site.groups,
                     gradient=paths.get((covered.name, site.name), "full"),
                 )
@@ -97,9 +147,8 @@ def build_bases(
                 no_room.append((covered, site, names))
             else:
                 bases.of[(covered.name, site.name)] = basis
-                bases.saturated &= max(basis.ranks) <= SATURATION * spectrum.samples
+                bases.saturated &= max(basis.ranks) <= SATURATION * found.samples
     _pin_or_freeze(coverage, bases, no_room)
-    bases.seconds = time.perf_counter() - started
     return bases
 
 

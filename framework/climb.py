@@ -72,7 +72,8 @@ class Climb(ABC):
     ``retries`` says whether a step undone by the loop may be taken again at
     another length (its direction keeps no state the undo would leave stale),
     ``may_grow`` whether steps longer than the first keep the data's loss.
-    ``layers``, ``frozen`` and ``basis_seconds`` go into the report.
+    ``layers``, ``frozen``, ``basis_seconds`` and ``batch_norm`` (which mode's loss
+    of the batch is kept, see :class:`~torch_teleport.TeleportReport`) go into the report.
     Subclasses set ``first`` (and what differs from these defaults) when built.
     """
 
@@ -82,6 +83,7 @@ class Climb(ABC):
     retries = True
     may_grow = True
     layers: Sequence[LayerReport] = ()
+    batch_norm: str | None = None
     frozen: Mapping[str, str] = MappingProxyType({})
     basis_seconds = 0.0
 

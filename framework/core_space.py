@@ -9,7 +9,7 @@ from __future__ import annotations
 from .null_space import NullSpace
 from .registry import Registry
 
-DEFAULT_NULL_SPACE, DEFAULT_TAU = "svd", 0.999
+DEFAULT_NULL_SPACE = "batch_exact"
 """The default core space: the leading directions holding 99.9% of the energy of the inputs of
 the teleport batch, the basis sample and the guard batch (GPM's reading of tau). An exact null
 space keeps only the batch's loss (a round of teleports on batches of 32 raised the whole
@@ -21,12 +21,11 @@ keeps the batch's (docs/architecture.md, "Which level set")."""
 def resolve_null_space(null_space: str | NullSpace, tau: float | None, registry: Registry) -> NullSpace:
     """The null space ``null_space`` names (an instance is taken as it is).
 
-    ``tau`` defaults to :data:`DEFAULT_TAU` for the default null space and to 1 for any other.
+    Without ``tau`` the null space takes its own default (``svd``: 0.999, ``exact``: 1).
     """
     if isinstance(null_space, NullSpace):
         if tau is not None:
             raise ValueError("give tau to the null space object itself, not beside it")
         return null_space
-    if tau is None:
-        tau = DEFAULT_TAU if null_space == DEFAULT_NULL_SPACE else 1.0
-    return registry.get("null_space", null_space)(tau=tau)
+    null_space_class = registry.get("null_space", null_space)
+    return null_space_class() if tau is None else null_space_class(tau=tau)

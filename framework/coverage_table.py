@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .bases import SiteRepresentations, site_basis
 from .core_space import DEFAULT_NULL_SPACE, resolve_null_space
 from .coverage import UNCOVERED_REASON, Coverage, assign_projectors, capture_inputs
 from .inputs import Inputs, batch_size
@@ -258,21 +259,21 @@ def check_coverage(
 def _site_bases(
     model: nn.Module, coverage: Coverage, samples: list[Inputs], space: NullSpace
 ) -> dict[SiteKey, tuple[CoreBasis, Spectrum]]:
-    """Each site's core basis and spectrum from its inputs on all ``samples`` (none: not run)."""
-    captured: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
+    """Each site's core basis, as a teleport builds it (the first sample the teleport batch, the rest
+    the basis sample), and the spectrum of all its inputs (none: not run)."""
     with preserved_state(model):
-        for sample in samples:
+        captured = capture_inputs(coverage, model, samples[0])
+        others: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
+        for sample in samples[1:]:
             for key, tensors in capture_inputs(coverage, model, sample).items():
-                captured[key] += tensors
+                others[key] += tensors
     bases = {}
     for covered in coverage.modules:
         for site in covered.sites:
-            tensors = captured.get((covered.name, site.stream))
-            if tensors:
-                spec = spectrum(
-                    covered.projector.representation(covered.module, site, tensors).detach()
-                )
-                bases[(covered.name, site.name)] = (space.basis_of(spec), spec)
+            found = site_basis(covered, site, captured, others, space)
+            if found is not None:
+                parts = SiteRepresentations(covered, site, captured.get((covered.name, site.stream), []), others.get((covered.name, site.stream), []))
+                bases[(covered.name, site.name)] = (found.basis, spectrum(parts.everything()))
     return bases
 
 

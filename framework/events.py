@@ -13,21 +13,22 @@ import sys
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .inputs import Inputs, concatenate, to_device
+from . import optimizer_state as optimizer_state_policy
+from .inputs import Inputs, call_model, concatenate, to_device
+from .model_state import preserved_state
+from .optimizer_state import StatePolicy
 from .report import TeleportReport
 from .schedule import Schedule, TeleportPlan
 from .teleporter import Teleporter
 from .wrappers import POLICIES as SHADOW_POLICIES
 from .wrappers import check_shadows
 
-StatePolicy = str | Callable[[torch.optim.Optimizer, list[TeleportReport]], None]
-STATE_POLICIES = ("reset", "keep")
 FAILURE_POLICIES = ("skip", "raise")
 Device = torch.device | str | None
 
@@ -58,10 +59,7 @@ def check_event_options(
     teleport, so that a typo is found before the run that would have used it.
     """
     positive_int("guard_samples", guard_samples)
-    if not callable(optimizer_state) and optimizer_state not in STATE_POLICIES:
-        raise ValueError(
-            f"optimizer_state must be 'reset', 'keep' or a callable, got {optimizer_state!r}"
-        )
+    optimizer_state_policy.check_policy(optimizer_state)
     if on_teleport_failure not in FAILURE_POLICIES:
         raise ValueError(
             f"on_teleport_failure must be one of {FAILURE_POLICIES}, got {on_teleport_failure!r}"
@@ -99,19 +97,25 @@ class TeleportEvents:
     (a shuffled ``DataLoader`` gives the paper's random batches), moved to
     ``device`` when it is given; without it each event teleports on the
     training batch handed to :meth:`before_step`. With ``teleport_data`` and
-    ``guard=True`` each event first draws a guard sample: batches joined until
-    it holds at least ``guard_samples`` samples. Its inputs join every
-    teleport's core space, and its loss when the event begins is the baseline
-    of all the event's teleports: a step that raises it beyond the
-    teleporter's guard limit is undone, so the event's teleports cannot
-    compound small rises. On digits and MNIST-1D a guard of 32 samples
-    let the paper's event raise the training loss by up to 20%; 256 held it
-    within 0.1% (``lab/benchmarks/data_level_set.py``).
+    ``guard=True`` each event first draws two samples of the data, each
+    batches joined until it holds at least ``guard_samples`` samples: a
+    *basis* sample, whose inputs join every teleport's core space (the data's
+    directions the teleports keep), and a *guard* sample, whose loss when the
+    event begins is the baseline of all the event's teleports: a step that
+    raises it beyond the teleporter's guard limit is undone, so the event's
+    teleports cannot compound small rises. The guard's inputs stay out of the
+    core space, so that its loss measures what the teleports do to data they
+    do not keep exactly: with them in it, the paper's event (32 teleports of
+    32 samples) raised the training loss of digits 2.3-fold while the guard's
+    own loss did not move (``lab/benchmarks/data_level_set.py``).
 
     ``optimizer_state`` says what the optimizer's state becomes after an
-    event in which a teleport moved the weights: ``"reset"`` (default:
-    moments gathered at the old point are stale), ``"keep"``, or a callable
-    ``(optimizer, reports)``. An event that moved nothing leaves it alone.
+    event in which a teleport moved the weights (:mod:`~torch_teleport.optimizer_state`):
+    ``"auto"`` (default: per optimizer family, as measured), ``"keep"``,
+    ``"reset"``, ``"rescale"`` (each parameter's moments scaled to its
+    gradient's growth over the event, measured on the guard sample, else on
+    the training batch), or a callable ``(optimizer, reports)``. An event
+    that moved nothing leaves it alone.
 
     A teleport *fails* when it is rolled back or rejects its batch or its
     starting point (``ValueError``); no value of it reaches the weights.
@@ -140,7 +144,7 @@ class TeleportEvents:
         teleport_data: Iterable[tuple[Inputs, Tensor]] | None = None,
         guard: bool = True,
         guard_samples: int = 256,
-        optimizer_state: StatePolicy = "reset",
+        optimizer_state: StatePolicy = "auto",
         on_teleport_failure: str = "skip",
         shadow_policy: str = "default",
         device: Device = None,
@@ -192,9 +196,11 @@ class TeleportEvents:
         started = time.perf_counter()
         try:
             self.check_optimizer(optimizer)
-            reports, failures = self._teleports(plan, step, inputs, targets)
+            basis, guard = self._samples()
+            state = _StateCarrier(self, optimizer, guard or _batch_or_none(inputs, targets))
+            reports, failures = self._teleports(plan, step, inputs, targets, guard, basis)
             if any(report.steps and not report.rolled_back for report in reports):
-                self._apply_state_policy(optimizer, reports)
+                state.carry(reports)
         finally:
             self._teleport_seconds += time.perf_counter() - started
         return reports, failures
@@ -221,9 +227,8 @@ class TeleportEvents:
         self._checked = weakref.ref(optimizer)
 
     def _teleports(
-        self, plan: TeleportPlan, step: int, inputs: Inputs | None, targets: Tensor | None
+        self, plan: TeleportPlan, step: int, inputs: Inputs | None, targets: Tensor | None, guard, basis
     ) -> tuple[list[TeleportReport], list[str]]:
-        guard = self._guard_sample() if self.guard and self._batches is not None else None
         baseline = None  # the guard loss when the event began
         reports: list[TeleportReport] = []
         failures: list[str] = []
@@ -231,7 +236,7 @@ class TeleportEvents:
             batch = self._teleport_batch(inputs, targets)
             try:
                 report = self.teleporter.teleport(
-                    *batch, guard=guard, guard_baseline=baseline, steps=plan.steps, cap=plan.cap
+                    *batch, guard=guard, guard_baseline=baseline, basis=basis, steps=plan.steps, cap=plan.cap
                 )
             except ValueError as error:
                 failures.append(self._failed(f"teleport rejected at step {step}: {error}", error))
@@ -255,7 +260,15 @@ class TeleportEvents:
             )
         return inputs, targets
 
-    def _guard_sample(self) -> tuple[Inputs, Tensor]:
+    def _samples(self) -> tuple[Inputs | None, tuple[Inputs, Tensor] | None]:
+        """The event's basis and guard samples, each drawn where the teleporter's method takes it."""
+        if not (self.guard and self._batches is not None):
+            return None, None
+        method = self.teleporter.method
+        basis = self._sample()[0] if method.takes_basis_sample else None
+        return basis, self._sample() if method.honours_limits else None
+
+    def _sample(self) -> tuple[Inputs, Tensor]:
         """Batches of ``teleport_data`` joined until they hold ``guard_samples`` samples (fewer,
         with a warning, when they cannot be joined: token batches padded to different lengths)."""
         parts = [next(self._batches)]
@@ -281,13 +294,13 @@ class TeleportEvents:
         )
         return message
 
-    def _apply_state_policy(
-        self, optimizer: torch.optim.Optimizer, reports: list[TeleportReport]
-    ) -> None:
-        if callable(self.optimizer_state):
-            self.optimizer_state(optimizer, reports)
-        elif self.optimizer_state == "reset":
-            optimizer.state.clear()
+    def gradient_norms(self, sample: tuple[Inputs, Tensor]) -> dict[Tensor, float]:
+        """Each trainable parameter's gradient norm on ``sample``, in the modes a teleport runs in
+        (modes and buffers restored)."""
+        model, loss_fn = self.teleporter.model, self.teleporter.loss_fn
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        with preserved_state(model), torch.enable_grad():
+            return optimizer_state_policy.gradient_norms(parameters, lambda: loss_fn(call_model(model, sample[0]), sample[1]))
 
     def state_dict(self) -> dict[str, Any]:
         """The schedule's state and the place in the pass over ``teleport_data``.
@@ -374,3 +387,24 @@ def _outside_core() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(_CORE):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _batch_or_none(inputs: Inputs | None, targets: Tensor | None) -> tuple[Inputs, Tensor] | None:
+    return None if inputs is None or targets is None else (inputs, targets)
+
+
+class _StateCarrier:
+    """The optimizer-state policy of one event: resolved for the optimizer, and for ``"rescale"`` the
+    gradient norms on ``sample`` measured before the event's teleports."""
+
+    def __init__(self, events: TeleportEvents, optimizer: torch.optim.Optimizer, sample) -> None:
+        self.events, self.optimizer, self.sample = events, optimizer, sample
+        self.policy = optimizer_state_policy.resolved(events.optimizer_state, optimizer)
+        rescales = self.policy == "rescale" and sample is not None
+        self.before = events.gradient_norms(sample) if rescales else None
+
+    def carry(self, reports: list[TeleportReport]) -> None:
+        growth = None
+        if self.before is not None:
+            growth = optimizer_state_policy.gradient_growth(self.before, self.events.gradient_norms(self.sample))
+        optimizer_state_policy.apply(self.policy, self.optimizer, reports, growth)

@@ -108,15 +108,19 @@ class ProjectedClimb(Climb):
 
     The step at a point is computed once (a retried step reuses it). A first
     step that is exactly zero everywhere warns: nothing the teleport may move
-    can change the objective.
+    can change the objective. Steps may grow where the sample saturates its
+    core space, or where a guard batch of other data (``judged``) judges
+    every step.
     """
 
-    def __init__(self, path: GradientPath, bases: Bases, weights: MovedWeights, frozen: dict[str, str]) -> None:
+    def __init__(
+        self, path: GradientPath, bases: Bases, weights: MovedWeights, frozen: dict[str, str], judged: bool = False
+    ) -> None:
         self.path, self.bases, self.weights = path, bases, weights
         self.first = path.first
         self.blocked = None if bases.of else "no_room"
         self.measures_loss = path.measures_loss
-        self.may_grow = bases.saturated
+        self.may_grow = bases.saturated or judged
         self.layers, self.frozen, self.basis_seconds = bases.layers, {**frozen, **bases.frozen}, bases.seconds
         self._at: tuple[Evaluation, ProjectedStep] | None = None
 

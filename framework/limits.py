@@ -42,7 +42,7 @@ class Limits:
     """
 
     drift: float | str | None = AUTO
-    guard: float | None = 0.01
+    guard: float | None = 0.005
     max_gain: float | None = 10.0
     module_step: float | None = 0.3
     max_loss_change: float | None = None
@@ -94,6 +94,18 @@ class Guard:
         return self.last
 
 
+@dataclass(frozen=True)
+class Breach:
+    """A limit a step broke: its ``reason`` and ``excess``, the change seen over the change allowed."""
+
+    reason: str
+    excess: float
+
+
+LANDED = 1e-2
+"""A gradient norm within this fraction below the gain limit (or the cap) has landed on it."""
+
+
 class LimitCheck:
     """The limits of one teleport, held against its start: what the ascent loop asks after every step.
 
@@ -107,17 +119,30 @@ class LimitCheck:
         self.loss_before, self.grad_norm_before = float(first.loss), float(first.grad_norm)
         self.guard_before = guard.loss() if guard is not None else None
 
+    def ceilings(self) -> list[tuple[str, float]]:
+        """The gradient-norm limits: the caller's cap and ``max_gain`` times the starting norm."""
+        found = [("cap", self.cap)] if self.cap is not None else []
+        if self.limits.max_gain is not None:
+            found.append(("gain", self.limits.max_gain * self.grad_norm_before))
+        return found
+
     def reached(self, evaluation: Evaluation) -> str | None:
-        """``"cap"`` or ``"gain"`` when the ascent should stop at this point (keeping it), else ``None``."""
+        """``"cap"`` or ``"gain"`` when the gradient norm has landed on that limit (within
+        :data:`LANDED` below it, or past it): the ascent stops at this point, keeping it."""
         grad_norm = float(evaluation.grad_norm)
-        if self.cap is not None and grad_norm >= self.cap:
-            return "cap"
-        if self.limits.max_gain is not None and grad_norm >= self.limits.max_gain * self.grad_norm_before:
-            return "gain"
+        for reason, ceiling in self.ceilings():
+            if grad_norm >= ceiling * (1 - LANDED):
+                return reason
         return None
 
-    def broken(self, evaluation: Evaluation) -> str | None:
-        """``"drift"`` or ``"guard"`` when the step that led to ``evaluation`` broke that limit, else ``None``.
+    def passed(self, evaluation: Evaluation) -> tuple[str, float] | None:
+        """The lowest gradient-norm limit ``evaluation`` passed (its reason and value), else ``None``."""
+        grad_norm = float(evaluation.grad_norm)
+        passed = [(ceiling, reason) for reason, ceiling in self.ceilings() if grad_norm > ceiling]
+        return None if not passed else min(passed)[::-1]
+
+    def broken(self, evaluation: Evaluation) -> Breach | None:
+        """The drift or guard limit the step that led to ``evaluation`` broke, else ``None``.
 
         The guard loss is measured only when the drift is within its limit (``guard.last`` says
         whether it was).
@@ -126,10 +151,13 @@ class LimitCheck:
             self.guard.last = None
         loss, drift = float(evaluation.loss), self.limits.drift
         if drift is not None and math.isfinite(loss):
-            if abs(loss - self.loss_before) > drift * max(abs(self.loss_before), 1e-30):
-                return "drift"
+            allowed = drift * max(abs(self.loss_before), 1e-30)
+            if abs(loss - self.loss_before) > allowed:
+                return Breach("drift", abs(loss - self.loss_before) / allowed)
         if self.guard is not None and self.limits.guard is not None:
             reference = self.guard.baseline if self.guard.baseline is not None else self.guard_before
-            if not self.guard.loss() - reference <= self.limits.guard * max(abs(reference), 1e-30):
-                return "guard"
+            allowed = self.limits.guard * max(abs(reference), 1e-30)
+            rise = self.guard.loss() - reference
+            if not rise <= allowed:
+                return Breach("guard", rise / allowed if math.isfinite(rise) else math.inf)
         return None

@@ -25,14 +25,18 @@ def finite_positive(value: object, name: str) -> float:
 
 @dataclass(frozen=True)
 class LineSearch:
-    """A backtracking line search with growth along each step's direction.
+    """A line search with growth along each step's direction.
 
-    A step that breaks a limit or fails to improve the objective is undone
-    and tried again at ``shrink`` times its length, at most ``retries``
-    times in a row (then the ascent stops); an accepted step makes the next
-    one ``growth`` times longer, up to ``max_length`` times the first (up to
-    the first length where the climb has no evidence that longer steps keep
-    the data's loss).
+    An accepted step makes the next one ``growth`` times longer, up to
+    ``max_length`` times the first (up to the first length where the climb
+    has no evidence that longer steps keep the data's loss). A step that
+    fails to improve the objective is undone and tried again at ``shrink``
+    times its length, at most ``retries`` times in a row. A step that breaks
+    a limit (drift, guard) is undone and tried once more at the length a
+    quadratic model of the limit's rise says it allows (between a sixteenth
+    and a half of the step); once a limit binds, steps grow no more, and a
+    second breach ends the ascent rather than spending attempts on ever
+    shorter steps.
     """
 
     initial: float = INITIAL_LR
@@ -51,33 +55,69 @@ class LineSearch:
             raise ValueError(f"retries must be a non-negative whole number, got {self.retries!r}")
 
 
-class SearchState:
-    """Where one teleport's search stands: the next step's ``length`` and the rejections in a row.
+LANDINGS = 4
+"""Attempts at shortening a step that passed the gain limit (or the cap) so that it lands on it."""
 
-    Without a policy (a fixed rate, or a climb whose steps cannot be retried) the length stays 1
-    and a rejected step is not tried again.
+
+class SearchState:
+    """Where one teleport's search stands: the next step's ``length`` and the attempts at this point.
+
+    Without a policy (a fixed rate) the length stays 1 and a step a limit rejects is not tried
+    again; a climb that cannot retry (its steps keep state an undo would leave stale) never retries.
+    Landing on the gain limit shortens a step whatever the policy, where the climb can retry.
     """
 
-    def __init__(self, policy: LineSearch | None, may_grow: bool) -> None:
-        self.policy, self.active = policy, policy is not None
-        self.longest = policy.max_length if policy is not None and may_grow else 1.0
-        self.length, self.rejected = 1.0, 0
+    def __init__(self, policy: LineSearch | None, *, may_grow: bool, retries: bool) -> None:
+        self.policy = policy if retries else None
+        self.active, self.can_retry = self.policy is not None, retries
+        self.longest = policy.max_length if self.active and may_grow else 1.0
+        self.length, self.rejected, self.landings, self.limit_bound = 1.0, 0, 0, False
+        self.tried: list[tuple[float, float]] = []  # (length, log gradient norm) of steps past the limit
 
     @property
     def retrying(self) -> bool:
         """Whether the next step retries a rejected one at the same point."""
-        return self.rejected > 0
+        return self.rejected > 0 or self.landings > 0
 
     def accept(self) -> None:
-        self.rejected = 0
-        if self.active:
+        landed = self.landings > 0
+        self.rejected = self.landings = 0
+        self.tried.clear()
+        if self.active and not (self.limit_bound or landed):
             self.length = min(self.length * self.policy.growth, self.longest)
 
     def reject(self) -> bool:
-        """Shorten the step after a rejection; whether it is tried again."""
+        """Shorten the step after it failed to improve the objective; whether it is tried again."""
         if not self.active or self.rejected >= self.policy.retries:
             return False
         self.rejected, self.length = self.rejected + 1, self.length * self.policy.shrink
+        return True
+
+    def breached(self, excess: float) -> bool:
+        """Shorten the step after it broke a limit by ``excess`` times what it allows; whether it is
+        tried again (once: from then on the limit binds and the steps grow no more)."""
+        if not self.active or self.limit_bound:
+            return False
+        factor = min(0.5, max(1 / 16, 0.8 / math.sqrt(excess))) if math.isfinite(excess) else 1 / 16
+        self.limit_bound, self.rejected, self.length = True, self.rejected + 1, self.length * factor
+        return True
+
+    def land(self, start: float, passed: float, ceiling: float, below: float) -> bool:
+        """Shorten a step that took the gradient norm from ``start`` past ``ceiling`` (to ``passed``) so
+        that it lands between ``below`` and ``ceiling``; whether to try.
+
+        The log of the gradient norm is interpolated in the step's length: from the point and the
+        shortest step past the limit first, then through the two last steps (a secant, kept inside
+        what is known to fall short and to pass)."""
+        if not self.can_retry or self.landings >= LANDINGS or not 0 < start < ceiling < passed:
+            return False
+        self.tried.append((self.length, math.log(passed)))
+        target = math.log((ceiling * below) ** 0.5)
+        shortest = min(length for length, _ in self.tried)
+        points = [(0.0, math.log(start)), min(self.tried)] if len(self.tried) == 1 else self.tried[-2:]
+        (a, fa), (b, fb) = points
+        guess = a + (target - fa) * (b - a) / (fb - fa) if fb != fa else shortest / 2
+        self.landings, self.length = self.landings + 1, guess if 0 < guess < shortest else shortest / 2
         return True
 
 

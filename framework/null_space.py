@@ -23,7 +23,9 @@ applied through the null-space vectors instead (``G N N^T``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -159,8 +161,46 @@ class CoreBasis:
         return weight - weight_part, (bias - bias_part if bias is not None else None)
 
 
+class RepresentationParts(Protocol):
+    """One site's representations on the data a teleport keeps (each ``None`` where that data did not
+    reach the site on this process): the teleport batch's, the other samples' (guard, basis), and all
+    of them together."""
+
+    def everything(self) -> Tensor | None: ...
+
+    def batch(self) -> Tensor | None: ...
+
+    def samples(self) -> Tensor | None: ...
+
+
+SpectrumOf = Callable[[Tensor | None], "Spectrum | None"]
+"""The spectrum of a representation (of the global batch under data parallelism; ``None`` when no
+process has samples): :func:`local_spectrum` in one process, ``Replicas.spectrum`` across several."""
+
+
+def local_spectrum(representation: Tensor | None) -> Spectrum | None:
+    return None if representation is None else spectrum(representation)
+
+
+@dataclass(frozen=True)
+class SiteBasis:
+    """A site's core basis, with the number of samples it was built from and their dtype, and
+    whether its core space holds the teleport batch's whole span (steps then keep the batch's
+    pre-activations exactly)."""
+
+    basis: CoreBasis
+    samples: int
+    dtype: torch.dtype
+    keeps_batch: bool = False
+
+
 class NullSpace(ABC):
-    """Base class of null-space builders: subclasses choose the core rank per group."""
+    """Base class of null-space builders: subclasses choose the core rank per group.
+
+    The core space of a site is built from all the data a teleport keeps at
+    once (:meth:`site_basis`); a null space that treats the teleport batch
+    apart from the other samples overrides it.
+    """
 
     def __init__(self, tau: float = 1.0) -> None:
         if not 0.0 < float(tau) <= 1.0:
@@ -178,13 +218,28 @@ class NullSpace(ABC):
     def core_rank(self, spectrum: Spectrum) -> Tensor:
         """How many leading directions form the core space, per group (int tensor)."""
 
+    @property
+    def fallback(self) -> NullSpace | None:
+        """The null space to build instead where this one leaves no site room (none by default)."""
+        return None
+
+    def site_basis(self, parts: RepresentationParts, spectrum_of: SpectrumOf = local_spectrum) -> SiteBasis | None:
+        """The core basis of one site from its representations (``None`` when no sample reached it)."""
+        spec = spectrum_of(parts.everything())
+        return None if spec is None else SiteBasis(self.basis_of(spec), spec.samples, spec.dtype, self.exact)
+
     def basis(self, representation: Tensor) -> CoreBasis:
         """The core basis of ``representation`` (``groups x dims x samples``), in its dtype."""
         return self.basis_of(spectrum(representation))
 
     def basis_of(self, spec: Spectrum) -> CoreBasis:
         """The core basis for a spectrum, in the dtype of its representation."""
-        ranks = self.core_rank(spec).clamp(0, spec.dims)
+        return self.with_ranks(spec, self.core_rank(spec))
+
+    @staticmethod
+    def with_ranks(spec: Spectrum, ranks: Tensor) -> CoreBasis:
+        """The core basis of the leading ``ranks`` directions of a spectrum, per group."""
+        ranks = ranks.clamp(0, spec.dims)
         rank_list = tuple(int(r) for r in ranks)
         max_rank = max(rank_list, default=0)
         null_max = spec.dims - min(rank_list, default=0)

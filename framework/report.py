@@ -38,6 +38,11 @@ class TeleportReport:
     teleport's own line search too) and, for level-set teleport, ``"kkt"`` (a KKT point reached).
     ``frozen`` maps parameter names to why they did not move; ``step_sizes`` are the
     rates of the steps taken (what the step-length search chose, or the fixed ``lr``).
+    ``batch_norm`` says which loss of the batch was kept where the model normalises
+    with BatchNorm: ``"train"`` (the batch's own statistics, as training sees it; the
+    loss with the running statistics moves), ``"eval"`` (the running statistics) or
+    ``"both"`` (the train-mode loss exactly, the eval-mode one by energy); ``None``
+    without BatchNorm.
     """
 
     loss_before: float
@@ -54,6 +59,7 @@ class TeleportReport:
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     step_sizes: list[float] = field(default_factory=list)
+    batch_norm: str | None = None
     guard_loss_before: float | None = None
     guard_loss_after: float | None = None
     basis_seconds: float = 0.0

@@ -221,6 +221,7 @@ def _report(climb: Climb, outcome: Outcome, rolled_back: bool, seconds: float) -
         guard_loss_after=outcome.guard_after,
         basis_seconds=climb.basis_seconds,
         seconds=seconds,
+        batch_norm=climb.batch_norm,
     )
 
 

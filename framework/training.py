@@ -107,7 +107,7 @@ class TeleportTrainer:
         guard: bool = True,
         guard_samples: int = 256,
         lr_scheduler: Any | None = None,
-        optimizer_state: StatePolicy = "reset",
+        optimizer_state: StatePolicy = "auto",
         device: Device = None,
         on_teleport_failure: str = "skip",
         shadow_policy: str = "default",

@@ -74,6 +74,7 @@ from torch_teleport.lab.launch import (
     leave_launch,
     rank_and_world,
 )
+from torch_teleport.optimizer_state import POLICIES as STATE_POLICIES
 from torch_teleport.plugins.methods.null_space import NullSpaceMethod
 from torch_teleport.registry import Registry, default_registry
 
@@ -145,7 +146,7 @@ SCHEMA = Table(
                 "batch_size": Option(32, int, check=at_least(1)),
                 "guard_samples": Option(TRAINER_DEFAULTS["guard_samples"], int, check=at_least(1)),
                 "uncovered": Option(TELEPORTER_DEFAULTS["uncovered"], str, check=one_of("error", "warn", "freeze")),
-                "optimizer_state": Option("reset", str, check=one_of("reset", "keep")),
+                "optimizer_state": Option("auto", str, check=one_of(*STATE_POLICIES)),
                 "max_loss_change": Option(
                     TELEPORTER_DEFAULTS["max_loss_change"], float, check=at_least(0)
                 ),

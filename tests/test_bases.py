@@ -22,7 +22,7 @@ def bases_of(model: nn.Module, inputs, paths=None):
     """The coverage of ``model`` and the exact bases of the batch ``inputs``."""
     coverage = find_coverage(model, tt.default_registry())
     captured = capture_inputs(coverage, model, inputs)
-    return coverage, build_bases(coverage, captured, exact(), Replicas(), paths or {})
+    return coverage, build_bases(coverage, captured, {}, exact(), Replicas(), paths or {})
 
 
 class Detour(nn.Module):

@@ -16,11 +16,14 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import orthogonal, weight_norm
 
 from torch_teleport import Site, Teleporter, build_registry, check_coverage
-from torch_teleport.core_space import DEFAULT_NULL_SPACE, DEFAULT_TAU
+from torch_teleport.core_space import DEFAULT_NULL_SPACE
 from torch_teleport.coverage import UNCOVERED_REASON, ProjectorSiteError, assign_projectors
 from torch_teleport.coverage_table import CoverageTable
+from torch_teleport.plugins.null_spaces.threshold import ThresholdNullSpace
 from torch_teleport.projectors.frozen import EmbeddingPolicy, NormalizationPolicy
 from torch_teleport.projectors.linear import LinearProjector
+
+DEFAULT_TAU = ThresholdNullSpace().tau
 
 VOCABULARY, WIDTH, BATCH = 30, 20, 8
 

@@ -47,7 +47,7 @@ def full_path(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
     batch = Batch(model, F.cross_entropy, inputs, targets, trainable)
     path = FullPath(mover.context, batch, mover.coverage)
     bases = build_bases(
-        mover.coverage, path.captured_inputs(), mover.null_space, Replicas(), path.site_paths()
+        mover.coverage, path.captured_inputs(), {}, mover.null_space, Replicas(), path.site_paths()
     )
     return mover, batch, path, bases, MovedWeights(mover.coverage.movable(), mover.module_of)
 

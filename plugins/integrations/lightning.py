@@ -67,7 +67,7 @@ class TeleportCallback(Callback):
         *,
         module: Callable[[nn.Module], nn.Module] | None = None,
         teleport_data: Iterable[tuple[Tensor, Tensor]] | None = None,
-        optimizer_state: StatePolicy = "reset",
+        optimizer_state: StatePolicy = "auto",
         on_teleport_failure: str = "skip",
         shadow_policy: str = "default",
         guard_samples: int = 256,

@@ -11,16 +11,18 @@ applies. This module is the orchestration; the pieces are the core's
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from torch_teleport.ascent import check_start
-from torch_teleport.bases import build_bases
+from torch_teleport.bases import Captured, build_bases
 from torch_teleport.chain import ClosedFormPath, LinearChain
 from torch_teleport.core_space import DEFAULT_NULL_SPACE, resolve_null_space
 from torch_teleport.coverage import Coverage, capture_inputs, find_coverage
@@ -33,6 +35,7 @@ from torch_teleport.structured import StructuredPath
 from torch_teleport.update import MovedWeights
 
 GRADIENT_PATHS = ("auto", "closed_form", "structured", "full")
+BATCH_NORM_MODES = ("train", "both")
 
 DEFAULT_DRIFT = 1e-5
 """Default relative batch-loss drift allowed per teleport, whatever the null space: the float32
@@ -56,6 +59,12 @@ class NullSpaceMethod(TeleportMethod):
     projector provides no output gradients take the full path; the report
     names each site's path. A model with an op that has no forward-mode
     derivative takes the full path with a warning naming the op.
+
+    ``batch_norm`` says which loss of the batch a model with BatchNorm layers in
+    training mode keeps: ``"train"`` (default: the loss training sees, with the
+    batch's own statistics) or ``"both"`` (the batch's inputs with the running
+    statistics join the core space by energy too, so its eval-mode loss moves
+    far less). BatchNorm layers in eval mode keep the eval-mode loss.
     """
 
     default_drift: ClassVar[float | None] = DEFAULT_DRIFT
@@ -69,10 +78,14 @@ class NullSpaceMethod(TeleportMethod):
         tau: float | None = None,
         uncovered: str = "warn",
         gradient: str = "auto",
+        batch_norm: str = "train",
     ) -> None:
         if gradient not in GRADIENT_PATHS:
             raise ValueError(f"gradient must be one of {GRADIENT_PATHS}, got {gradient!r}")
+        if batch_norm not in BATCH_NORM_MODES:
+            raise ValueError(f"batch_norm must be one of {BATCH_NORM_MODES}, got {batch_norm!r}")
         self.null_space, self.tau, self.uncovered, self.gradient = null_space, tau, uncovered, gradient
+        self.batch_norm = batch_norm
 
     def bind(self, context: MethodContext) -> NullSpaceMover:
         return NullSpaceMover(context, self)
@@ -102,6 +115,7 @@ class NullSpaceMover(Mover):
         self.owners = Counter(name for name, _ in moved)  # how many sites each moved parameter belongs to
         self.module_of = dict(moved)  # each moved parameter's module: the unit of the module step limit
         self.chain = self._chain(method.gradient)
+        self.batch_norm = method.batch_norm
         _check_parameters(self.coverage.movable())
 
     def _chain(self, gradient: str) -> LinearChain | None:
@@ -132,17 +146,37 @@ class NullSpaceMover(Mover):
         """Capture -> bases -> the climb along the projected gradient of the chosen path."""
         path = self._path(batch)
         check_start(path.first)
-        captured = self._with_samples(path.captured_inputs(), batch)
-        bases = build_bases(self.coverage, captured, self.null_space, self.context.replicas, path.site_paths())
+        samples = self._samples(batch)
+        bases = build_bases(
+            self.coverage, path.captured_inputs(), samples, self.null_space, self.context.replicas, path.site_paths()
+        )
+        if isinstance(path, ClosedFormPath) and not bases.keeps_batch:  # the closed form needs exact steps
+            path = self._path(batch, closed_form=False)
+            bases = build_bases(
+                self.coverage, path.captured_inputs(), samples, self.null_space, self.context.replicas, path.site_paths()
+            )
         params = {name: p for name, p in self.coverage.movable().items() if name not in bases.frozen}
-        return ProjectedClimb(path, bases, MovedWeights(params, self.module_of), dict(self.coverage.frozen))
+        weights = MovedWeights(params, self.module_of)
+        climb = ProjectedClimb(path, bases, weights, dict(self.coverage.frozen), judged=batch.guard is not None)
+        climb.batch_norm = self._kept_mode()
+        return climb
 
-    def _path(self, batch: Batch) -> GradientPath:
+    def _kept_mode(self) -> str | None:
+        """Which loss of the batch the core space keeps, where the model has BatchNorm layers."""
+        norms = [m for m in self.context.model.modules() if isinstance(m, _BatchNorm)]
+        if not norms:
+            return None
+        if not any(m.training for m in norms):
+            return "eval"
+        return self.batch_norm
+
+    def _path(self, batch: Batch, closed_form: bool = True) -> GradientPath:
         """The gradient path for ``batch``, its first evaluation taken: the closed form where it applies
-        (exact null space, one process, a tensor batch), else structured where the objective allows,
-        else full."""
+        (a null space that keeps the batch exactly, one process, a tensor batch), else structured
+        where the objective allows, else full."""
         context = self.context
-        if self.chain is not None and self.null_space.exact and context.replicas.size == 1 and isinstance(batch.inputs, Tensor):
+        chain = self.chain is not None and closed_form and self.null_space.exact
+        if chain and context.replicas.size == 1 and isinstance(batch.inputs, Tensor):
             return ClosedFormPath(context, batch, self.coverage, self.chain)
         if not self.structured:
             return FullPath(context, batch, self.coverage)
@@ -158,17 +192,32 @@ class NullSpaceMover(Mover):
             )
             return full
 
-    def _with_samples(self, captured: dict, batch: Batch) -> dict:
-        """``captured`` with the input streams of ``batch.basis`` and of the guard batch added: the core
-        space then spans the inputs of the data the teleport promises to keep too."""
-        samples = [s for s in (batch.basis, batch.guard[0] if batch.guard is not None else None) if s is not None]
-        if not samples:
-            return captured
-        merged = defaultdict(list, {key: list(tensors) for key, tensors in captured.items()})
-        for sample in samples:
-            for key, tensors in capture_inputs(self.coverage, self.context.model, sample).items():
-                merged[key] += tensors
+    def _samples(self, batch: Batch) -> Captured:
+        """The input streams of ``batch.basis`` (and, keeping both BatchNorm modes, of the batch with
+        the running statistics): the core space spans the inputs of the data the teleport promises to
+        keep too. (The guard batch's do not join it: a guard whose inputs the core space holds keeps
+        its own loss by construction and could not judge the steps.)"""
+        merged: Captured = {}
+        if batch.basis is not None:
+            merged = capture_inputs(self.coverage, self.context.model, batch.basis)
+        if self._kept_mode() == "both":
+            with _running_statistics(self.context.model):
+                for key, tensors in capture_inputs(self.coverage, self.context.model, batch.inputs).items():
+                    merged[key] = [*merged.get(key, []), *tensors]
         return merged
+
+
+@contextlib.contextmanager
+def _running_statistics(model: nn.Module):
+    """BatchNorm layers normalising with their running statistics (eval mode) for a while."""
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training]
+    try:
+        for module in norms:
+            module.training = False
+        yield
+    finally:
+        for module in norms:
+            module.training = True
 
 
 def _check_parameters(movable: dict[str, nn.Parameter]) -> None:

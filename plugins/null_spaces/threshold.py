@@ -15,6 +15,9 @@ class ThresholdNullSpace(NullSpace):
     With ``tau = 1`` this is the exact null space.
     """
 
+    def __init__(self, tau: float = 0.999) -> None:
+        super().__init__(tau)
+
     def core_rank(self, spectrum: Spectrum) -> Tensor:
         exact = spectrum.numerical_rank()
         if self.tau >= 1.0:

@@ -16,13 +16,16 @@ from torch import nn
 
 import torch_teleport
 from torch_teleport import Teleporter, build_registry
-from torch_teleport.core_space import DEFAULT_NULL_SPACE, DEFAULT_TAU
+from torch_teleport.core_space import DEFAULT_NULL_SPACE
 from torch_teleport.lab import cli as cli_module
 from torch_teleport.lab.cli import main
 from torch_teleport.lab.config import apply_overrides, load_config, tomllib
 from torch_teleport.lab.train import resolve_config
 from torch_teleport.plugin_manager import BUILTIN_ORIGIN
+from torch_teleport.plugins.null_spaces.threshold import ThresholdNullSpace
 from torch_teleport.projectors.frozen import EmbeddingPolicy
+
+DEFAULT_TAU = ThresholdNullSpace().tau
 
 TINY = """
 threads = 1
