@@ -158,14 +158,15 @@ class ClosedFormPath(GradientPath):
     measures_loss = False
 
     def __init__(self, context: MethodContext, batch: Batch, coverage: Coverage, chain: LinearChain) -> None:
+        self.chain = chain
         super().__init__(context, batch, coverage)
-        self.state = chain.prepare(batch)
-        sites = {id(covered.module): (covered, site) for covered in coverage.modules for site in covered.sites}
-        self.sites = [sites[id(layer)] for layer in chain.layers]
         self.first = self.evaluate()
 
-    def captured_inputs(self) -> dict[tuple[str, str], list[Tensor]]:
-        """The layers' inputs the chain captured (no second forward)."""
+    def _capture(self) -> dict[tuple[str, str], list[Tensor]]:
+        """The layers' inputs as the chain captures them (no second forward)."""
+        self.state = self.chain.prepare(self.batch)
+        sites = {id(covered.module): (covered, site) for covered in self.coverage.modules for site in covered.sites}
+        self.sites = [sites[id(layer)] for layer in self.chain.layers]
         return {
             (covered.name, site.stream): [x] for (covered, site), x in zip(self.sites, self.state.inputs, strict=True)
         }

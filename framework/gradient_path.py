@@ -29,11 +29,14 @@ from .update import FactoredSite, MovedWeights, ProjectedStep, ProjectedUpdate
 class GradientPath(ABC):
     """One route to the projected objective gradient on one teleport batch.
 
-    Built with the batch, it takes the first evaluation (``first``).
-    ``sites`` are the sites whose gradient it computes its own way (the
-    others get autograd's); ``measures_loss`` is false when :meth:`evaluate`
-    keeps the captured loss instead of measuring it (then :meth:`final`
-    measures the end point).
+    Built with the batch, it captures every covered module's input streams
+    on it (a no-grad forward, before anything else runs: a model that caches
+    values in eval mode, such as LeViT's attention biases, then caches them
+    without a graph) and takes the first evaluation (``first``). ``sites``
+    are the sites whose gradient it computes its own way (the others get
+    autograd's); ``measures_loss`` is false when :meth:`evaluate` keeps the
+    captured loss instead of measuring it (then :meth:`final` measures the
+    end point).
     """
 
     name: ClassVar[str]
@@ -43,10 +46,14 @@ class GradientPath(ABC):
 
     def __init__(self, context: MethodContext, batch: Batch, coverage: Coverage) -> None:
         self.context, self.batch, self.coverage = context, batch, coverage
+        self.captured = self._capture()
+
+    def _capture(self) -> dict[tuple[str, str], list[Tensor]]:
+        return capture_inputs(self.coverage, self.context.model, self.batch.inputs)
 
     def captured_inputs(self) -> dict[tuple[str, str], list[Tensor]]:
-        """Every covered module's input streams on the batch (one capture forward)."""
-        return capture_inputs(self.coverage, self.context.model, self.batch.inputs)
+        """Every covered module's input streams on the batch."""
+        return self.captured
 
     def site_paths(self) -> dict[SiteKey, str]:
         """The path of each of :attr:`sites`, for the layer reports."""
