@@ -181,6 +181,9 @@ class ClosedFormPath(GradientPath):
             evaluation.loss = checked_loss(self.batch.loss_fn(output, self.batch.targets))
         return evaluation
 
+    def release(self, evaluation: ChainEvaluation) -> None:
+        evaluation.deltas = None
+
     def update(self, evaluation: ChainEvaluation, weights: MovedWeights, bases: Bases) -> ProjectedUpdate:
         coefficient = self.context.objective.slope(evaluation.squared)
         factored = []

@@ -36,10 +36,12 @@ def _nothing() -> None:
 
 @dataclass(frozen=True)
 class Applied:
-    """A step taken: how to take it back, and its size when the step measures its own (else the rule's)."""
+    """A step taken: how to take it back (and, once taken back, to take it again), and its size when
+    the step measures its own (else the rule's)."""
 
     undo: Callable[[], None] = _nothing
     size: float | None = None
+    redo: Callable[[], None] = _nothing
 
 
 class Step(ABC):
@@ -72,8 +74,9 @@ class Climb(ABC):
     ``retries`` says whether a step undone by the loop may be taken again at
     another length (its direction keeps no state the undo would leave stale),
     ``may_grow`` whether steps longer than the first keep the data's loss.
-    ``layers``, ``frozen``, ``basis_seconds`` and ``batch_norm`` (which mode's loss
-    of the batch is kept, see :class:`~torch_teleport.TeleportReport`) go into the report.
+    ``layers``, ``frozen``, ``basis_seconds``, ``batch_norm`` (which mode's loss
+    of the batch is kept) and ``keeps_batch`` (whether every core space holds the
+    batch's span; see :class:`~torch_teleport.TeleportReport`) go into the report.
     Subclasses set ``first`` (and what differs from these defaults) when built.
     """
 
@@ -84,6 +87,7 @@ class Climb(ABC):
     may_grow = True
     layers: Sequence[LayerReport] = ()
     batch_norm: str | None = None
+    keeps_batch: bool | None = None
     frozen: Mapping[str, str] = MappingProxyType({})
     basis_seconds = 0.0
 

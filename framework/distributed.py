@@ -28,8 +28,10 @@ The result is bit-identical on every rank when the collectives hand every
 rank the same bits (gloo and NCCL rings do) and the ranks run the same
 kernels; ``verify=True`` checks it after each teleport.
 
-Launching processes is the lab's business (``torch_teleport.lab.launch``).
-See ``docs/scale.md``.
+A model sharded with FSDP2 teleports through the same seams, its global
+gradient and update taken from FSDP's own passes
+(:mod:`~torch_teleport.sharded_path`). Launching processes is the lab's
+business (``torch_teleport.lab.launch``). See ``docs/scale.md``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from torch import Tensor, nn
 from .inputs import batch_size
 from .null_space import Spectrum, gram_spectrum, spectrum, uses_gram_route
 from .objective import Batch, Evaluation
+from .sharding import local, shard_key
 
 DTYPES: tuple[torch.dtype, ...] = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 """Representation dtypes, by the code ranks exchange to agree on one."""
@@ -130,23 +133,28 @@ class Replicas:
         if self.size > 1:
             flags = self._all_gather_ints([int(error is not None)])[:, 0]
             failing = [rank for rank, flag in enumerate(flags.tolist()) if flag]
-            if failing and error is None:
-                raise InvalidBatchElsewhereError(
-                    f"the teleport batch of rank(s) {failing} was rejected (see the error there); "
-                    "every rank skips this teleport"
-                )
+            if failing:
+                messages = [None] * self.size
+                dist.all_gather_object(messages, None if error is None else str(error), group=self.group)
+                if error is None:
+                    reasons = "; ".join(f"rank {rank}: {messages[rank]}" for rank in failing)
+                    raise InvalidBatchElsewhereError(
+                        f"the teleport batch was rejected on another rank ({reasons}); every rank "
+                        "skips this teleport"
+                    )
         if error is not None:
             raise error
 
     # -- the global null space ----------------------------------------------------------
-    def spectrum(self, representation: Tensor | None) -> Spectrum | None:
+    def spectrum(self, representation: Tensor | None, *, leading: bool = False) -> Spectrum | None:
         """The spectrum of the global representation of one site; ``None`` if no rank saw samples.
 
         ``representation`` is this rank's ``(groups, dims, samples)``
-        matrix, or ``None`` when the site's module did not run here.
+        matrix, or ``None`` when the site's module did not run here;
+        ``leading`` as for :func:`~torch_teleport.null_space.spectrum`.
         """
         if self.size == 1:
-            return None if representation is None else spectrum(representation)
+            return None if representation is None else spectrum(representation, leading=leading)
         shape = list(representation.shape) if representation is not None else [0, 0, 0]
         code = DTYPES.index(representation.dtype) if representation is not None else -1
         headers = self._all_gather_ints([*shape, code])
@@ -175,7 +183,7 @@ class Replicas:
         gathered = [torch.empty_like(padded) for _ in counts]
         dist.all_gather(gathered, padded, group=self.group)
         parts = [block[..., :count] for block, count in zip(gathered, counts, strict=True)]
-        return spectrum(torch.cat(parts, dim=-1).to(dtype))
+        return spectrum(torch.cat(parts, dim=-1).to(dtype), leading=leading)
 
     # -- global figures and one update --------------------------------------------------
     def combine(self, evaluation: Evaluation, batch: Batch) -> Evaluation:
@@ -252,15 +260,24 @@ class Replicas:
             self.assert_identical(model.named_parameters())
 
     def assert_identical(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        """Compare bitwise checksums of the tensors across ranks; name the first that differ."""
+        """Compare bitwise checksums of the tensors across ranks; name the first that differ.
+
+        A sharded tensor's block is compared with the ranks that hold the same block (its replicas
+        on an HSDP mesh); blocks that no other rank holds have nothing to differ from.
+        """
         pairs = list(named_tensors)
-        names = [name for name, _ in pairs]
-        sums = self._all_gather_ints([checksum(tensor) for _, tensor in pairs])
-        differing = (sums != sums[0]).any(dim=0).nonzero().flatten().tolist()
+        keys_and_sums = self._all_gather_ints(
+            [shard_key(tensor) for _, tensor in pairs] + [checksum(local(tensor)) for _, tensor in pairs]
+        )
+        keys, sums = keys_and_sums[:, : len(pairs)], keys_and_sums[:, len(pairs) :]
+        differing = [
+            name
+            for i, (name, _) in enumerate(pairs)
+            if any(sums[keys[:, i] == key, i].unique().numel() > 1 for key in keys[:, i].unique())
+        ]
         if differing:
-            listed = ", ".join(names[i] for i in differing[:5])
             raise ReplicaDivergenceError(
-                f"replicas differ after the teleport in {len(differing)} parameter tensor(s): {listed}"
+                f"replicas differ after the teleport in {len(differing)} parameter tensor(s): {', '.join(differing[:5])}"
             )
 
     # -- plumbing ------------------------------------------------------------------------

@@ -71,6 +71,9 @@ class GradientPath(ABC):
         """The projected objective gradient at the point of ``evaluation`` (global under data
         parallelism), unscaled."""
 
+    def release(self, evaluation: Evaluation) -> None:
+        """Drop what ``evaluation`` holds for its step (the climb has moved on; its figures stay)."""
+
     def finished(self, dense: dict[str, Tensor], factored: list[FactoredSite], bases: Bases) -> ProjectedUpdate:
         """The update with its dense parts summed over replicas (the global objective's gradient, the
         same on every rank) and projected, the factored parts as they are (projected already)."""
@@ -98,6 +101,7 @@ class FullPath(GradientPath):
     def __init__(self, context: MethodContext, batch: Batch, coverage: Coverage) -> None:
         super().__init__(context, batch, coverage)
         self.sites = []
+        self._first_gradient: dict[str, Tensor] | None = None
         self.first = self.evaluate()
         once = sorted({f.__qualname__ for f in custom_functions(self.first.value) if once_differentiable(f)})
         if once:
@@ -106,8 +110,17 @@ class FullPath(GradientPath):
     def evaluate(self) -> Evaluation:
         return self.context.evaluate(self.batch)
 
+    def release(self, evaluation: Evaluation) -> None:
+        if evaluation is self.first:
+            self._first_gradient = None
+
     def update(self, evaluation: Evaluation, weights: MovedWeights, bases: Bases) -> ProjectedUpdate:
-        return self.finished(autograd_gradient(evaluation, weights.params, list(weights.params)), [], bases)
+        if evaluation is not self.first:
+            return self.finished(autograd_gradient(evaluation, weights.params, list(weights.params)), [], bases)
+        if self._first_gradient is None:  # backward runs once per graph: a fallback climb reuses it
+            movable = self.coverage.movable()
+            self._first_gradient = autograd_gradient(evaluation, movable, list(movable))
+        return self.finished({name: self._first_gradient[name].clone() for name in weights.params}, [], bases)
 
 
 class ProjectedClimb(Climb):
@@ -126,10 +139,11 @@ class ProjectedClimb(Climb):
         self.path, self.bases, self.weights = path, bases, weights
         self.first = path.first
         self.blocked = None if bases.of else "no_room"
-        self.measures_loss = path.measures_loss
+        self.measures_loss, self.keeps_batch = path.measures_loss, bases.keeps_batch
         self.may_grow = bases.saturated or judged
         self.layers, self.frozen, self.basis_seconds = bases.layers, {**frozen, **bases.frozen}, bases.seconds
         self._at: tuple[Evaluation, ProjectedStep] | None = None
+        self._warned = False
 
     def evaluate(self) -> Evaluation:
         return self.path.evaluate()
@@ -138,11 +152,23 @@ class ProjectedClimb(Climb):
         return self.path.final()
 
     def step(self, evaluation: Evaluation) -> ProjectedStep:
+        step = self._step_at(evaluation)
+        if evaluation is self.first and step.norm == 0 and not self._warned:
+            self._warned = True
+            warnings.warn(_NO_DIRECTION.format(sites=", ".join(sorted(layer.name for layer in self.layers if layer.null_dim))), RuntimeWarning, stacklevel=2)
+        return step
+
+    def moves(self) -> bool:
+        """Whether the bases leave room (:data:`~torch_teleport.bases.MIN_ROOM`) and the first step
+        has a direction at all."""
+        return self.blocked is None and self.bases.has_room() and self._step_at(self.first).norm != 0  # NaN: the ascent's to report
+
+    def _step_at(self, evaluation: Evaluation) -> ProjectedStep:
         if self._at is None or self._at[0] is not evaluation:
-            step = ProjectedStep(self.path.update(evaluation, self.weights, self.bases), self.weights)
-            if evaluation is self.first and step.norm == 0:
-                warnings.warn(_NO_DIRECTION.format(sites=", ".join(sorted(layer.name for layer in self.layers if layer.null_dim))), RuntimeWarning, stacklevel=2)
-            self._at = (evaluation, step)
+            if self._at is not None:  # the climb never steps from an earlier point again
+                previous, self._at = self._at[0], None
+                self.path.release(previous)
+            self._at = (evaluation, ProjectedStep(self.path.update(evaluation, self.weights, self.bases), self.weights))
         return self._at[1]
 
 

@@ -42,7 +42,10 @@ class TeleportReport:
     with BatchNorm: ``"train"`` (the batch's own statistics, as training sees it; the
     loss with the running statistics moves), ``"eval"`` (the running statistics) or
     ``"both"`` (the train-mode loss exactly, the eval-mode one by energy); ``None``
-    without BatchNorm.
+    without BatchNorm. ``keeps_batch`` says whether every site's core space held the
+    teleport batch's whole span (its loss then moves by rounding only; ``False`` where
+    the default null space fell back to the data's core space by energy, the drift
+    limit keeping the batch's loss); ``None`` for methods without core spaces.
     """
 
     loss_before: float
@@ -60,6 +63,7 @@ class TeleportReport:
     grad_norms: list[float] = field(default_factory=list)
     step_sizes: list[float] = field(default_factory=list)
     batch_norm: str | None = None
+    keeps_batch: bool | None = None
     guard_loss_before: float | None = None
     guard_loss_after: float | None = None
     basis_seconds: float = 0.0

@@ -30,9 +30,10 @@ streams go through its own :meth:`~torch_teleport.Projector.capture` and
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -138,8 +139,13 @@ class StructuredPath(GradientPath):
                 if isinstance(part, FactoredSite):
                     factored.append(part)
                 else:
-                    _write_site(dense, weights.params, covered, site, part)
+                    write_site(dense, weights.params, covered, site, part)
         return self.finished(dense, factored, bases)
+
+    def release(self, evaluation: StructuredEvaluation) -> None:
+        evaluation.deltas, evaluation.direction = {}, {}
+        if evaluation is self.first:
+            self.first_tangents = None
 
     def _tangents(self, evaluation: StructuredEvaluation) -> dict[tuple[str, str], list[Tensor]]:
         return tangent_streams(self.batch, evaluation.direction, self.modules)
@@ -160,7 +166,7 @@ class StructuredPath(GradientPath):
         return projector.structured_gradient(module, site, grads, streams) * coefficient
 
 
-def _write_site(dense: dict[str, Tensor], params: dict, covered: CoveredModule, site: Site, product: Tensor) -> None:
+def write_site(dense: dict[str, Tensor], params: dict, covered: CoveredModule, site: Site, product: Tensor) -> None:
     """Write a site's ``(groups, rows, inputs)`` update into the dense per-parameter updates."""
     for local in (site.weight, site.bias):
         if local:
@@ -255,38 +261,49 @@ def tangent_streams(
     recording tangents instead of values (a zero tangent where none flowed).
     """
     tangents: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
-
-    def recorder(module_name: str):
-        def record(stream: str, tensor: Tensor) -> None:
-            primal, tangent = fwAD.unpack_dual(tensor)
-            tangents[(module_name, stream)].append(torch.zeros_like(primal) if tangent is None else tangent)
-
-        return record
-
     handles = []
-    fast_path = torch.backends.mha.get_fastpath_enabled()
     # functional_call leaves plain tensors behind in a module the model calls from two places;
     # every module's own parameters are put back afterwards.
     owned = [(module, dict(module._parameters)) for module in batch.model.modules()]
     try:
-        # The fused attention and encoder-layer fast paths have no forward-mode derivatives.
-        torch.backends.mha.set_fastpath_enabled(False)
         for covered in modules:
-            handles += covered.projector.capture(covered.module, recorder(covered.name))
-        with fwAD.dual_level(), torch.no_grad(), warnings.catch_warnings():
-            # The first dual loads torch's forward-mode decompositions, which script functions
-            # through the deprecated torch.jit.script: torch's own business, not the caller's.
-            warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
+            handles += covered.projector.capture(covered.module, tangent_recorder(tangents, covered.name))
+        with forward_mode():
             duals = {name: fwAD.make_dual(p.detach(), direction[name]) for name, p in _named(batch, direction)}
             args, kwargs = as_call(batch.inputs)
             functional_call(batch.model, duals, args, kwargs, strict=False)
     finally:
-        torch.backends.mha.set_fastpath_enabled(fast_path)
         for handle in handles:
             handle.remove()
         for module, parameters in owned:
             module._parameters.update(parameters)
     return tangents
+
+
+def tangent_recorder(tangents: dict[tuple[str, str], list[Tensor]], module_name: str):
+    """A capture ``record`` that keeps the tangent of each recorded stream (zeros where none flowed)."""
+
+    def record(stream: str, tensor: Tensor) -> None:
+        primal, tangent = fwAD.unpack_dual(tensor)
+        tangents[(module_name, stream)].append(torch.zeros_like(primal) if tangent is None else tangent)
+
+    return record
+
+
+@contextlib.contextmanager
+def forward_mode() -> Iterator[None]:
+    """A forward-mode pass: dual tensors on, no graph, and the fused attention and encoder-layer
+    fast paths off (they have no forward-mode derivatives)."""
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    try:
+        torch.backends.mha.set_fastpath_enabled(False)
+        with fwAD.dual_level(), torch.no_grad(), warnings.catch_warnings():
+            # The first dual loads torch's forward-mode decompositions, which script functions
+            # through the deprecated torch.jit.script: torch's own business, not the caller's.
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
 def _named(batch: Batch, direction: dict[str, Tensor]):

@@ -25,10 +25,11 @@ from .inputs import Inputs, check_batch, check_inputs, usable
 from .limits import Guard, Limits
 from .line_search import LineSearch, StepRule, finite_positive
 from .method import MethodContext, TeleportMethod, evaluate_objective
-from .model_state import double_backward_safe, preserved_state
+from .model_state import double_backward_safe, float32_inputs, full_precision, preserved_state
 from .objective import Batch, LossFn, Objective
 from .registry import Registry, default_registry
 from .report import TeleportReport
+from .sharding import reshard, resharded_after_forward
 
 
 class Teleporter:
@@ -42,7 +43,9 @@ class Teleporter:
     Args:
         model: the network; its parameters are updated in place. A
             ``DistributedDataParallel`` or ``torch.compile`` wrapper is
-            teleported through the module it wraps.
+            teleported through the module it wraps; a model sharded with
+            FSDP2's ``fully_shard`` on the blocks each rank holds
+            (:mod:`~torch_teleport.sharded_path`).
         loss_fn: ``loss_fn(model(inputs), targets)`` returns a scalar tensor.
         method: a registered method's name (``"null_space"``, the default, or a
             baseline: ``"symmetry"``, ``"level_set"``) with its options as further
@@ -137,6 +140,7 @@ class Teleporter:
         """
         steps = self.steps if steps is None else _check_steps(steps)
         cap = self.cap if cap is None else _check_cap(cap)
+        reshard(self.model)  # FSDP2: the sharded parameters, not a gathered copy a forward left
         batch = self._batch(inputs, targets, guard, guard_baseline, basis)
         moved = self.mover.moved_parameters()
         saved = [p.detach().clone() for p in moved]
@@ -166,7 +170,7 @@ class Teleporter:
             if not (isinstance(guard, tuple | list) and len(guard) == 2):
                 raise TypeError("guard must be an (inputs, targets) pair")
             self.replicas.check_together(check_batch, *guard)
-            guard = (usable(guard[0]), usable(guard[1]))
+            guard = (self._inputs(guard[0]), usable(guard[1]))
         if self.replicas.size > 1 and not self.method.keeps_replicas_in_sync:
             raise NotImplementedError(f"{type(self.method).__name__} cannot keep data-parallel replicas identical")
         self.replicas.check_together(check_batch, inputs, targets)
@@ -174,14 +178,19 @@ class Teleporter:
             if not self.method.takes_basis_sample:
                 raise ValueError(f"the {type(self.method).__name__} builds no null space and takes no basis sample")
             self.replicas.check_together(check_inputs, basis, "basis")
-            basis = usable(basis)
+            basis = self._inputs(basis)
         if guard_baseline is not None:
             if guard is None:
                 raise ValueError("guard_baseline needs a guard batch")
             if not math.isfinite(guard_baseline):
                 raise ValueError(f"guard_baseline must be finite, got {guard_baseline!r}")
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        return Batch(self.model, self.loss_fn, usable(inputs), usable(targets), trainable, guard, basis)
+        return Batch(self.model, self.loss_fn, self._inputs(inputs), usable(targets), trainable, guard, basis)
+
+    def _inputs(self, inputs: Inputs) -> Inputs:
+        """``inputs`` usable by autograd, in float32 where the model's half-precision parameters are
+        computed in it."""
+        return usable(float32_inputs(self.model, inputs))
 
     def _guard(self, batch: Batch, baseline: float | None) -> Guard | None:
         if batch.guard is None:
@@ -222,15 +231,24 @@ def _report(climb: Climb, outcome: Outcome, rolled_back: bool, seconds: float) -
         basis_seconds=climb.basis_seconds,
         seconds=seconds,
         batch_norm=climb.batch_norm,
+        keeps_batch=climb.keeps_batch,
     )
 
 
 @contextlib.contextmanager
 def _teleporting(model: nn.Module):
     """The state a teleport runs in, on the model's device: its modes and buffers kept, full
-    precision, kernels with second derivatives, and autograd on whatever the caller switched off."""
+    precision (half-precision parameters computed in float32), kernels with second derivatives,
+    and autograd on whatever the caller switched off."""
     device_type = next(model.parameters()).device.type
-    with preserved_state(model), double_backward_safe(device_type), torch.inference_mode(False), torch.enable_grad():
+    with (
+        preserved_state(model),
+        full_precision(model),
+        double_backward_safe(device_type),
+        resharded_after_forward(model),
+        torch.inference_mode(False),
+        torch.enable_grad(),
+    ):
         yield
 
 

@@ -22,6 +22,7 @@ from .climb import Applied, Step
 from .coverage import CoveredModule
 from .null_space import CoreBasis
 from .projector import Site, site_view
+from .sharding import norms, squared_norms
 
 
 @dataclass
@@ -73,7 +74,7 @@ class ProjectedUpdate:
     def squares(self) -> list[float]:
         """Each part's squared Frobenius norm (dense parameters in order, then factored sites),
         accumulated in float64 (squares overflow float32); computed once per step and its retries."""
-        squares = [float(update.double().square().sum()) for update in self.dense.values()]
+        squares = squared_norms(list(self.dense.values()))  # of the whole tensors, however sharded
         return squares + [float(part.squared_norm()) for part in self.factored]
 
     def norm(self) -> float:
@@ -120,7 +121,7 @@ class MovedWeights:
 
     def __init__(self, params: dict[str, nn.Parameter], module_of: dict[str, str]) -> None:
         self.params, self.module_of = params, module_of
-        sizes = {name: float(p.detach().double().norm()) for name, p in params.items()}
+        sizes = dict(zip(params, norms(list(params.values())), strict=True))  # whole, however sharded
         self.reference = math.sqrt(sum(size**2 for size in sizes.values()))
         squares: dict[str, float] = defaultdict(float)
         for name, size in sizes.items():
@@ -144,4 +145,7 @@ class ProjectedStep(Step):
             limits = {module: module_limit * norm for module, norm in self.weights.module_norms.items()}
         scales = self.update.scales(scale, self.weights.module_of, limits)
         self.update.add_to_weights(self.weights.params, scales)
-        return Applied(undo=lambda: self.update.add_to_weights(self.weights.params, scales, sign=-1.0))
+        return Applied(
+            undo=lambda: self.update.add_to_weights(self.weights.params, scales, sign=-1.0),
+            redo=lambda: self.update.add_to_weights(self.weights.params, scales),
+        )

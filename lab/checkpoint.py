@@ -13,6 +13,13 @@ Loading verifies the SHA-256 before unpickling (with
 ``weights_only=True``: a checkpoint cannot run code), so a truncated or
 corrupted file gives a :class:`CheckpointError` naming it, and the earlier
 checkpoints still there.
+
+A sharded model (FSDP2) is saved with :func:`save_sharded_checkpoint`, on
+every rank: ``torch.distributed.checkpoint`` writes each rank's blocks of the
+model and optimizer, and each rank's own state (its trainer's or teleport
+events' ``state_dict()``, its random state) beside them, into a temporary
+folder that rank 0 renames into place once every rank is done, then
+``latest.json`` as above. No rank gathers the model.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import io
 import json
 import os
 import random
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,9 +38,12 @@ from typing import IO, Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
 
 LATEST = "latest.json"
 PATTERN = "checkpoint-*.pt"
+SHARDED_PATTERN = "checkpoint-*[0-9]"
 
 
 class CheckpointError(RuntimeError):
@@ -92,6 +103,89 @@ def _others(folder: Path, bad: Path) -> str:
     return f"; earlier checkpoints still there: {', '.join(others)}" if others else ""
 
 
+# -- sharded models ----------------------------------------------------------------------
+def save_sharded_checkpoint(
+    folder: str | Path,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    state: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write the checkpoint of ``step`` of a sharded ``model`` (and ``optimizer``) on every rank.
+
+    Each rank writes the blocks it holds (``torch.distributed.checkpoint``;
+    no rank gathers the model) and its own ``state``, plain data such as a
+    trainer's ``state_dict()`` and :func:`rng_state`. Every rank must call
+    it, with the same ``folder`` on a file system they share. The ``keep``
+    newest checkpoints stay.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    folder, rank = Path(folder), dist.get_rank()
+    final, temporary = folder / f"checkpoint-{int(step):08d}", folder / f".checkpoint-{int(step):08d}.tmp"
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(temporary, ignore_errors=True)
+    dist.barrier()
+    model_state, optimizer_state = get_state_dict(model, [] if optimizer is None else [optimizer])
+    own = io.BytesIO()
+    torch.save(state or {}, own)
+    dcp.save(
+        {"model": model_state, "optimizer": optimizer_state, "ranks": {str(rank): own.getvalue()}},
+        checkpoint_id=temporary,
+    )
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        _sync_folder(folder)
+        manifest = {"file": final.name, "step": int(step), "ranks": dist.get_world_size()}
+        with _atomic_file(folder / LATEST) as file:
+            file.write((json.dumps(manifest, indent=2) + "\n").encode())
+        for old in sorted(folder.glob(SHARDED_PATTERN))[:-keep]:
+            if old != final:
+                shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def load_sharded_checkpoint(
+    folder: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
+    """Load the newest sharded checkpoint in ``folder`` into ``model`` (and ``optimizer``) on every rank;
+    return this rank's own state. The model must be sharded as when it was saved, on as many ranks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    folder, rank = Path(folder), dist.get_rank()
+    try:
+        manifest = json.loads((folder / LATEST).read_text(encoding="utf-8"))
+        path, ranks = folder / manifest["file"], int(manifest["ranks"])
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint in {folder} ({LATEST} is missing)") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{folder / LATEST} is corrupt ({error})") from None
+    if not (path / ".metadata").is_file():
+        raise CheckpointError(f"checkpoint {path} named by {folder / LATEST} is missing or partial")
+    if ranks != dist.get_world_size():
+        raise CheckpointError(
+            f"checkpoint {path} was written by {ranks} ranks; load it on as many (this run has {dist.get_world_size()})"
+        )
+    model_state, optimizer_state = get_state_dict(model, [] if optimizer is None else [optimizer])
+    saved = {"model": model_state, "optimizer": optimizer_state, "ranks": {str(rank): b""}}
+    dcp.load(saved, checkpoint_id=path)
+    set_state_dict(
+        model, [] if optimizer is None else [optimizer],
+        model_state_dict=saved["model"], optim_state_dict=saved["optimizer"],
+    )  # fmt: skip
+    return torch.load(io.BytesIO(saved["ranks"][str(rank)]), weights_only=True)
+
+
 # -- random state ----------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
     """The global random state of torch (CPU and CUDA), NumPy and Python, as plain data."""
@@ -137,9 +231,14 @@ def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the renames in ``folder`` durable."""
+    directory = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(directory)  # make the rename itself durable
+        os.fsync(directory)
     finally:
         os.close(directory)
 

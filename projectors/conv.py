@@ -50,7 +50,7 @@ class ConvProjector(Projector):
         """The convolution's own weight gradient with the tangents as inputs: no unfolded patches."""
         spatial = len(module.kernel_size)
         weight_grad = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}[spatial]
-        total = torch.zeros_like(module.weight)
+        total = torch.zeros(module.weight.shape, dtype=output_grads[0].dtype, device=output_grads[0].device)
         for grad, tangent in zip(output_grads, input_tangents, strict=True):
             if tangent.dim() == spatial + 1:
                 grad, tangent = grad.unsqueeze(0), tangent.unsqueeze(0)

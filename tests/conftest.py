@@ -4,12 +4,18 @@ imports another."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
+import time
+from datetime import timedelta
 from itertools import chain
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -240,6 +246,34 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, port: int):
+    """This spawned rank in a gloo process group of ``world`` on localhost, one thread, torn down after."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(worker, world: int, out_dir: Path) -> list:
+    """Run ``worker(rank, world, port, out_dir)`` on ``world`` spawned ranks and load what each saved
+    to ``out_dir/rank{rank}.pt``, failing after :data:`DEADLINE_SECONDS`."""
+    context = mp.start_processes(
+        worker, args=(world, free_port(), str(out_dir)), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{world} ranks did not finish within {DEADLINE_SECONDS} s")
+    return [torch.load(Path(out_dir) / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
 
 
 # -- a guard batch whose loss a test sets ---------------------------------------------------------

@@ -199,13 +199,13 @@ def test_mismatched_batch_sizes():
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_parameters(dtype):
+def test_eight_bit_parameters():
+    dtype = torch.float8_e4m3fn
     model = make_model(dtype)
     expect_error(
         model,
         TypeError,
-        f"teleport needs float32 or float64 parameters, 0.weight is {dtype}",
+        f"teleport moves float64, float32, bfloat16 and float16 parameters; 0.weight is {dtype}",
         build=lambda: Teleporter(model, nn.functional.cross_entropy, uncovered="freeze"),
     )
 

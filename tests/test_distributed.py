@@ -9,15 +9,11 @@ batch, computed here in one process, must be unchanged by each teleport.
 
 from __future__ import annotations
 
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import DEADLINE_SECONDS, free_port
+from conftest import gloo_group, spawn_ranks
 from torch import nn
 from torch.nn import functional as F
 
@@ -142,11 +138,7 @@ def _fault_phase(rank: int, world: int) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    try:
+    with gloo_group(rank, world, port):
         results = {
             "float64": _teleport_phase(rank, world, torch.float64),
             "float32": _teleport_phase(rank, world, torch.float32),
@@ -154,22 +146,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             "faults": _fault_phase(rank, world),
         }
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
-
-def spawn(world: int, out_dir: Path) -> list[dict]:
-    """Run :func:`_worker` on ``world`` spawned ranks, failing after :data:`DEADLINE_SECONDS`."""
-    context = mp.start_processes(
-        _worker, args=(world, free_port(), str(out_dir)), nprocs=world, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + DEADLINE_SECONDS
-    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{world} ranks did not finish within {DEADLINE_SECONDS} s")
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -196,7 +173,7 @@ def global_figures(dtype: torch.dtype, world: int, params: dict[str, torch.Tenso
 @pytest.mark.slow  # spawns processes
 @pytest.mark.parametrize("world", [2, 3])
 def test_replicas_stay_identical_and_the_global_loss_is_invariant(world, tmp_path):
-    ranks = spawn(world, tmp_path)
+    ranks = spawn_ranks(_worker, world, tmp_path)
 
     for dtype, key, rtol in ((torch.float64, "float64", 1e-10), (torch.float32, "float32", 1e-5)):
         per_rank = [r[key] for r in ranks]

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch_teleport.climb import Applied, AscentStopped, Climb, Step
 from torch_teleport.hookspecs import hookimpl
 from torch_teleport.method import MethodContext, Mover, TeleportMethod
+from torch_teleport.model_state import check_dtype
 from torch_teleport.objective import Batch, Evaluation, Objective
 
 
@@ -87,8 +88,8 @@ class LevelSetMover(Mover):
         super().__init__(context)
         self.method = method
         for name, param in context.model.named_parameters():
-            if param.requires_grad and param.dtype not in (torch.float32, torch.float64):
-                raise TypeError(f"teleport needs float32 or float64 parameters, {name} is {param.dtype}")
+            if param.requires_grad:
+                check_dtype(name, param)  # half precision is computed in float32, rounded once
 
     def climb(self, batch: Batch) -> LevelSetClimb:
         return LevelSetClimb(self, batch)

@@ -29,8 +29,11 @@ from torch_teleport.coverage import Coverage, capture_inputs, find_coverage
 from torch_teleport.gradient_path import FullPath, GradientPath, ProjectedClimb, custom_functions
 from torch_teleport.hookspecs import hookimpl
 from torch_teleport.method import MethodContext, Mover, TeleportMethod
+from torch_teleport.model_state import check_dtype
 from torch_teleport.null_space import NullSpace
 from torch_teleport.objective import Batch, GradientNormObjective
+from torch_teleport.sharded_path import ShardedPath, check_sharded
+from torch_teleport.sharding import sharded_parameters
 from torch_teleport.structured import StructuredPath
 from torch_teleport.update import MovedWeights
 
@@ -97,6 +100,7 @@ class NullSpaceMover(Mover):
     def __init__(self, context: MethodContext, method: NullSpaceMethod) -> None:
         super().__init__(context)
         objective = context.objective
+        check_sharded(context.model, method.gradient, objective)
         if method.gradient == "structured" and not isinstance(objective, GradientNormObjective):
             raise ValueError(
                 f"gradient='structured' needs an objective of the gradient norm (f(||grad L||^2)); "
@@ -147,19 +151,24 @@ class NullSpaceMover(Mover):
         path = self._path(batch)
         check_start(path.first)
         samples = self._samples(batch)
-        bases = build_bases(
-            self.coverage, path.captured_inputs(), samples, self.null_space, self.context.replicas, path.site_paths()
-        )
-        if isinstance(path, ClosedFormPath) and not bases.keeps_batch:  # the closed form needs exact steps
-            path = self._path(batch, closed_form=False)
-            bases = build_bases(
-                self.coverage, path.captured_inputs(), samples, self.null_space, self.context.replicas, path.site_paths()
-            )
-        params = {name: p for name, p in self.coverage.movable().items() if name not in bases.frozen}
-        weights = MovedWeights(params, self.module_of)
-        climb = ProjectedClimb(path, bases, weights, dict(self.coverage.frozen), judged=batch.guard is not None)
+        climb = self._projected(path, samples, self.null_space, batch)
+        fallback = self.null_space.fallback
+        if fallback is not None and not climb.moves():
+            climb = self._projected(climb.path, samples, fallback, batch)
         climb.batch_norm = self._kept_mode()
         return climb
+
+    def _projected(self, path: GradientPath, samples: Captured, null_space: NullSpace, batch: Batch) -> ProjectedClimb:
+        """The climb along ``path`` with bases of ``null_space`` (off the closed form where they do not
+        keep the batch exactly: the closed form needs exact steps)."""
+        replicas = self.context.replicas
+        bases = build_bases(self.coverage, path.captured_inputs(), samples, null_space, replicas, path.site_paths())
+        if isinstance(path, ClosedFormPath) and not bases.keeps_batch:
+            path = self._path(batch, closed_form=False)
+            bases = build_bases(self.coverage, path.captured_inputs(), samples, null_space, replicas, path.site_paths())
+        params = {name: p for name, p in self.coverage.movable().items() if name not in bases.frozen}
+        weights = MovedWeights(params, self.module_of)
+        return ProjectedClimb(path, bases, weights, dict(self.coverage.frozen), judged=batch.guard is not None)
 
     def _kept_mode(self) -> str | None:
         """Which loss of the batch the core space keeps, where the model has BatchNorm layers."""
@@ -175,6 +184,8 @@ class NullSpaceMover(Mover):
         (a null space that keeps the batch exactly, one process, a tensor batch), else structured
         where the objective allows, else full."""
         context = self.context
+        if sharded_parameters(context.model):
+            return ShardedPath(context, batch, self.coverage)
         chain = self.chain is not None and closed_form and self.null_space.exact
         if chain and context.replicas.size == 1 and isinstance(batch.inputs, Tensor):
             return ClosedFormPath(context, batch, self.coverage, self.chain)
@@ -221,18 +232,15 @@ def _running_statistics(model: nn.Module):
 
 
 def _check_parameters(movable: dict[str, nn.Parameter]) -> None:
-    """Parameters a teleport can move: materialised, in float32 or float64."""
+    """Parameters a teleport can move: materialised, of a dtype it computes in (half precision is
+    computed in float32 and rounded once, see ``model_state.full_precision``)."""
     for name, param in movable.items():
         if param.is_meta:
             raise ValueError(
                 f"{name} is on the meta device and holds no values; materialise the model "
                 "(model.to_empty(device=...) and load its weights) before teleporting it"
             )
-        if param.dtype not in (torch.float32, torch.float64):
-            raise TypeError(
-                f"teleport needs float32 or float64 parameters, {name} is {param.dtype}; "
-                "teleport a float32 copy (e.g. the optimizer's master weights) instead"
-            )
+        check_dtype(name, param)
 
 
 def _without_forward_mode(error: Exception, value: Tensor) -> str:
