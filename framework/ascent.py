@@ -39,6 +39,15 @@ class Outcome:
     guard_after: float | None = None
 
 
+def _walk(taken: list[Applied], at: int, target: int) -> int:
+    """Move from the point after ``at`` of the ``taken`` steps to the point after ``target``."""
+    for applied in reversed(taken[target:at]):
+        applied.undo()
+    for applied in taken[at:target]:
+        applied.redo()
+    return target
+
+
 def check_start(first: Evaluation) -> None:
     """A non-finite loss or objective before any step is bad input, not a failed step: it raises."""
     if first.value.dim() != 0:
@@ -102,7 +111,8 @@ class Ascent:
                     continue
                 outcome.stopped = reason
                 break
-            taken.append(applied)
+            if not climb.measures_loss:  # (kept for the end's check; a measured step is final)
+                taken.append(applied)
             outcome.steps += 1
             outcome.step_sizes.append(applied.size if applied.size is not None else self.rule.lr * search.length)
             outcome.last = evaluation = after
@@ -134,18 +144,35 @@ class Ascent:
         return step.apply(scale, self.module_limit)
 
     def _check_at_the_end(self, climb: Climb, check: LimitCheck, taken: list[Applied], outcome: Outcome) -> None:
-        """The limits on the measured end point; while broken, the last step is undone and measured again."""
+        """The limits on the measured end point. Where broken, the last point within them is found by
+        bisection over the steps taken (undone and taken again), measuring a few points rather than
+        every one."""
         outcome.last = climb.final()
         breach = check.broken(outcome.last)
-        while breach is not None and taken:
-            taken.pop().undo()
-            outcome.steps -= 1
-            outcome.step_sizes.pop()
-            outcome.stopped = breach.reason
-            if check.guard is not None:
-                check.guard.last = None
-            outcome.last = climb.final()
-            breach = check.broken(outcome.last)
+        if breach is None:
+            return
+        outcome.stopped = breach.reason
+        good, broken, at = 0, len(taken), len(taken)  # point ``broken`` breaks a limit; we stand at ``at``
+        while True:
+            while broken - good > 1:
+                middle = (good + broken) // 2
+                at = self._measure(climb, check, taken, at, middle, outcome)
+                good, broken = (middle, broken) if check.broken(outcome.last) is None else (good, middle)
+            if at != good:
+                at = self._measure(climb, check, taken, at, good, outcome)
+            if good == 0 or check.broken(outcome.last) is None:
+                break
+            good, broken = 0, good  # walked back to it, rounding put it over: search below it
+        outcome.steps, outcome.step_sizes = good, outcome.step_sizes[:good]
+
+    @staticmethod
+    def _measure(climb: Climb, check: LimitCheck, taken: list[Applied], at: int, target: int, outcome: Outcome) -> int:
+        """Walk from the point after ``at`` steps to the one after ``target`` and measure it there."""
+        _walk(taken, at, target)
+        if check.guard is not None:
+            check.guard.last = None  # (undone and redone steps restore the weights to rounding)
+        outcome.last = climb.final()
+        return target
 
     def _improved(self, after: Evaluation, before: Evaluation) -> bool:
         """Whether a step moved the objective the way the ascent goes."""

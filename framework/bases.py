@@ -32,6 +32,9 @@ spans a new direction with every sample (32 samples in 1,025 dimensions), what t
 see is most of what the data uses, and a round of 32 such teleports with growing steps raised
 MNIST-1D's training loss 156-fold (0.005 throughout: 5.9-fold)."""
 
+NO_ROOM = "no null space on the data the teleport keeps"
+"""Why a site without room stays fixed: the teleport batch (and its basis sample) span its inputs."""
+
 SiteRef = tuple[CoveredModule, Site]
 SiteKey = tuple[str, str]
 """``(module name, site name)``."""
@@ -48,6 +51,10 @@ class Bases:
     layers: list[LayerReport] = field(default_factory=list)
     frozen: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+
+    def has_room(self) -> bool:
+        """Whether some site's null space holds at least :data:`MIN_ROOM` of its inputs."""
+        return any(layer.null_dim >= MIN_ROOM * layer.input_dim for layer in self.layers)
 
     def project(self, coverage: Coverage, dense: dict[str, Tensor], done: set[SiteKey]) -> None:
         """Project every site's slice of ``dense`` (per-parameter updates) in place, except the sites
@@ -97,8 +104,7 @@ def site_basis(
 
 
 MIN_ROOM = 0.1
-"""A null space leaves *room* where some site's null space holds at least this fraction of its inputs;
-where it leaves none, its fallback (if it has one) builds the bases instead."""
+"""Bases leave *room* where some site's null space holds at least this fraction of its inputs."""
 
 
 def build_bases(
@@ -108,20 +114,8 @@ def build_bases(
     """One core basis per site from the inputs captured on the teleport batch and on the other samples
     the teleport keeps (the global batch's under data parallelism), timed; sites whose module never
     ran, or without room, stay fixed. ``paths`` names the gradient path of each site (the layer
-    reports say it; a site not in it takes the full path). Where ``null_space`` leaves no room
-    (see :data:`MIN_ROOM`), its fallback builds them."""
+    reports say it; a site not in it takes the full path)."""
     started = time.perf_counter()
-    bases = _bases(coverage, captured, samples, null_space, replicas, paths)
-    if null_space.fallback is not None and not any(s.null_dim >= MIN_ROOM * s.input_dim for s in bases.layers):
-        bases = _bases(coverage, captured, samples, null_space.fallback, replicas, paths)
-    bases.seconds = time.perf_counter() - started
-    return bases
-
-
-def _bases(
-    coverage: Coverage, captured: Captured, samples: Captured, null_space: NullSpace, replicas: Replicas,
-    paths: dict[SiteKey, str],
-) -> Bases:
     bases = Bases()
     no_room: list[tuple[CoveredModule, Site, list[str]]] = []
     for covered in coverage.modules:
@@ -149,6 +143,7 @@ def _bases(
                 bases.of[(covered.name, site.name)] = basis
                 bases.saturated &= max(basis.ranks) <= SATURATION * found.samples
     _pin_or_freeze(coverage, bases, no_room)
+    bases.seconds = time.perf_counter() - started
     return bases
 
 
@@ -164,4 +159,4 @@ def _pin_or_freeze(coverage: Coverage, bases: Bases, no_room: list[tuple[Covered
     }
     bases.pinned = [(covered, site) for covered, site, names in no_room if moving.intersection(names)]
     for _, _, names in no_room:
-        bases.frozen.update({name: "no null space on the teleport batch" for name in names if name not in moving})
+        bases.frozen.update({name: NO_ROOM for name in names if name not in moving})

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .bases import SiteRepresentations, site_basis
+from .bases import MIN_ROOM, SiteRepresentations, site_basis
 from .core_space import DEFAULT_NULL_SPACE, resolve_null_space
 from .coverage import UNCOVERED_REASON, Coverage, assign_projectors, capture_inputs
 from .inputs import Inputs, batch_size
@@ -267,12 +267,21 @@ def _site_bases(
         for sample in samples[1:]:
             for key, tensors in capture_inputs(coverage, model, sample).items():
                 others[key] += tensors
+    bases = _with(coverage, captured, others, space)
+    room = any(basis.null_dim >= MIN_ROOM * basis.input_dim for basis, _ in bases.values())
+    if space.fallback is not None and not room:  # as a teleport does where its null space leaves none
+        bases = _with(coverage, captured, others, space.fallback)
+    return bases
+
+
+def _with(coverage: Coverage, captured: dict, others: dict, space: NullSpace) -> dict[SiteKey, tuple[CoreBasis, Spectrum]]:
     bases = {}
     for covered in coverage.modules:
         for site in covered.sites:
             found = site_basis(covered, site, captured, others, space)
             if found is not None:
-                parts = SiteRepresentations(covered, site, captured.get((covered.name, site.stream), []), others.get((covered.name, site.stream), []))
+                key = (covered.name, site.stream)
+                parts = SiteRepresentations(covered, site, captured.get(key, []), others.get(key, []))
                 bases[(covered.name, site.name)] = (found.basis, spectrum(parts.everything()))
     return bases
 

@@ -90,8 +90,9 @@ class TeleportEvents:
             reports, failures = events.before_step(optimizer, epoch=0, step=step)
             ...  # forward, backward, optimizer.step(), as the loop always did
 
-    ``schedule`` defaults to :class:`~torch_teleport.plugins.schedules.EpochSchedule` ``()``
-    (the paper's: 32 batches x 8 steps at the start of epochs 0 to 4).
+    ``schedule`` defaults to :class:`~torch_teleport.plugins.schedules.GainingSchedule` ``()``
+    (one teleport before every 500th optimizer step, first at step 0, until two events in a row
+    gain less than 1.5x; the paper's 32 batches x 8 steps at epochs 0 to 4 is ``EpochSchedule()``).
 
     ``teleport_data`` yields ``(inputs, targets)`` teleport batches, cycled
     (a shuffled ``DataLoader`` gives the paper's random batches), moved to
@@ -199,6 +200,7 @@ class TeleportEvents:
             basis, guard = self._samples()
             state = _StateCarrier(self, optimizer, guard or _batch_or_none(inputs, targets))
             reports, failures = self._teleports(plan, step, inputs, targets, guard, basis)
+            self.schedule.outcome(reports)
             if any(report.steps and not report.rolled_back for report in reports):
                 state.carry(reports)
         finally:
@@ -233,7 +235,7 @@ class TeleportEvents:
         reports: list[TeleportReport] = []
         failures: list[str] = []
         for _ in range(plan.batches):
-            batch = self._teleport_batch(inputs, targets)
+            batch = self._teleport_batch(inputs, targets, plan.samples)
             try:
                 report = self.teleporter.teleport(
                     *batch, guard=guard, guard_baseline=baseline, basis=basis, steps=plan.steps, cap=plan.cap
@@ -249,10 +251,10 @@ class TeleportEvents:
         return reports, failures
 
     def _teleport_batch(
-        self, inputs: Inputs | None, targets: Tensor | None
+        self, inputs: Inputs | None, targets: Tensor | None, samples: int | None = None
     ) -> tuple[Inputs, Tensor]:
         if self._batches is not None:
-            return next(self._batches)
+            return next(self._batches) if samples is None else self._sample(samples)
         if inputs is None or targets is None:
             raise ValueError(
                 "TeleportEvents has no teleport_data, so an event teleports on the training batch: "
@@ -265,20 +267,20 @@ class TeleportEvents:
         if not (self.guard and self._batches is not None):
             return None, None
         method = self.teleporter.method
-        basis = self._sample()[0] if method.takes_basis_sample else None
-        return basis, self._sample() if method.honours_limits else None
+        basis = self._sample(self.guard_samples)[0] if method.takes_basis_sample else None
+        return basis, self._sample(self.guard_samples) if method.honours_limits else None
 
-    def _sample(self) -> tuple[Inputs, Tensor]:
-        """Batches of ``teleport_data`` joined until they hold ``guard_samples`` samples (fewer,
-        with a warning, when they cannot be joined: token batches padded to different lengths)."""
+    def _sample(self, samples: int) -> tuple[Inputs, Tensor]:
+        """Batches of ``teleport_data`` joined until they hold ``samples`` samples (fewer, with a
+        warning, when they cannot be joined: token batches padded to different lengths)."""
         parts = [next(self._batches)]
-        while sum(len(targets) for _, targets in parts) < self.guard_samples:
+        while sum(len(targets) for _, targets in parts) < samples:
             parts.append(next(self._batches))
         try:
             return concatenate([i for i, _ in parts]), torch.cat([t for _, t in parts])
         except ValueError as error:
             warnings.warn(
-                f"the guard sample is one batch: {error}",
+                f"the sample is one batch: {error}",
                 RuntimeWarning,
                 stacklevel=_outside_core(),
             )
@@ -371,10 +373,12 @@ class _TeleportBatches(Iterator):
 
 
 def _default_schedule() -> Schedule:
+    """``GainingSchedule()``: one teleport every 500 optimizer steps while teleports gain (chosen by
+    ``lab/benchmarks/trainer_defaults.py``: within 10% of the run's compute, docs/results.md)."""
     # imported here: the plugins import this package
-    from torch_teleport.plugins.schedules import EpochSchedule
+    from torch_teleport.plugins.schedules import GainingSchedule
 
-    return EpochSchedule()
+    return GainingSchedule()
 
 
 def _outside_core() -> int:

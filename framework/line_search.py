@@ -33,10 +33,11 @@ class LineSearch:
     fails to improve the objective is undone and tried again at ``shrink``
     times its length, at most ``retries`` times in a row. A step that breaks
     a limit (drift, guard) is undone and tried once more at the length a
-    quadratic model of the limit's rise says it allows (between a sixteenth
-    and a half of the step); once a limit binds, steps grow no more, and a
-    second breach ends the ascent rather than spending attempts on ever
-    shorter steps.
+    linear model of the limit's change says it allows, with a margin (a
+    step along a null space moves the guard's loss, and the batch's by
+    rounding, in proportion to its length); once a limit binds, steps grow
+    no more, and a second breach ends the ascent rather than spending
+    attempts on ever shorter steps.
     """
 
     initial: float = INITIAL_LR
@@ -98,7 +99,7 @@ class SearchState:
         tried again (once: from then on the limit binds and the steps grow no more)."""
         if not self.active or self.limit_bound:
             return False
-        factor = min(0.5, max(1 / 16, 0.8 / math.sqrt(excess))) if math.isfinite(excess) else 1 / 16
+        factor = min(0.5, max(1 / 256, 0.8 / excess)) if math.isfinite(excess) else 1 / 256
         self.limit_bound, self.rejected, self.length = True, self.rejected + 1, self.length * factor
         return True
 

@@ -71,7 +71,7 @@ class TeleportMethod(ABC):
     """Whether its climbs reduce through ``context.replicas`` (required under data parallelism)."""
 
     takes_basis_sample: ClassVar[bool] = False
-    """Whether its core space is built from ``batch.basis`` and the guard's inputs too."""
+    """Whether its core space is built from a basis sample (``batch.basis``) too."""
 
     @abstractmethod
     def bind(self, context: MethodContext) -> Mover:

@@ -79,8 +79,13 @@ class Spectrum:
         return (self.squared > self.rank_tolerance()).sum(-1)
 
 
-def spectrum(representation: Tensor) -> Spectrum:
-    """The spectrum of ``representation`` (``groups x dims x samples``) by the cheapest accurate route."""
+def spectrum(representation: Tensor, *, leading: bool = False) -> Spectrum:
+    """The spectrum of ``representation`` (``groups x dims x samples``) by the cheapest accurate route.
+
+    With ``leading`` only the strong directions need to be accurate (an energy threshold keeps
+    them, never the weak ones): fewer samples than dimensions then take the eigendecomposition of
+    the ``samples x samples`` Gram matrix ``R^T R`` instead of the SVD of ``R``.
+    """
     if representation.dim() != 3:
         raise ValueError(f"representation must be (groups, dims, samples), got shape {tuple(representation.shape)}")
     if not torch.isfinite(representation).all():
@@ -89,8 +94,21 @@ def spectrum(representation: Tensor) -> Spectrum:
     wide = representation.double()
     if uses_gram_route(dims, samples, representation.dtype):
         return gram_spectrum(wide @ wide.transpose(-1, -2), samples, representation.dtype)
+    if leading and samples < dims:
+        return _sample_gram_spectrum(wide, representation.dtype)
     vectors, singular, _ = torch.linalg.svd(wide, full_matrices=False)
     return Spectrum(vectors, singular.square(), samples >= dims, samples, representation.dtype)
+
+
+def _sample_gram_spectrum(wide: Tensor, dtype: torch.dtype) -> Spectrum:
+    """The leading spectrum of ``wide`` (float64) from the eigendecomposition of ``R^T R``:
+    ``R = U S V^T``, so ``U = R V / S`` for the directions whose ``S`` stands above the noise."""
+    values, right = torch.linalg.eigh(wide.transpose(-1, -2) @ wide)
+    values, right = values.flip(-1).clamp_min(0), right.flip(-1)
+    floor = values[..., :1] * wide.shape[-1] * torch.finfo(torch.float64).eps
+    scale = torch.where(values > floor, values.sqrt(), torch.ones_like(values))
+    vectors = (wide @ right) / scale.unsqueeze(-2) * (values > floor).unsqueeze(-2)
+    return Spectrum(vectors, values * (values > floor), False, wide.shape[-1], dtype, from_gram=True)
 
 
 def uses_gram_route(dims: int, samples: int, dtype: torch.dtype) -> bool:
@@ -173,13 +191,14 @@ class RepresentationParts(Protocol):
     def samples(self) -> Tensor | None: ...
 
 
-SpectrumOf = Callable[[Tensor | None], "Spectrum | None"]
+SpectrumOf = Callable[..., "Spectrum | None"]
 """The spectrum of a representation (of the global batch under data parallelism; ``None`` when no
-process has samples): :func:`local_spectrum` in one process, ``Replicas.spectrum`` across several."""
+process has samples), with :func:`spectrum`'s ``leading`` keyword: :func:`local_spectrum` in one
+process, ``Replicas.spectrum`` across several."""
 
 
-def local_spectrum(representation: Tensor | None) -> Spectrum | None:
-    return None if representation is None else spectrum(representation)
+def local_spectrum(representation: Tensor | None, *, leading: bool = False) -> Spectrum | None:
+    return None if representation is None else spectrum(representation, leading=leading)
 
 
 @dataclass(frozen=True)

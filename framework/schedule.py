@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from .report import TeleportReport
 
 
 @dataclass(frozen=True)
 class TeleportPlan:
-    """One teleport event: ``batches`` random teleport batches, ``steps`` ascent steps each."""
+    """One teleport event: ``batches`` random teleport batches, ``steps`` ascent steps each.
+
+    With ``samples``, each teleport batch joins batches of the teleport data until it holds at
+    least that many samples (one large teleport instead of several small ones); without it each
+    is one batch of the data.
+    """
 
     batches: int
     steps: int
     cap: float | None = None
+    samples: int | None = None
 
     def __post_init__(self) -> None:
-        if self.batches < 1 or self.steps < 1:
-            raise ValueError(f"a teleport plan needs at least one batch and one step, got {self}")
+        if self.batches < 1 or self.steps < 1 or (self.samples is not None and self.samples < 1):
+            raise ValueError(f"a teleport plan needs at least one batch, one step and one sample, got {self}")
 
 
 class Schedule(ABC):
@@ -43,6 +52,12 @@ class Schedule(ABC):
         :meth:`TeleportEvents.observe <torch_teleport.TeleportEvents.observe>` reports after every
         step; schedules that budget teleports by compute use it, the others ignore it.
         """
+        return None
+
+    def outcome(self, reports: Sequence[TeleportReport]) -> None:
+        """What the event this schedule planned did (its teleports' reports, the global batch's
+        figures under data parallelism, so every rank hears the same); schedules that stop when
+        teleports stop gaining use it, the others ignore it."""
         return None
 
     def state_dict(self) -> dict[str, Any]:

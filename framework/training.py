@@ -58,9 +58,9 @@ class TeleportTrainer:
     ``shadow_policy``, which mean what they mean there. It exists when
     ``teleport`` is true (the default) and at least one of ``teleporter``,
     ``schedule`` and ``teleport_data`` is given; what is missing takes its
-    default: ``Teleporter(model, loss_fn)`` and
-    :class:`~torch_teleport.plugins.schedules.EpochSchedule` ``()`` (the
-    paper's schedule: 32 batches x 8 steps at the start of epochs 0 to 4).
+    default: ``Teleporter(model, loss_fn)`` and the events' default schedule,
+    :class:`~torch_teleport.plugins.schedules.GainingSchedule` ``()`` (one
+    teleport every 500 optimizer steps while teleports gain).
     So ``TeleportTrainer(model, loss_fn, optimizer, teleport_data=loader)``
     teleports with the defaults, and ``TeleportTrainer(model, loss_fn,
     optimizer)`` trains without teleports (:attr:`events`, :attr:`teleporter`

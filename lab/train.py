@@ -154,7 +154,7 @@ SCHEMA = Table(
                 "objective_options": OPTIONS,
                 "method_options": OPTIONS,
                 "schedule": Table(
-                    {"name": Option("epochs", str, plugin="schedule"), "options": OPTIONS}
+                    {"name": Option("gaining", str, plugin="schedule"), "options": OPTIONS}
                 ),
             }
         ),

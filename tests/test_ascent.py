@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from torch_teleport.ascent import Ascent, check_start
 from torch_teleport.climb import Applied, AscentStopped, Climb, Step
-from torch_teleport.limits import Limits
-from torch_teleport.line_search import LineSearch, StepRule
+from torch_teleport.limits import LANDED, Limits
+from torch_teleport.line_search import LANDINGS, LineSearch, StepRule
 from torch_teleport.objective import Evaluation
 
 
@@ -90,7 +90,10 @@ class LineStep(Step):
         def undo() -> None:
             line.x -= scale
 
-        return Applied(undo, line.size)
+        def redo() -> None:
+            line.x += scale
+
+        return Applied(undo, line.size, redo)
 
 
 def fixed(lr: float, ascend: bool = True) -> StepRule:
@@ -164,22 +167,25 @@ def test_a_step_that_measures_its_own_size_reports_it():
 
 
 @given(retries=st.integers(0, 4), shrink=st.sampled_from([0.5, 0.25]))
-def test_a_step_that_breaks_the_drift_is_undone_and_retried_shorter_until_the_retries_run_out(
+def test_a_step_that_breaks_the_drift_is_retried_once_shorter_and_a_second_breach_ends_the_ascent(
     retries, shrink
 ):
+    """Whatever the search's own retries (they are for steps that do not improve the objective)."""
     line = Line(loss=lambda x: 1.0 + x)  # any move breaks the drift limit
     outcome = run(line, searched(initial=0.5, shrink=shrink, retries=retries), drift=1e-9)
-    assert line.scales == [0.5 * shrink**k for k in range(retries + 1)]
+    assert len(line.scales) == 2 and line.scales[0] == 0.5 and 0 < line.scales[1] <= 0.25
     assert (outcome.steps, outcome.stopped, outcome.step_sizes) == (0, "drift", [])
     assert line.x == 0.0 and outcome.last is line.first
-    assert outcome.losses == [1.0]  # retries are tried from the same point
+    assert outcome.losses == [1.0]  # the retry is tried from the same point
 
 
-def test_a_retry_that_keeps_the_drift_is_taken_at_its_shorter_length():
-    line = Line(loss=lambda x: 1.0 + x * x)
-    outcome = run(line, searched(initial=0.5, shrink=0.5, growth=1.0), 1, drift=0.1)
-    assert line.scales == [0.5, 0.25] and outcome.step_sizes == [0.25]
-    assert line.x == 0.25 and outcome.steps == 1 and outcome.losses == [1.0]
+def test_a_retry_that_keeps_the_drift_is_taken_and_the_steps_grow_no_more():
+    """A step that breaks the drift by a little is retried at half its length; from then on the
+    limit binds: the next steps keep that length, and the next breach ends the ascent."""
+    line = Line(loss=lambda x: 1.0 + x)
+    outcome = run(line, searched(initial=0.5, growth=2.0), 4, drift=0.4)  # 0.5 breaks it by 1.25x
+    assert line.scales == [0.5, 0.25, 0.25] and outcome.step_sizes == [0.25]
+    assert (outcome.steps, outcome.stopped, line.x) == (1, "drift", 0.25)
 
 
 def test_without_a_search_a_step_that_breaks_the_drift_ends_the_ascent_at_once():
@@ -226,6 +232,32 @@ def test_the_cap_and_the_gain_stop_the_ascent_keeping_the_step_that_reached_them
     assert len(outcome.losses) == 3  # the point that reached the limit was looked at
 
 
+@pytest.mark.parametrize(("cap", "given"), [(2.0, {}), (None, {"max_gain": 2.0})], ids=["cap", "gain"])
+@pytest.mark.parametrize("rule", [fixed(1.0), searched(initial=1.0)], ids=["fixed", "searched"])
+def test_a_step_past_the_cap_or_the_gain_is_shortened_to_land_just_below_it(cap, given, rule):
+    """The gradient norm grows as exp(x): the first step (to e) passes the limit of 2, and the
+    shortened retry lands within ``LANDED`` below it, where the ascent stops keeping it."""
+    line = Line(grad_norm=math.exp)
+    outcome = run(line, rule, 8, cap=cap, **given)
+    assert (outcome.steps, outcome.stopped) == (1, "cap" if cap else "gain")
+    assert line.scales[0] == 1.0 and len(line.scales) == 2 and 0 < line.scales[1] < 1.0
+    assert 2.0 * (1 - LANDED) <= float(outcome.last.grad_norm) <= 2.0
+    assert max(outcome.grad_norms) <= 2.0
+
+
+def test_a_step_that_cannot_land_on_the_gain_is_undone_and_the_ascent_stops_below_it():
+    """A gradient norm that jumps past the limit at any move: after ``LANDINGS`` shorter tries the
+    crossing step is undone; a climb that cannot retry undoes it at once."""
+    jumps = Line(grad_norm=lambda x: 1.0 if x == 0 else 10.0)
+    outcome = run(jumps, fixed(1.0), 8, max_gain=2.0)
+    assert len(jumps.scales) == 1 + LANDINGS and jumps.x == 0.0
+    assert (outcome.steps, outcome.stopped, float(outcome.last.grad_norm)) == (0, "gain", 1.0)
+    no_retry = Line(grad_norm=math.exp, retries=False)
+    outcome = run(no_retry, fixed(1.0), 8, cap=2.0)
+    assert no_retry.scales == [1.0] and no_retry.x == 0.0
+    assert (outcome.steps, outcome.stopped) == (0, "cap")
+
+
 @pytest.mark.parametrize("norm", [math.nan, math.inf])
 def test_a_non_finite_step_ends_the_ascent_before_anything_moves(norm):
     line = Line(norm=norm)
@@ -266,7 +298,7 @@ def test_a_climb_not_measuring_its_loss_is_checked_at_the_end_and_undone_from_th
     assert line.scales == [0.125] * 4  # every step taken before any check
     assert (outcome.steps, outcome.stopped, outcome.step_sizes) == (2, "drift", [0.125] * 2)
     assert line.x == 0.25 and float(outcome.last.loss) == 1.25
-    assert line.finals == 3  # the end, and after each of two undos
+    assert line.finals == 4  # the end; bisection at 2 (kept) and 3 (broken); back at 2
 
 
 def test_a_climb_that_does_not_measure_its_loss_keeps_every_step_within_the_limits():
@@ -303,6 +335,18 @@ def test_a_step_that_raises_the_guard_loss_is_undone():
     guard, _ = guard_on(lambda: 2.0 + line.x)
     outcome = run(line, fixed(0.25), 4, guarded=guard, guard=0.01)
     assert (outcome.steps, outcome.stopped, line.x) == (0, "guard", 0.0)
+
+
+def test_after_a_guard_breach_the_steps_grow_no_more():
+    """The guard loss rises steeply past x = 1: the grown step of length 1 (to 1.75) breaks it and
+    is retried shorter; the steps after it keep that length until the next breach or the end."""
+    line = Line()
+    guard, _ = guard_on(lambda: 2.0 + 100.0 * max(line.x - 1.0, 0.0))
+    rule = searched(initial=0.25, growth=2.0, max_length=16.0)
+    outcome = run(line, rule, 8, guarded=guard, guard=0.125)
+    sizes = outcome.step_sizes
+    assert sizes[:2] == [0.25, 0.5] and line.scales[2] == 1.0  # grown until the guard broke
+    assert len(sizes) >= 4 and sizes[2] < 1.0 and set(sizes[2:]) == {sizes[2]}
 
 
 # -- the start ------------------------------------------------------------------------------------

@@ -10,12 +10,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import torch_teleport as tt
-from torch_teleport.bases import SATURATION, build_bases
+from torch_teleport.bases import NO_ROOM, SATURATION, build_bases
 from torch_teleport.coverage import capture_inputs, find_coverage
 from torch_teleport.distributed import Replicas
 
 DID_NOT_RUN = "its module did not run on the teleport batch"
-NO_ROOM = "no null space on the teleport batch"
 
 
 def bases_of(model: nn.Module, inputs, paths=None):

@@ -129,21 +129,27 @@ def test_the_closed_form_keeps_the_batch_loss_in_float32(problem):
     assert {layer.gradient for layer in report.layers} == {"closed_form"}
 
 
-def test_the_default_takes_the_closed_form_only_where_it_is_exact():
-    """The closed form needs an exact null space: the default core space (svd, tau = 0.999) takes
-    the structured path, ``null_space="exact"`` the closed form, and asking for the closed form
-    with a thresholded null space is an error."""
+def test_the_default_takes_the_closed_form_only_where_it_keeps_the_batch_exactly():
+    """The closed form needs steps that keep the batch's pre-activations exactly: the default core
+    space (batch_exact) takes it, with or without a basis sample; where no layer has room and the
+    thresholded null space builds the bases instead (a batch larger than every width), and with a
+    thresholded null space, the structured path; asking for the closed form with a thresholded
+    null space is an error."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
     inputs, targets = torch.randn(4, 3, 4), torch.tensor([0, 1, 2, 0])
     paths = lambda report: {layer.gradient for layer in report.layers}  # noqa: E731
-    assert paths(tt.Teleporter(model, F.cross_entropy).teleport(inputs, targets)) == {"structured"}
+    default = tt.Teleporter(model, F.cross_entropy)
+    assert paths(default.teleport(inputs, targets)) == {"closed_form"}
+    assert paths(default.teleport(inputs, targets, basis=torch.randn(6, 3, 4))) == {"closed_form"}
+    filled = torch.randn(40, 3, 4), torch.randint(0, 3, (40,))  # 40 samples, 13 and 17 inputs
+    assert paths(default.teleport(*filled)) == {"structured"}
     exact = tt.Teleporter(model, F.cross_entropy, null_space="exact")
     assert paths(exact.teleport(inputs, targets)) == {"closed_form"}
     thresholded = tt.Teleporter(model, F.cross_entropy, null_space="svd", tau=0.99)
     assert paths(thresholded.teleport(inputs, targets)) == {"structured"}
     with pytest.raises(ValueError, match="closed_form.*exact null space"):
-        tt.Teleporter(model, F.cross_entropy, gradient="closed_form")
+        tt.Teleporter(model, F.cross_entropy, null_space="svd", gradient="closed_form")
     with pytest.raises(ValueError, match="closed_form"):
         tt.Teleporter(
             nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Linear(3, 2)),

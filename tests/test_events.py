@@ -90,7 +90,9 @@ def test_a_custom_loop_teleports_when_the_schedule_says_and_keeps_its_own_counte
     assert events.before_step(optimizer, epoch=0, step=5, inputs=inputs, targets=targets)[0]
 
 
-def test_an_event_guards_its_teleports_with_one_sample_and_the_loss_it_began_with():
+def test_an_event_draws_a_basis_and_a_guard_sample_and_guards_with_the_loss_it_began_with():
+    """Each sample joins batches until it holds ``guard_samples``: first the basis sample, whose
+    inputs join the core space, then the guard sample, which judges; both are the event's."""
     model = small_mlp()
     teleporter = Teleporter(model, F.cross_entropy)
     calls = recorded(teleporter)
@@ -99,11 +101,13 @@ def test_an_event_guards_its_teleports_with_one_sample_and_the_loss_it_began_wit
         teleporter, Once(TeleportPlan(3, 2)), teleport_data=data, guard_samples=6
     )
     reports, _ = events.before_step(torch.optim.SGD(model.parameters(), lr=0.1), epoch=0, step=0)
-    guard = torch.cat([data[0][0], data[1][0]])  # batches joined until 6 samples
+    basis = torch.cat([data[0][0], data[1][0]])  # batches joined until 6 samples
+    guard = torch.cat([data[2][0], data[0][0]])  # the next ones, the pass begun again
+    assert all(torch.equal(call["basis"], basis) for call in calls)
     assert all(torch.equal(call["guard"][0], guard) for call in calls)
     assert [
         torch.equal(c["inputs"], d[0])
-        for c, d in zip(calls, [data[2], data[0], data[1]], strict=True)
+        for c, d in zip(calls, [data[1], data[2], data[0]], strict=True)
     ] == [True] * 3
     assert [call["guard_baseline"] for call in calls] == [
         None,
@@ -111,6 +115,19 @@ def test_an_event_guards_its_teleports_with_one_sample_and_the_loss_it_began_wit
         reports[0].guard_loss_before,
     ]
     assert reports[0].guard_loss_before is not None
+
+
+def test_an_event_draws_only_the_samples_its_method_takes():
+    """Level-set teleport takes no basis sample and honours no guard: its events draw neither."""
+    model = small_mlp()
+    teleporter = Teleporter(model, F.cross_entropy, method="level_set")
+    calls = recorded(teleporter)
+    data = batches(3, size=4)
+    events = TeleportEvents(teleporter, Once(TeleportPlan(2, 1)), teleport_data=data, guard_samples=6)
+    events.before_step(torch.optim.SGD(model.parameters(), lr=0.1), epoch=0, step=0)
+    assert [call.get("basis") for call in calls] == [None, None]
+    assert [call.get("guard") for call in calls] == [None, None]
+    assert [torch.equal(c["inputs"], d[0]) for c, d in zip(calls, data, strict=False)] == [True] * 2
 
 
 def shuffled_loader(seed: int) -> DataLoader:
@@ -124,7 +141,8 @@ def shuffled_loader(seed: int) -> DataLoader:
 
 
 def drawn_events(seed: int) -> tuple[TeleportEvents, list[dict]]:
-    """Events drawing four batches a step (a guard of two, two to teleport on) of a pass of five."""
+    """Events drawing six batches a step (a basis and a guard sample of two each, two to teleport
+    on) of a pass of five."""
     teleporter = Teleporter(small_mlp(), F.cross_entropy, steps=1)
     schedule = EveryStepsSchedule(every=1, batches=2, steps=1)
     return TeleportEvents(
@@ -137,7 +155,9 @@ def drawn(events: TeleportEvents, steps: range, calls: list[dict]) -> list[torch
     optimizer = torch.optim.SGD(events.teleporter.model.parameters(), lr=0.1)
     for step in steps:
         events.before_step(optimizer, epoch=0, step=step)
-    return [tensor for call in calls for tensor in (call["inputs"], call["guard"][0])]
+    return [
+        tensor for call in calls for tensor in (call["inputs"], call["basis"], call["guard"][0])
+    ]
 
 
 @settings(max_examples=6)
@@ -151,7 +171,7 @@ def test_a_resumed_loop_draws_the_same_teleport_batches(seed, saved_after):
     resumed, resumed_calls = drawn_events(seed)
     resumed.load_state_dict(state)
     got = drawn(resumed, range(saved_after, saved_after + 3), resumed_calls)
-    assert len(got) == len(expected) == 12
+    assert len(got) == len(expected) == 18
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
@@ -191,12 +211,18 @@ def test_reset_clears_the_optimizer_state_only_after_an_event_that_moved_the_wei
     model = small_mlp()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     train(model, optimizer, *batches(1)[0])
-    capped = TeleportEvents(Teleporter(model, F.cross_entropy), Once(TeleportPlan(1, 2, cap=1e-6)))
+    capped = TeleportEvents(
+        Teleporter(model, F.cross_entropy),
+        Once(TeleportPlan(1, 2, cap=1e-6)),
+        optimizer_state="reset",
+    )
     (report,), _ = capped.before_step(
         optimizer, epoch=0, step=0, inputs=batches(1)[0][0], targets=batches(1)[0][1]
     )
     assert report.steps == 0 and len(optimizer.state) == len(list(model.parameters()))
-    moving = TeleportEvents(Teleporter(model, F.cross_entropy), Once(TeleportPlan(1, 2)))
+    moving = TeleportEvents(
+        Teleporter(model, F.cross_entropy), Once(TeleportPlan(1, 2)), optimizer_state="reset"
+    )
     (report,), _ = moving.before_step(
         optimizer, epoch=0, step=0, inputs=batches(1)[0][0], targets=batches(1)[0][1]
     )
@@ -320,7 +346,11 @@ def test_missing_data_is_named():
     ("option", "value", "message"),
     [
         ("guard_samples", 0, "guard_samples must be a positive int"),
-        ("optimizer_state", "clear", "optimizer_state must be 'reset', 'keep' or a callable"),
+        (
+            "optimizer_state",
+            "clear",
+            r"optimizer_state must be one of \('auto', 'keep', 'reset', 'rescale'\) or a callable",
+        ),
         ("on_teleport_failure", "ignore", "on_teleport_failure must be one of"),
         ("shadow_policy", "never", "shadow_policy must be one of"),
     ],

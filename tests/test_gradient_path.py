@@ -15,7 +15,7 @@ from torch.autograd.function import once_differentiable as mark_once_differentia
 from torch.nn import functional as F
 
 import torch_teleport as tt
-from torch_teleport.bases import build_bases
+from torch_teleport.bases import NO_ROOM, build_bases
 from torch_teleport.distributed import Replicas
 from torch_teleport.gradient_path import (
     FullPath,
@@ -229,8 +229,8 @@ def test_a_first_step_of_zero_warns_naming_the_sites_with_room():
     messages = [str(w.message) for w in caught if NO_DIRECTION in str(w.message)]
     assert len(messages) == 1 and "(0.weight)" in messages[0]
     assert report.steps == 0 and report.frozen == {
-        "2.weight": "no null space on the teleport batch",
-        "2.bias": "no null space on the teleport batch",
+        "2.weight": NO_ROOM,
+        "2.bias": NO_ROOM,
     }
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 

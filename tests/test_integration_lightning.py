@@ -145,15 +145,15 @@ def test_state_is_saved_in_and_restored_from_lightning_checkpoints(tmp_path):
     trainer.save_checkpoint(path)
     saved = torch.load(path, weights_only=False)["callbacks"]
     (state,) = [value for key, value in saved.items() if key.startswith("TeleportCallback")]
-    # one guard batch for the event, then three teleport batches
-    assert state["schedule"] == {"done": [0]} and state["teleport_pass"]["drawn"] == 4
+    # one basis and one guard batch for the event, then three teleport batches
+    assert state["schedule"] == {"done": [0]} and state["teleport_pass"]["drawn"] == 5
 
     resumed = TeleportCallback(
         F.cross_entropy, EpochSchedule(epochs=(0, 1, 2), batches=3, steps=2), teleport_data=shuffled(), guard_samples=4
     )
     at_start = StateAtStart(resumed)
     fit([resumed, at_start], root=tmp_path, steps=10, ckpt_path=path)
-    assert at_start.state["schedule"] == {"done": [0]} and at_start.state["teleport_pass"]["drawn"] == 4
+    assert at_start.state["schedule"] == {"done": [0]} and at_start.state["teleport_pass"]["drawn"] == 5
     assert torch.equal(at_start.state["teleport_pass"]["start"], state["teleport_pass"]["start"])
     assert resumed.schedule.done >= {0, 1}  # and it went on teleporting in later epochs
 

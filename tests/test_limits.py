@@ -1,5 +1,6 @@
-"""What a teleport may not do: the options' checks, the method's defaults, and the check the ascent
-loop makes at every point (with exact binary figures, so each limit is tested at its edge)."""
+"""What a teleport may not do: the options' checks, the method's defaults, the check the ascent
+loop makes at every point (with exact binary figures, so each limit is tested at its edge), and
+the gain limit held by whole teleports."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import math
 import pytest
 import torch
 from conftest import guard_on
+from hypothesis import given
+from hypothesis import strategies as st
 
-from torch_teleport.limits import AUTO, LimitCheck, Limits
+import torch_teleport as tt
+from torch_teleport.limits import AUTO, LANDED, Breach, LimitCheck, Limits
 from torch_teleport.objective import Evaluation
+from torch_teleport.testing import conv_problems, mlp_problems
 
 NONE = {"drift": None, "guard": None, "max_gain": None, "module_step": None}
 
@@ -62,6 +67,13 @@ def test_the_edges_of_each_limit_are_allowed():
     Limits(**NONE, max_loss_change=None)
 
 
+def test_the_default_limits():
+    """The guard allows a rise of half a percent of the guard batch's loss; the gain, ten-fold."""
+    assert Limits() == Limits(
+        drift=AUTO, guard=0.005, max_gain=10.0, module_step=0.3, max_loss_change=None
+    )
+
+
 def test_auto_drift_takes_the_methods_default_and_a_given_drift_stays():
     assert Limits().drift == AUTO
     assert Limits().with_default_drift(1e-5).drift == 1e-5
@@ -85,10 +97,27 @@ def test_a_method_that_keeps_the_loss_its_own_way_keeps_only_the_roll_back():
     ("given", "cap", "reason"),
     [({"max_gain": 1.5}, None, "gain"), ({}, 3.0, "cap"), ({"max_gain": 4.0}, 3.0, "cap")],
 )
-def test_the_cap_and_the_gain_are_reached_at_their_value(given, cap, reason):
+def test_the_cap_and_the_gain_are_reached_within_landed_below_their_value(given, cap, reason):
     check = LimitCheck(Limits(**{**NONE, **given}), at(1.0, grad_norm=2.0), None, cap)
-    assert check.reached(at(1.0, grad_norm=2.9375)) is None
+    assert check.reached(at(1.0, grad_norm=3.0 * (1 - LANDED) * (1 - 1e-4))) is None
+    assert check.reached(at(1.0, grad_norm=3.0 * (1 - LANDED))) == reason
     assert check.reached(at(1.0, grad_norm=3.0)) == reason
+
+
+@pytest.mark.parametrize(
+    ("given", "cap", "passed"),
+    [
+        ({"max_gain": 1.5}, None, ("gain", 3.0)),
+        ({}, 3.0, ("cap", 3.0)),
+        ({"max_gain": 4.0}, 3.0, ("cap", 3.0)),
+        ({"max_gain": 1.5}, 5.0, ("gain", 3.0)),
+    ],
+)
+def test_a_point_past_the_lowest_gradient_norm_limit_has_passed_it(given, cap, passed):
+    check = LimitCheck(Limits(**{**NONE, **given}), at(1.0, grad_norm=2.0), None, cap)
+    assert check.passed(at(1.0, grad_norm=3.0)) is None  # on the limit is not past it
+    assert check.passed(at(1.0, grad_norm=3.001)) == passed
+    assert check.passed(at(1.0, grad_norm=1e9)) == passed  # the lowest of the two
 
 
 def test_nothing_is_reached_without_a_cap_or_a_gain_limit():
@@ -104,12 +133,15 @@ def test_nothing_is_reached_without_a_cap_or_a_gain_limit():
 )
 def test_the_drift_is_relative_to_the_starting_loss_either_way(loss, broken):
     check = LimitCheck(Limits(**{**NONE, "drift": 0.125}), at(2.0), None)
-    assert check.broken(at(loss)) == ("drift" if broken else None)
+    breach = check.broken(at(loss))
+    assert (breach is not None) == broken
+    if broken:  # the change seen over the 0.25 allowed
+        assert breach == Breach("drift", pytest.approx(abs(loss - 2.0) / 0.25, rel=1e-12))
 
 
 def test_a_zero_starting_loss_allows_no_drift():
     check = LimitCheck(Limits(**{**NONE, "drift": 0.125}), at(0.0), None)
-    assert check.broken(at(0.0)) is None and check.broken(at(1e-20)) == "drift"
+    assert check.broken(at(0.0)) is None and check.broken(at(1e-20)).reason == "drift"
 
 
 @pytest.mark.parametrize("loss", [math.nan, math.inf])
@@ -124,11 +156,11 @@ def test_the_guard_is_measured_once_at_the_start_and_then_only_within_the_drift(
     guard, probe = guard_on(lambda: value[0])
     check = LimitCheck(Limits(**{**NONE, "drift": 0.125, "guard": 0.125}), at(2.0), guard)
     assert (check.guard_before, probe.forwards) == (4.0, 1)
-    assert check.broken(at(3.0)) == "drift" and probe.forwards == 1 and guard.last is None
+    assert check.broken(at(3.0)).reason == "drift" and probe.forwards == 1 and guard.last is None
     value[0] = 4.5  # a rise of exactly the tolerance
     assert check.broken(at(2.0)) is None and probe.forwards == 2 and guard.last == 4.5
-    value[0] = 4.5000001
-    assert check.broken(at(2.0)) == "guard"
+    value[0] = 5.5  # three times the rise allowed
+    assert check.broken(at(2.0)) == Breach("guard", 3.0)
 
 
 def test_a_nan_guard_loss_breaks_the_guard():
@@ -136,14 +168,14 @@ def test_a_nan_guard_loss_breaks_the_guard():
     guard, _ = guard_on(lambda: value[0])
     check = LimitCheck(Limits(**{**NONE, "guard": 0.125}), at(2.0), guard)
     value[0] = math.nan
-    assert check.broken(at(2.0)) == "guard"
+    assert check.broken(at(2.0)) == Breach("guard", math.inf)
 
 
 def test_a_guard_baseline_replaces_the_starting_guard_loss():
     value = [4.0]
     guard, _ = guard_on(lambda: value[0], baseline=2.0)
     check = LimitCheck(Limits(**{**NONE, "guard": 0.125}), at(2.0), guard)
-    assert check.guard_before == 4.0 and check.broken(at(2.0)) == "guard"  # 4 is far above 2
+    assert check.guard_before == 4.0 and check.broken(at(2.0)).reason == "guard"  # 4 is far above 2
     value[0] = 2.25
     assert check.broken(at(2.0)) is None
 
@@ -152,3 +184,35 @@ def test_without_a_guard_tolerance_the_guard_is_measured_only_at_the_start():
     guard, probe = guard_on(lambda: 1e9)
     check = LimitCheck(Limits(**NONE), at(2.0), guard)
     assert check.broken(at(2.0)) is None and probe.forwards == 1
+
+
+# -- the gain limit in whole teleports -----------------------------------------------------------
+
+RATES = [
+    {},  # the step-length search
+    {"lr": 0.05},
+    {"lr": 0.3},
+    {"lr": 1.0, "normalize": False},
+    {"lr": 30.0, "normalize": False},
+]
+"""Searched, normalised and plain rates, from steps that need many to reach the limit to steps
+that pass it at once."""
+
+
+@pytest.mark.filterwarnings("ignore:teleport cannot move")
+@given(
+    problem=st.one_of(mlp_problems(), conv_problems(max_batch=3)),
+    max_gain=st.floats(1.5, 3.0),
+    rate=st.sampled_from(RATES),
+    steps=st.integers(4, 24),
+)
+def test_no_teleport_passes_the_gain_limit(problem, max_gain, rate, steps):
+    """A step past the limit is shortened to land on it or undone: no point a teleport keeps or
+    starts a step from has a gradient norm above ``max_gain`` times the starting one."""
+    teleporter = tt.Teleporter(
+        problem.model, problem.loss_fn, steps=steps, limits=Limits(max_gain=max_gain), **rate
+    )
+    report = teleporter.teleport(problem.inputs, problem.targets)
+    ceiling = max_gain * report.grad_norm_before * (1 + 1e-6)
+    assert report.grad_norm_after <= ceiling
+    assert all(norm <= ceiling for norm in report.grad_norms)

@@ -169,7 +169,10 @@ def test_parameters_are_updated_in_place_and_the_model_left_as_found():
     assert len(report.losses) == len(report.grad_norms) == 3
 
 
-def test_cap_stops_the_ascent():
+def test_the_step_that_would_cross_the_cap_is_undone_and_the_ascent_stops_below_it():
+    """Symmetry steps cannot be retried shorter (an undo leaves the inputs read after them
+    stale), so the step that would pass the cap is undone rather than landed: the ascent keeps
+    the last point below the cap, from which one more step passes it."""
     model = leaky_mlp(7, [10, 12, 12, 4], True, 0.1)
     inputs, targets = batch(8, 8, 10, 4)
     start = Teleporter(copy.deepcopy(model), F.cross_entropy, method="symmetry", steps=1).teleport(
@@ -180,7 +183,13 @@ def test_cap_stops_the_ascent():
         model, F.cross_entropy, method="symmetry", steps=200, lr=0.05, cap=cap
     ).teleport(inputs, targets)
     assert report.stopped == "cap" and 0 < report.steps < 200
-    assert report.grad_norms[-1] >= cap > report.grad_norms[-2]
+    assert report.grad_norm_after < cap and all(norm < cap for norm in report.grad_norms)
+    assert report.grad_norms[-1] == report.grad_norm_after  # the point it stopped at
+    beyond = Teleporter(model, F.cross_entropy, method="symmetry", steps=1, lr=0.05).teleport(
+        inputs, targets
+    )
+    assert beyond.grad_norm_before == pytest.approx(report.grad_norm_after, rel=1e-5)
+    assert beyond.grad_norm_after > cap
 
 
 @pytest.mark.parametrize(

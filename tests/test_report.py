@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch.nn import functional as F
 
 import torch_teleport as tt
+from torch_teleport.bases import NO_ROOM
 from torch_teleport.report import LayerReport, TeleportReport
 from torch_teleport.testing import mlp_problems
 
@@ -60,7 +61,7 @@ def test_the_report_as_a_dict_holds_every_field_in_plain_values():
     )
     full = report(
         layers=[layer],
-        frozen={"2.bias": "no null space on the teleport batch"},
+        frozen={"2.bias": NO_ROOM},
         losses=[2.0, 2.1],
         grad_norms=[1.0, 2.0],
         step_sizes=[0.01],
@@ -106,7 +107,7 @@ def test_a_teleports_report_agrees_with_itself_and_the_model(problem):
     # The parameters of every layer without room, and only those, are fixed; the report says why.
     full = {layer.name.rsplit(".", 1)[0] for layer in result.layers if layer.null_dim == 0}
     fixed = {name for name, _ in problem.model.named_parameters() if name.rsplit(".", 1)[0] in full}
-    assert result.frozen == dict.fromkeys(fixed, "no null space on the teleport batch")
+    assert result.frozen == dict.fromkeys(fixed, NO_ROOM)
     assert 0 < result.basis_seconds < result.seconds
 
 

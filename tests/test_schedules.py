@@ -8,8 +8,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from torch_teleport import TeleportPlan, TeleportTrainer, default_registry
-from torch_teleport.plugins.schedules import BudgetSchedule, EpochSchedule, EveryStepsSchedule
+from torch_teleport import TeleportPlan, TeleportReport, TeleportTrainer, default_registry
+from torch_teleport.plugins.schedules import (
+    BudgetSchedule,
+    EpochSchedule,
+    EveryStepsSchedule,
+    GainingSchedule,
+)
 
 
 def timeline(
@@ -90,8 +95,8 @@ def test_every_steps_schedule_is_stateless():
     ("build", "message"),
     [
         (lambda: EveryStepsSchedule(every=0), "every must be at least 1"),
-        (lambda: EveryStepsSchedule(batches=0), "at least one batch and one step"),
-        (lambda: EpochSchedule(steps=0), "at least one batch and one step"),
+        (lambda: EveryStepsSchedule(batches=0), "at least one batch, one step"),
+        (lambda: EpochSchedule(steps=0), "at least one batch, one step"),
     ],
 )
 def test_bad_schedule_options(build, message):
@@ -147,3 +152,29 @@ def test_the_trainer_reports_its_time_to_the_schedule():
     # teleport time is reported exactly for the steps that teleported (0, 3, 6)
     assert [teleport > 0 for _, teleport in schedule.reports] == [bool(r.teleports) for r in results]
     assert [bool(r.teleports) for r in results] == [True, False, False, True, False, False, True]
+
+
+def _report(gain: float, rolled_back: bool = False) -> TeleportReport:
+    return TeleportReport(1.0, 1.0, 1.0, gain, 0.5, 0.5 * gain**2, 8, "steps", rolled_back=rolled_back)
+
+
+def test_the_gaining_schedule_teleports_every_n_steps_until_teleports_stop_gaining():
+    schedule = GainingSchedule(every=3, min_gain=1.5, patience=2, warmup=1)
+    planned = [step for step in range(10) if schedule.plan(epoch=0, step=step)]
+    assert planned == [1, 4, 7]
+    schedule.outcome([_report(1.2), _report(1.3)])  # the geometric mean 1.25 does not gain
+    assert schedule.plan(epoch=0, step=10) is not None
+    schedule.outcome([_report(4.0), _report(1.0)])  # 2.0: it gains, the count starts again
+    schedule.outcome([_report(9.0, rolled_back=True)])  # a rolled-back teleport moved nothing
+    assert schedule.plan(epoch=0, step=13) is not None
+    schedule.outcome([])
+    assert schedule.stopped and schedule.plan(epoch=0, step=16) is None
+    resumed = GainingSchedule(every=3, min_gain=1.5, patience=2, warmup=1)
+    resumed.load_state_dict(schedule.state_dict())
+    assert resumed.stopped
+
+
+@pytest.mark.parametrize("options", [{"every": 0}, {"patience": 0}, {"min_gain": 0.9}, {"samples": 0}])
+def test_the_gaining_schedule_refuses_options_that_cannot_work(options):
+    with pytest.raises(ValueError, match="at least"):
+        GainingSchedule(**options)

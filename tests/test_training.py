@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from torch_teleport import Teleporter, TeleportReport, TeleportTrainer
-from torch_teleport.plugins.schedules import EpochSchedule, EveryStepsSchedule
+from torch_teleport.plugins.schedules import EpochSchedule, EveryStepsSchedule, GainingSchedule
 
 
 def setup(optimizer_state="reset", schedule=None):
@@ -204,13 +204,13 @@ def test_teleport_data_alone_teleports_with_the_default_teleporter_and_schedule(
         teleport_data=batches(3, size=6),
     )
     assert isinstance(trainer.teleporter, Teleporter) and trainer.teleporter.model is model
-    assert isinstance(trainer.schedule, EpochSchedule)
-    assert trainer.schedule.epochs == frozenset(range(5))
+    assert isinstance(trainer.schedule, GainingSchedule)
+    assert (trainer.schedule.every, trainer.schedule.template.batches) == (500, 1)
     counts = [len(trainer.step(*batch).teleports) for batch in batches(2)]
-    assert counts == [32, 0]  # the paper's 32 batches at the start of epoch 0, nothing more in it
-    assert not same(model, reference, atol=1e-4)  # the teleports moved the weights
+    assert counts == [1, 0]  # one teleport before step 0, the next before step 500
+    assert not same(model, reference, atol=1e-4)  # the teleport moved the weights
     trainer.end_epoch()
-    assert len(trainer.step(*batches(1)[0]).teleports) == 32  # epoch 1 is in the default K
+    assert len(trainer.step(*batches(1)[0]).teleports) == 0  # counted in steps, not epochs
 
 
 def test_one_part_gets_the_default_other_part():
@@ -224,7 +224,7 @@ def test_one_part_gets_the_default_other_part():
 
     teleporter = Teleporter(model, nn.functional.cross_entropy)
     trainer = TeleportTrainer(model, nn.functional.cross_entropy, optimizer, teleporter=teleporter)
-    assert trainer.teleporter is teleporter and isinstance(trainer.schedule, EpochSchedule)
+    assert trainer.teleporter is teleporter and isinstance(trainer.schedule, GainingSchedule)
 
 
 def test_without_teleport_parts_or_with_teleport_false_there_are_no_teleports():

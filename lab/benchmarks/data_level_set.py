@@ -7,14 +7,16 @@ test signals of 40 points), the MLP d-1024-1024-10 after one SGD epoch (lr
 measuring the whole training set's and the test set's loss and the whole
 training set's gradient norm before and after:
 
-* ``defaults``: one default teleport (``Teleporter(model, loss)``: the core
-  space of 99.9% of the inputs' energy, the step-length search) on 1,024
-  training samples, and on one batch of 32;
+* ``defaults``: one default teleport (``Teleporter(model, loss)``: the batch kept
+  exactly and a basis sample by energy, all data by energy where the batch leaves
+  no room, the step search) on 1,024 training samples, on one batch of 32, and on
+  one batch of 32 judged by a guard of 256 other training samples;
 * ``exact``: the same with the exact null space (tau = 1) and the paper's fixed lr 0.005;
 * ``round``: the paper's round, 32 random batches of 32, 8 steps each, with the
   defaults and with the exact null space, with and without one guard batch
-  (32, 256 or 1,024 other training samples, whose inputs join the core space and whose
-  loss when the round began judges every step: ``guard_baseline``).
+  (32, 256 or 1,024 other training samples, whose loss when the round began judges
+  every step: ``guard_baseline``) and a basis sample of 256 more (whose inputs join
+  the core space), as a teleport event of the trainer draws them.
 
 Usage: ``python -m torch_teleport.lab.benchmarks.data_level_set``; writes
 ``lab/benchmarks/results/data_level_set.json`` and prints a Markdown table per dataset.
@@ -82,19 +84,20 @@ def settings(train):
     sample = (train[0][order[:1024]], train[1][order[:1024]])
     guard_256 = (train[0][order[-256:]], train[1][order[-256:]])
     guard_1024 = (train[0][order[-1024:]], train[1][order[-1024:]])
+    basis_256 = train[0][order[-512:-256]]
 
-    def round_(model, guard=None, **options):
+    def round_(model, guard=None, basis=None, **options):
         """32 teleports; with ``guard``, all judged against its loss when the round began."""
         teleporter = tt.Teleporter(model, F.cross_entropy, **options)
         reports, baseline = [], None
         for i in range(32):
-            report = teleporter.teleport(*batches[i + 1], guard=guard, guard_baseline=baseline)
+            report = teleporter.teleport(*batches[i + 1], guard=guard, guard_baseline=baseline, basis=basis)
             baseline = report.guard_loss_before if baseline is None else baseline
             reports.append(report)
         return {"stopped": sorted({r.stopped for r in reports}), "steps": sum(r.steps for r in reports)}
 
-    def one(model, data, **options):
-        report = tt.Teleporter(model, F.cross_entropy, **options).teleport(*data)
+    def one(model, data, guard=None, **options):
+        report = tt.Teleporter(model, F.cross_entropy, **options).teleport(*data, guard=guard)
         return {
             "stopped": report.stopped,
             "steps": report.steps,
@@ -107,10 +110,12 @@ def settings(train):
         "1,024 samples, exact, lr 0.005": lambda m: one(m, sample, **EXACT),
         "batch of 32, defaults": lambda m: one(m, batches[0]),
         "batch of 32, exact, lr 0.005": lambda m: one(m, batches[0], **EXACT),
+        "batch of 32 + guard 256, defaults": lambda m: one(m, batches[0], guard=guard_256),
         "round 32 x 32, defaults": lambda m: round_(m),
         "round 32 x 32, exact, lr 0.005": lambda m: round_(m, **EXACT),
         "round 32 x 32 + guard 32, defaults": lambda m: round_(m, guard=batches[0]),
         "round 32 x 32 + guard 256, defaults": lambda m: round_(m, guard=guard_256),
+        "round 32 x 32 + guard 256 + basis 256, defaults": lambda m: round_(m, guard=guard_256, basis=basis_256),
         "round 32 x 32 + guard 256, exact, lr 0.005": lambda m: round_(m, guard=guard_256, **EXACT),
         "round 32 x 32 + guard 1024, defaults": lambda m: round_(m, guard=guard_1024),
     }

@@ -78,16 +78,25 @@ def _loss(model, split) -> float:
 
 
 def summary(runs: dict[str, dict[str, list[dict]]]) -> dict:
-    """Per optimizer: each policy's final train loss over the seeds, and the choice for ``auto``."""
+    """Per optimizer: each policy's final train loss over the seeds (mean and spread)."""
     table = {}
     for optimizer, by_policy in runs.items():
         finals = {policy: [r["train_loss"][-1] for r in results] for policy, results in by_policy.items()}
-        stats = {p: {"mean": statistics.mean(v), "spread": max(v) - min(v)} for p, v in finals.items()}
-        keep = stats["keep"]
-        best = min(("keep", "reset", "rescale"), key=lambda p: stats[p]["mean"])
-        better = keep["mean"] - stats[best]["mean"] > max(keep["spread"], stats[best]["spread"])
-        table[optimizer] = {"stats": stats, "auto": best if better else "keep"}
+        table[optimizer] = {"stats": {p: {"mean": statistics.mean(v), "spread": max(v) - min(v)} for p, v in finals.items()}}
     return table
+
+
+def choice(summaries: list[dict], optimizer: str) -> str:
+    """What ``auto`` should pick for ``optimizer``: a policy other than ``keep`` when it trains better
+    than ``keep`` beyond the spread of the seeds on some dataset and worse beyond it on none."""
+    def beyond(stats: dict, better: str, worse: str) -> bool:
+        return stats[worse]["mean"] - stats[better]["mean"] > max(stats[worse]["spread"], stats[better]["spread"])
+
+    for policy in ("reset", "rescale"):
+        tables = [s[optimizer]["stats"] for s in summaries]
+        if any(beyond(t, policy, "keep") for t in tables) and not any(beyond(t, "keep", policy) for t in tables):
+            return policy
+    return "keep"
 
 
 def main() -> None:
@@ -109,17 +118,20 @@ def main() -> None:
         }
         results["datasets"][dataset] = {"runs": runs, "summary": summary(runs)}
         _print(dataset, results["datasets"][dataset]["summary"])
+        summaries = [entry["summary"] for entry in results["datasets"].values()]
+        results["auto"] = {optimizer: choice(summaries, optimizer) for optimizer in OPTIMIZERS}
         out = Path(__file__).resolve().parent / "results" / "optimizer_state.json"
         out.write_text(json.dumps(results, indent=2) + "\n")
+    print("\nauto picks: " + ", ".join(f"{name} {policy}" for name, policy in results["auto"].items()))
 
 
 def _print(dataset: str, table: dict) -> None:
     print(f"\n{dataset}: final train loss, mean (spread over {len(SEEDS)} seeds)\n")
-    print("| optimizer | no teleport | keep | reset | rescale | auto picks |")
-    print("|---|---|---|---|---|---|")
+    print("| optimizer | no teleport | keep | reset | rescale |")
+    print("|---|---|---|---|---|")
     for optimizer, row in table.items():
         cells = " | ".join(f"{row['stats'][p]['mean']:.4f} ({row['stats'][p]['spread']:.4f})" for p in POLICIES)
-        print(f"| {optimizer} | {cells} | {row['auto']} |", flush=True)
+        print(f"| {optimizer} | {cells} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,41 @@
-"""``bench.time_to_target``: epochs and wall-clock to a fixed train loss, teleport against a tuned baseline.
+"""``bench.time_to_target``: does teleport pay against a baseline whose learning rate is tuned as carefully?
 
-The number a user cares about, measured so that teleport does not win by an untuned baseline. It
-runs offline ``train`` configs of the zoo (``runs``: ``default`` is the embedded default, the paper's
-MLP on digits; any other name is ``<config_dir>/<name>.toml``). For each optimizer of a config the
-baseline (no teleport) trains at the config's learning rate times each of ``multipliers``, and the
-best of these (least wall-clock to the config's ``target_loss``, else least final train loss) is
-set against one teleport run at the config's rate. Teleport runs use the library's defaults: the
-config's ``[teleport]`` table is dropped, so the runs follow whatever :class:`~torch_teleport.Teleporter`
-and the ``train`` experiment default to (``set`` can still change ``teleport.*`` keys). All runs of
-an optimizer share the initialisation and the batch order; times are the training loop's
-(teleports included, evaluation excluded). Per optimizer the output gives every run's train loss
-per epoch, its epochs and seconds to the target (``None``: not reached by every seed), the ratios
-teleport / best baseline and a ``winner`` with a one-line ``verdict``. Seeds, epochs or anything
-else can be overridden for all configs through ``set`` (``--set`` syntax).
+For each model x dataset pair (``pairs``) and optimizer family (``optimizers``), every arm trains
+over the same grid of learning rates (``rates``: the family's usual rate times ``multipliers``, six
+rates spanning 50x by default), ``seeds`` seeds each, for ``epochs`` epochs with batch 32; all arms
+of a seed share the initialisation and the batch order:
+
+* ``none``: plain training;
+* ``teleport``: a :class:`~torch_teleport.TeleportTrainer` with the library's defaults (grad-norm
+  ascent, the default schedule with its basis and guard samples, the optimizer-state policy ``auto``);
+* ``reset``: plain training whose optimizer state is cleared before the steps at which the teleport
+  arm teleported, at the same rate and seed (the control: how much of a teleport arm's effect is the
+  reset alone; the same as ``none`` for plain SGD, which keeps no state);
+* ``sharpness``: teleports that descend the sharpness objective instead (a flatter point, at which a
+  larger rate may stay stable), where ``sharpness_pairs`` and ``sharpness_optimizers`` say.
+
+Figures per run: the whole training set's loss after every epoch and the CPU seconds of the training
+loop (process time, teleports included). Per pair, optimizer and arm the *best rate* has the lowest
+mean final train loss. The verdict per pair: whether an arm at its best rate reaches the best plain
+rate's final train loss in fewer epochs on every seed and in no more CPU time than the plain run's
+fastest seed (beyond the spread of the seeds), and whether teleport moves the best rate.
 """
 
 from __future__ import annotations
 
-import math
-import tempfile
+import functools
+import json
+import statistics
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import torch_teleport as tt
 from torch_teleport import hookimpl
 from torch_teleport.lab.benchmarks.common import (
     prepare,
@@ -31,285 +45,228 @@ from torch_teleport.lab.benchmarks.common import (
     settings,
     write_outputs,
 )
-from torch_teleport.lab.config import ConfigError, apply_overrides, load_config
-from torch_teleport.lab.experiment import mean_std, save_figure
-from torch_teleport.lab.train import TrainSetup, resolve_config, summarize, table, train_all
-from torch_teleport.lab.train import prepare as prepare_training
+from torch_teleport.lab.config import ConfigError
+from torch_teleport.objectives.sharpness import Sharpness
+from torch_teleport.registry import default_registry
 
 NAME = "time_to_target"
+OPTIMIZERS = {
+    "sgd": (torch.optim.SGD, {}, 0.01),
+    "momentum": (torch.optim.SGD, {"momentum": 0.9}, 0.002),
+    "adam": (torch.optim.Adam, {}, 2e-4),
+    "adamw": (torch.optim.AdamW, {}, 2e-4),
+    "adagrad": (torch.optim.Adagrad, {}, 0.002),
+}
+"""Each family's lowest rate of the grid; ``multipliers`` spread it upwards."""
+
+PAIRS = {
+    "mlp-256 / digits": ("mlp", {"input_dim": 64, "hidden": [256, 256]}, "digits", {}),
+    "mlp-1024 / digits": ("mlp", {"input_dim": 64, "hidden": [1024, 1024]}, "digits", {}),
+    "mlp-256 / mnist1d": ("mlp", {"input_dim": 40, "hidden": [256, 256]}, "mnist1d", {}),
+    "mlp-1024 / mnist1d": ("mlp", {"input_dim": 40, "hidden": [1024, 1024]}, "mnist1d", {}),
+    "cnn / digits": ("cnn", {"in_channels": 1, "image_size": 8}, "digits", {}),
+    "transformer / digits": ("transformer_classifier", {"input_dim": 8, "seq_len": 8, "layers": 2, "heads": 2}, "digits_sequence", {"level": "row"}),
+}
+"""Model (registry name and options) and dataset (registry name and options) of each pair."""
+
 FULL = {
-    "runs": ["default", "digits_transformer", "mnist1d_mlp"],
-    "config_dir": "",
-    "multipliers": [1.0, 2.0, 5.0],
-    "set": ["training.seeds=[0]"],
+    "pairs": list(PAIRS),
+    "optimizers": list(OPTIMIZERS),
+    "multipliers": [1.0, 2.5, 5.0, 10.0, 25.0, 50.0],
+    "seeds": [0, 1, 2],
+    "epochs": 10,
+    "arms": ["none", "teleport", "reset", "sharpness"],
+    "sharpness_pairs": ["mlp-256 / digits", "mlp-256 / mnist1d"],
+    "sharpness_optimizers": ["sgd", "adam"],
 }
 TINY = {
-    "runs": ["default"],
-    "multipliers": [1.0, 2.0],
-    "set": [
-        "training.seeds=[0]",
-        "training.epochs=1",
-        "training.target_loss=2.15",
-        'training.optimizers=[{ name = "sgd", lr = 0.05 }]',
-        "model.options.hidden=[16]",
-        "teleport.steps=1",
-        "teleport.schedule.options.batches=1",
-    ],
+    "pairs": ["mlp-256 / digits"],
+    "optimizers": ["sgd", "adam"],
+    "multipliers": [1.0, 5.0],
+    "seeds": [0],
+    "epochs": 1,
+    "arms": ["none", "teleport", "reset", "sharpness"],
+    "sharpness_pairs": ["mlp-256 / digits"],
+    "sharpness_optimizers": ["sgd"],
 }
-MEASURES = ("epochs_to_target", "seconds_to_target", "cpu_seconds_to_target")
+BATCH = 32
 
 
 @restores_threads
 def run_time_to_target(config: dict[str, Any], out_dir: Path) -> None:
     options = settings(config, FULL, TINY)
-    if not options["multipliers"] or min(options["multipliers"]) <= 0:
-        raise ConfigError("multipliers: give one or more positive numbers", key="multipliers")
+    _check(options)
     device = prepare(options)
-    folder = _config_dir(options["config_dir"])
-    runs = {}
-    with tempfile.TemporaryDirectory() as logs:  # TensorBoard logs are not a benchmark result
-        for name in options["runs"]:
-            loaded = load_config(None if name == "default" else folder / f"{name}.toml")
-            loaded.pop("teleport", None)  # the library's defaults, not the config's choices
-            runs[name] = _compare_run(
-                name,
-                apply_overrides(loaded, options["set"]),
-                options["multipliers"],
-                Path(logs) / name,
-            )
-    figure = write_outputs(
-        NAME,
-        out_dir,
-        options,
-        device,
-        {"clock": "wall-clock (training loop, teleports included)", "runs": runs},
-    )
-    _plot(runs, figure)
-    for name, run in runs.items():
-        print(
-            f"\n{name}: {run['data']}, target train loss {run['target_train_loss']}\n{run['table']}",
-            end="",
-        )
-        for optimizer, comparison in run["optimizers"].items():
-            print(f"{optimizer}: {comparison['verdict']}")
+    results: dict[str, Any] = {}
+    path = Path(out_dir) / f"{NAME}.partial.json"
+    for pair in options["pairs"]:
+        results[pair] = _pair(pair, options, device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results) + "\n")  # a long run keeps what it measured
+    figure = write_outputs(NAME, out_dir, options, device, {"clock": "process CPU seconds of the training loop", "pairs": results})
+    path.unlink(missing_ok=True)
+    _plot(results, figure)
+    for pair, by_optimizer in results.items():
+        for optimizer, summary in by_optimizer.items():
+            print(f"{pair}, {optimizer}: {summary['verdict']}", flush=True)
 
 
-def _compare_run(
-    name: str, config: dict[str, Any], multipliers: list[float], logs: Path
-) -> dict[str, Any]:
-    """Every optimizer of ``config``: the baseline at each multiplier of its rate, then teleport."""
-    resolved = resolve_config(config)
-    if resolved["training"]["target_loss"] is None:
-        key = "training.target_loss"
-        raise ConfigError(f"{key}: run {name!r} has no target train loss to time", key=key)
-    optimizers = resolved["training"]["optimizers"]  # labels and options filled in
-    grid = {o["label"]: [_scaled(o, m) for m in multipliers] for o in optimizers}
-    training = {
-        **config["training"],
-        "optimizers": [entry for entries in grid.values() for entry in entries],
-        "with_teleport": [False, True],
-    }
-    setup = prepare_training({**config, "training": training})  # checks every run before any trains
-    target = setup.training["target_loss"]
-    print(
-        f"time to target: {name} ({setup.config['model']['name']}, {setup.splits.description})",
-        flush=True,
-    )
-    rows, comparisons = [], {}
-    for optimizer in optimizers:
-        label = optimizer["label"]
-        plan = [(m, entry, False) for m, entry in zip(multipliers, grid[label], strict=True)]
-        plan.append((1.0, _scaled(optimizer, 1.0), True))
-        entries = []
-        for multiplier, entry, teleport in plan:
-            results = train_all(
-                _only(setup, entry, teleport),
-                logs / f"{entry['label']}-{'teleport' if teleport else 'plain'}",
-            )
-            (row,) = summarize(results, target)
-            rows.append(row)
-            entries.append(_entry(multiplier, row, results))
-        comparisons[label] = _compare(label, optimizer["lr"], entries[:-1], entries[-1], target)
-    return {
-        "model": setup.config["model"],
-        "data": setup.splits.description,
-        "target_train_loss": target,
-        "epochs": setup.training["epochs"],
-        "seeds": setup.training["seeds"],
-        "multipliers": multipliers,
-        "teleport": setup.config["teleport"],
-        "optimizers": comparisons,
-        "rows": rows,
-        "table": table(rows, target),
-    }
+def _check(options: dict[str, Any]) -> None:
+    if len(options["multipliers"]) < 2 or min(options["multipliers"]) <= 0:
+        raise ConfigError("multipliers: give two or more positive numbers", key="multipliers")
+    for key, known in (("pairs", PAIRS), ("optimizers", OPTIMIZERS)):
+        unknown = sorted(set(options[key]) - set(known))
+        if unknown:
+            raise ConfigError(f"{key}: unknown {unknown}; known: {sorted(known)}", key=key)
 
 
-def _scaled(optimizer: dict[str, Any], multiplier: float) -> dict[str, Any]:
-    return {
-        **optimizer,
-        "lr": optimizer["lr"] * multiplier,
-        "label": f"{optimizer['label']} x{multiplier:g}",
-    }
+def _pair(pair: str, options: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Every optimizer of one pair: each arm over the rate grid, and the verdict."""
+    data = _data(pair)
+    by_optimizer = {}
+    for optimizer in options["optimizers"]:
+        rates = [OPTIMIZERS[optimizer][2] * m for m in options["multipliers"]]
+        arms = _arms(pair, optimizer, options)
+        runs = {arm: {} for arm in arms}
+        for rate in rates:
+            for seed in options["seeds"]:
+                print(f"time to target: {pair}, {optimizer}, lr {rate:g}, seed {seed}", flush=True)
+                teleported = None
+                for arm in arms:
+                    run = _train(pair, data, optimizer, rate, seed, arm, options["epochs"], device, teleported)
+                    teleported = run["teleported_at"] if arm == "teleport" else teleported
+                    runs[arm].setdefault(f"{rate:g}", []).append(run)
+        by_optimizer[optimizer] = _summary(runs, options["epochs"])
+    return by_optimizer
 
 
-def _only(setup: TrainSetup, optimizer: dict[str, Any], teleport: bool) -> TrainSetup:
-    """``setup`` reduced to one optimizer entry, with or without teleport; the data stay loaded."""
-    training = {**setup.training, "optimizers": [optimizer], "with_teleport": [teleport]}
-    reduced = TrainSetup({**setup.config, "training": training}, setup.registry, setup.device)
-    reduced.splits = setup.splits
-    return reduced
+def _arms(pair: str, optimizer: str, options: dict[str, Any]) -> list[str]:
+    arms = [arm for arm in options["arms"] if arm != "sharpness"]
+    if "sharpness" in options["arms"] and pair in options["sharpness_pairs"] and optimizer in options["sharpness_optimizers"]:
+        arms.append("sharpness")
+    return arms
 
 
-def _entry(multiplier: float, row: dict[str, Any], results: list[dict]) -> dict[str, Any]:
-    """One setting's numbers; a time to target only where every seed reached the target."""
-    every_seed = row["target_reached"] == row["seeds"]
-    return {
-        "multiplier": multiplier,
-        "lr": results[0]["lr"],
-        "target_reached": row["target_reached"],
-        **{key: mean_std(row[key])[0] if every_seed else None for key in MEASURES},
-        "final_train_loss": row["final_train_loss_mean"],
-        "teleport_seconds": row["teleport_seconds_mean"],
-        "train_loss": [result["train_loss"] for result in results],
-        "seconds": [result["seconds"] for result in results],
-    }
+@functools.cache
+def _data(pair: str) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """The pair's training split as two tensors (inputs, targets)."""
+    _, _, name, dataset_options = PAIRS[pair]
+    splits = default_registry().get("dataset", name)(**dataset_options)
+    inputs, targets = zip(*(splits.train[i] for i in range(len(splits.train))), strict=True)
+    return torch.stack(inputs).float(), torch.as_tensor(targets)
 
 
-def _compare(
-    optimizer: str,
-    base_lr: float,
-    baselines: list[dict[str, Any]],
-    teleport: dict[str, Any],
-    target: float,
-) -> dict[str, Any]:
-    """The best baseline, the ratios teleport / best baseline, and who reaches the target sooner."""
-    best = min(baselines, key=_rank)
-    ratios = {
-        key: teleport[key] / best[key] if teleport[key] is not None and best[key] else None
-        for key in MEASURES
-    }
-    teleported, plain = teleport["seconds_to_target"], best["seconds_to_target"]
-    if teleported is None and plain is None:
-        winner = "neither"
-    elif plain is None or (teleported is not None and teleported < plain):
-        winner = "teleport"
-    else:
-        winner = "baseline"
-    return {
-        "base_lr": base_lr,
-        "baselines": baselines,
-        "best_multiplier": best["multiplier"],
-        "best_baseline": best,
-        "teleport": teleport,
-        "teleport_over_best_baseline": ratios,
-        "winner": winner,
-        "verdict": _verdict(optimizer, winner, best, teleport, ratios, target),
-    }
+def _train(pair, data, optimizer, rate, seed, arm, epochs, device, teleported) -> dict[str, Any]:
+    """One run; ``teleported``: the steps the teleport arm of the same rate and seed teleported at."""
+    model_name, model_options, _, _ = PAIRS[pair]
+    torch.manual_seed(seed)
+    model = default_registry().get("model", model_name)(**model_options).to(device)
+    cls, extra, _ = OPTIMIZERS[optimizer]
+    opt = cls(model.parameters(), lr=rate, **extra)
+    dataset = TensorDataset(*(t.to(device) for t in data))
+    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    trainer = tt.TeleportTrainer(model, F.cross_entropy, opt, **_teleport_options(arm, model, dataset, seed))
+    run = {"train_loss": [_loss(model, data, device)], "cpu_seconds": [0.0], "teleported_at": [], "teleport_cpu": 0.0}
+    clock, resets = 0.0, set(teleported or []) if arm == "reset" else set()
+    for _ in range(epochs):
+        for inputs, targets in loader:
+            started = time.process_time()
+            if trainer.global_step in resets:
+                opt.state.clear()
+            result = trainer.step(inputs, targets)
+            spent = time.process_time() - started
+            clock += spent
+            if result.teleports:
+                run["teleported_at"].append(trainer.global_step - 1)
+                run["teleport_cpu"] += spent
+        trainer.end_epoch()
+        run["train_loss"].append(_loss(model, data, device))
+        run["cpu_seconds"].append(clock)
+    return run
 
 
-def _rank(entry: dict[str, Any]) -> tuple[bool, float]:
-    """Reached the target sooner first; then, among runs that did not, the lower final train loss."""
-    seconds, loss = entry["seconds_to_target"], entry["final_train_loss"]
-    if seconds is not None:
-        return False, seconds
-    return True, loss if math.isfinite(loss) else math.inf
+def _teleport_options(arm: str, model: nn.Module, dataset, seed: int) -> dict[str, Any]:
+    if arm in ("none", "reset"):
+        return {}
+    teleport_data = DataLoader(dataset, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed + 100))
+    options: dict[str, Any] = {"teleport_data": teleport_data}
+    if arm == "sharpness":
+        options["teleporter"] = tt.Teleporter(model, F.cross_entropy, objective=Sharpness(direction="descend"))
+    return options
 
 
-def _verdict(
-    optimizer: str,
-    winner: str,
-    best: dict[str, Any],
-    teleport: dict[str, Any],
-    ratios: dict[str, float | None],
-    target: float,
-) -> str:
-    goal = f"train loss <= {target:g}"
-    baseline = (
-        f"{optimizer} without teleport at {best['multiplier']:g}x its rate (lr {best['lr']:g})"
-    )
-    if winner == "neither":
-        return (
-            f"neither reaches {goal}: final train loss {teleport['final_train_loss']:.4g} with "
-            f"teleport, {best['final_train_loss']:.4g} for {baseline}"
-        )
-    if teleport["seconds_to_target"] is None:
-        return (
-            f"teleport loses: it does not reach {goal}; {baseline} does by epoch "
-            f"{best['epochs_to_target']:g} ({best['seconds_to_target']:.3g} s)"
-        )
-    if best["seconds_to_target"] is None:
-        return (
-            f"teleport wins: it reaches {goal} by epoch {teleport['epochs_to_target']:g} "
-            f"({teleport['seconds_to_target']:.3g} s); no baseline rate reaches it"
-        )
-    times = f"{teleport['seconds_to_target']:.3g} s against {best['seconds_to_target']:.3g} s"
-    if ratios["seconds_to_target"] is not None:
-        times = f"{ratios['seconds_to_target']:.2f}x the wall-clock ({times})"
-    return (
-        f"teleport {'wins' if winner == 'teleport' else 'loses'} against {baseline}: {times} "
-        f"to {goal}; {teleport['epochs_to_target']:g} against {best['epochs_to_target']:g} epochs"
-    )
+def _loss(model: nn.Module, data, device) -> float:
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    with torch.no_grad():
+        loss = float(F.cross_entropy(model(data[0].to(device)), data[1].to(device)))
+    for module, training in modes:
+        module.training = training
+    return loss
 
 
-def _config_dir(given: str) -> Path:
-    """``given``, else ``./configs``, else the repository's ``configs`` folder."""
-    candidates = (
-        [Path(given)]
-        if given
-        else [Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs"]
-    )
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(
-        f"no configs folder at {' or '.join(map(str, candidates))}; set config_dir"
-    )
+def _summary(runs: dict[str, dict[str, list[dict]]], epochs: int) -> dict[str, Any]:
+    """Best rate per arm, and whether an arm at its best rate beats the best plain rate."""
+    best = {arm: min(by_rate, key=lambda r: statistics.mean(run["train_loss"][-1] for run in by_rate[r])) for arm, by_rate in runs.items()}
+    baseline = runs["none"][best["none"]]
+    target = statistics.mean(run["train_loss"][-1] for run in baseline)
+    budget = min(run["cpu_seconds"][-1] for run in baseline)
+    arms = {}
+    for arm, by_rate in runs.items():
+        seeds = by_rate[best[arm]]
+        reached = [_first(run, target) for run in seeds]
+        epochs_to = [e for e, _ in reached]
+        cpu_to = [c for _, c in reached]
+        wins = arm != "none" and all(e is not None and e < epochs for e in epochs_to) and max(cpu_to) <= budget
+        arms[arm] = {
+            "best_lr": float(best[arm]),
+            "final_train_loss": [run["train_loss"][-1] for run in seeds],
+            "epochs_to_target": epochs_to,
+            "cpu_to_target": cpu_to,
+            "teleport_cpu_fraction": statistics.mean(run["teleport_cpu"] / max(run["cpu_seconds"][-1], 1e-12) for run in seeds),
+            "wins": wins,
+        }
+    return {"target": target, "plain_cpu": budget, "arms": arms, "runs": runs, "verdict": _verdict(arms, target)}
 
 
-def _plot(runs: dict[str, dict], path: Path) -> None:
+def _first(run: dict, target: float) -> tuple[int | None, float | None]:
+    """The first epoch whose train loss is at most ``target``, and the CPU seconds at its end."""
+    for epoch, (loss, seconds) in enumerate(zip(run["train_loss"], run["cpu_seconds"], strict=True)):
+        if loss <= target:
+            return epoch, seconds
+    return None, None
+
+
+def _verdict(arms: dict[str, dict], target: float) -> str:
+    plain = arms["none"]
+    winners = [arm for arm, figures in arms.items() if figures["wins"]]
+    moved = [arm for arm, figures in arms.items() if arm != "none" and figures["best_lr"] != plain["best_lr"]]
+    lead = f"{', '.join(winners)} beats" if winners else "nothing beats"
+    rates = "; the best rate moves with " + ", ".join(moved) if moved else "; no arm moves the best rate"
+    return f"{lead} plain training at its best rate {plain['best_lr']:g} (train loss {target:.4f}){rates}"
+
+
+def _plot(results: dict[str, Any], figure: Path) -> None:
+    """Train loss against CPU seconds, every pair x optimizer, the plain and teleport arms at their best rates."""
     plt = pyplot()
-    measures = (
-        ("seconds_to_target", "wall-clock s to target"),
-        ("cpu_seconds_to_target", "CPU s to target"),
-        ("epochs_to_target", "epochs to target"),
-    )
-    figure, axes = plt.subplots(
-        len(measures), len(runs), figsize=(4.2 * len(runs), 3.0 * len(measures)), squeeze=False
-    )
-    for column, (name, run) in enumerate(runs.items()):
-        comparisons = run["optimizers"]
-        for r, (key, label) in enumerate(measures):
-            ax = axes[r][column]
-            for offset, side, legend in (
-                (-0.2, "best_baseline", "best tuned baseline"),
-                (0.2, "teleport", "teleport (defaults)"),
-            ):
-                values = [comparison[side][key] for comparison in comparisons.values()]
-                positions = [i + offset for i in range(len(values))]
-                bars = ax.bar(positions, [v or 0.0 for v in values], 0.4, label=legend)
-                for bar, value in zip(bars, values, strict=True):
-                    if value is None:
-                        centre = bar.get_x() + bar.get_width() / 2
-                        ax.annotate(
-                            "n/r", (centre, 0), ha="center", va="bottom", fontsize="x-small"
-                        )
-            ax.set_xticks(
-                range(len(comparisons)),
-                [f"{o}\n(x{c['best_multiplier']:g})" for o, c in comparisons.items()],
-            )
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3, axis="y")
-            if r == 0:
-                ax.set_title(
-                    f"{name}: train loss <= {run['target_train_loss']:g}", fontsize="medium"
-                )
-        axes[0][column].legend(fontsize="small")
-    figure.suptitle(
-        "n/r: the target was not reached within the run's epochs\n"
-        "(xM): the best baseline's multiple of the config's learning rate",
-        fontsize="small",
-    )
-    save_figure(figure, path)
+    panels = [(pair, optimizer, summary) for pair, by_optimizer in results.items() for optimizer, summary in by_optimizer.items()]
+    columns = len(next(iter(results.values()))) if results else 1
+    rows = max(1, -(-len(panels) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
+    for ax, (pair, optimizer, summary) in zip(axes.flat, panels, strict=False):
+        for arm, style in (("none", "-"), ("teleport", "--"), ("sharpness", ":")):
+            if arm not in summary["arms"]:
+                continue
+            rate = summary["arms"][arm]["best_lr"]
+            for i, run in enumerate(summary["runs"][arm][f"{rate:g}"]):
+                ax.plot(run["cpu_seconds"], run["train_loss"], style, color={"none": "C0", "teleport": "C1", "sharpness": "C2"}[arm], label=f"{arm} lr {rate:g}" if i == 0 else None)
+        ax.set_yscale("log")
+        ax.set_title(f"{pair}, {optimizer}", fontsize=8)
+        ax.set_xlabel("CPU s", fontsize=7)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(figure, dpi=90)
+    plt.close(fig)
 
 
 @hookimpl

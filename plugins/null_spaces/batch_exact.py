@@ -58,7 +58,10 @@ class BatchExactNullSpace(NullSpace):
         if samples is not None:  # what the batch does not span, in float64, in the samples' dtype
             wide = samples.double()
             samples = (wide - core @ (core.transpose(-1, -2) @ wide)).to(samples.dtype)
-        rest = spectrum_of(samples)  # every process asks, whether it holds samples or not
+        # Every process asks, whether it holds samples or not. Below tau = 1 only the strong directions
+        # count: fewer samples than dimensions may take the samples' Gram matrix (cheaper, and as
+        # accurate for a direction of energy r of the largest as eps / r).
+        rest = spectrum_of(samples, leading=self.tau < 1)
         if rest is None:
             return SiteBasis(self.basis_of(batch), batch.samples, batch.dtype, keeps_batch=True)
         # Directions of the rest below the batch's rounding level are the rounding of what it spans.

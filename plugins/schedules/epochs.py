@@ -11,9 +11,10 @@ from torch_teleport import Schedule, TeleportPlan, hookimpl
 class EpochSchedule(Schedule):
     """Teleport once at the start of each epoch in ``epochs`` (the paper's K).
 
-    ``batches`` x ``steps`` per teleport (32 x 8 in the paper); no teleport
-    before global step ``warmup`` (40 for the paper's CNNs): an epoch in K
-    whose start falls in the warm-up teleports at its first step after it.
+    ``batches`` x ``steps`` per teleport (32 x 8 in the paper), each batch of
+    at least ``samples`` samples when given (see :class:`~torch_teleport.TeleportPlan`);
+    no teleport before global step ``warmup`` (40 for the paper's CNNs): an
+    epoch in K whose start falls in the warm-up teleports at its first step after it.
     ``EpochSchedule()`` is the schedule :class:`~torch_teleport.TeleportTrainer`
     uses when it teleports without one.
     """
@@ -25,9 +26,10 @@ class EpochSchedule(Schedule):
         steps: int = 8,
         cap: float | None = None,
         warmup: int = 0,
+        samples: int | None = None,
     ) -> None:
         self.epochs = frozenset(int(e) for e in epochs)
-        self.template = TeleportPlan(batches, steps, cap)
+        self.template = TeleportPlan(batches, steps, cap, samples)
         self.warmup = int(warmup)
         self.done: set[int] = set()
 

@@ -436,11 +436,16 @@ def _null_dims(data: dict) -> dict[str, int]:
 
 
 def test_check_takes_the_model_and_the_teleport_options_of_a_run_config(capsys, tmp_path):
-    """A 3-32-2 ReLU network on 64 samples: the exact null space leaves its head far less room than
-    the default, so the table must use the null space the config's teleport would."""
+    """A 3-32-2 ReLU network on 64 samples: the batch fills every layer, so the default teleport
+    builds its bases with the thresholded null space, which leaves the head far more room than the
+    exact one; the table must use the null space the config's teleport would."""
     model = ["mlp", "--set", "input_dim=3", "--set", "hidden=[32]", "--batch", "64"]
     default = _check_json(capsys, model)
     exact = _check_json(capsys, [*model, "--null-space", "exact"])
+    thresholded = _check_json(capsys, [*model, "--null-space", "svd"])
+    assert default["null_space"] == f"{DEFAULT_NULL_SPACE} (tau = {DEFAULT_TAU:g})"
+    assert thresholded["null_space"] == f"svd (tau = {DEFAULT_TAU:g})"
+    assert _null_dims(default) == _null_dims(thresholded)
     assert _null_dims(default)["3"] > _null_dims(exact)["3"]
     config = tmp_path / "run.toml"
     config.write_text(
@@ -452,8 +457,8 @@ def test_check_takes_the_model_and_the_teleport_options_of_a_run_config(capsys, 
     assert _null_dims(from_config) == _null_dims(exact)  # svd at tau = 1 is the exact null space
     # A MODEL and flags win over the config's.
     flagged = _check_json(capsys, [*model, "--config", str(config), "--tau", str(DEFAULT_TAU)])
-    assert flagged["null_space"] == default["null_space"]
-    assert _null_dims(flagged) == _null_dims(default)
+    assert flagged["null_space"] == thresholded["null_space"]
+    assert _null_dims(flagged) == _null_dims(thresholded)
 
 
 def test_check_errors_name_the_null_space_and_the_missing_model(capsys, tmp_path):

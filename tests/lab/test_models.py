@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from torch_teleport import Teleporter, default_registry
+from torch_teleport.bases import NO_ROOM
 from torch_teleport.lab.models.mamba_block import MambaBlock
 from torch_teleport.lab.models.transformer import LearnedPositions
 from torch_teleport.projectors.frozen import (
@@ -24,7 +25,6 @@ from torch_teleport.projectors.frozen import (
 from torch_teleport.projectors.mamba import FROZEN as MAMBA_FROZEN
 from torch_teleport.testing import assert_structured_matches_full, assert_teleport_invariant
 
-NO_ROOM = "no null space on the teleport batch"
 Make = Callable[[torch.Generator], Tensor]
 
 
