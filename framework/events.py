@@ -23,6 +23,7 @@ from . import optimizer_state as optimizer_state_policy
 from .inputs import Inputs, call_model, concatenate, to_device
 from .model_state import preserved_state
 from .optimizer_state import StatePolicy
+from .sharding import sharded_parameters
 from .report import TeleportReport
 from .schedule import Schedule, TeleportPlan
 from .teleporter import Teleporter
@@ -156,6 +157,11 @@ class TeleportEvents:
             on_teleport_failure=on_teleport_failure,
             shadow_policy=shadow_policy,
         )
+        if optimizer_state == "rescale" and sharded_parameters(teleporter.model):
+            raise ValueError(
+                "optimizer_state='rescale' measures each parameter's gradient norm by autograd, which a "
+                "sharded model's (FSDP2) parameters do not allow; use 'keep', 'reset' or 'auto'"
+            )
         self.teleporter = teleporter
         self.schedule = schedule if schedule is not None else _default_schedule()
         self.teleport_data = teleport_data

@@ -185,6 +185,11 @@ def _faults(rank: int, world: int, mesh) -> dict:
             refused[case] = str(error)
     unchanged &= all(torch.equal(local(p), before[name]) for name, p in model.named_parameters())
     try:
+        tt.TeleportEvents(tt.Teleporter(model, loss_fn), optimizer_state="rescale")
+        refused["rescale"] = "accepted"
+    except ValueError as error:
+        refused["rescale"] = str(error)
+    try:
         tt.Teleporter(sharded("mlp", torch.bfloat16, mesh), loss_fn)
         refused["bfloat16"] = "accepted"
     except TypeError as error:
@@ -363,6 +368,7 @@ def test_what_cannot_teleport_a_sharded_model_is_refused_with_the_reason(ranks):
         assert "set_requires_gradient_sync(False) left unreduced gradients" in f["refused"]["no sync"]
         assert "set_gradient_divide_factor(3.0): reset it" in f["refused"]["divide"]
         assert "sharded torch.bfloat16 parameter: shard float32 parameters" in f["refused"]["bfloat16"]
+        assert "optimizer_state='rescale'" in f["refused"]["rescale"]
 
 
 def test_an_unsharded_model_has_no_sharded_parameters():
