@@ -23,9 +23,9 @@ from . import optimizer_state as optimizer_state_policy
 from .inputs import Inputs, call_model, concatenate, to_device
 from .model_state import preserved_state
 from .optimizer_state import StatePolicy
-from .sharding import sharded_parameters
 from .report import TeleportReport
 from .schedule import Schedule, TeleportPlan
+from .sharding import sharded_parameters
 from .teleporter import Teleporter
 from .wrappers import POLICIES as SHADOW_POLICIES
 from .wrappers import check_shadows

@@ -71,7 +71,7 @@ class GradientPath(ABC):
         """The projected objective gradient at the point of ``evaluation`` (global under data
         parallelism), unscaled."""
 
-    def release(self, evaluation: Evaluation) -> None:
+    def release(self, evaluation: Evaluation) -> None:  # noqa: B027 (a path that holds nothing keeps it)
         """Drop what ``evaluation`` holds for its step (the climb has moved on; its figures stay)."""
 
     def finished(self, dense: dict[str, Tensor], factored: list[FactoredSite], bases: Bases) -> ProjectedUpdate:

@@ -7,6 +7,6 @@ settings) and ``bench_<name>.png``. ``common`` holds what they share.
 Timing ratios are always taken against a baseline measured in the same
 process, interleaved with the subject so that load on the machine hits both.
 The standalone scripts (``data_level_set``, ``memory``, ``model_coverage``,
-``projector_invariance``, ``trainer_defaults``) run as ``python -m
+``projector_invariance``) run as ``python -m
 torch_teleport.lab.benchmarks.<name>``; all write into ``results/``.
 """

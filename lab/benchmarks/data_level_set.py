@@ -96,12 +96,13 @@ def settings(train):
             reports.append(report)
         return {"stopped": sorted({r.stopped for r in reports}), "steps": sum(r.steps for r in reports)}
 
-    def one(model, data, guard=None, **options):
-        report = tt.Teleporter(model, F.cross_entropy, **options).teleport(*data, guard=guard)
+    def one(model, data, guard=None, basis=None, **options):
+        report = tt.Teleporter(model, F.cross_entropy, **options).teleport(*data, guard=guard, basis=basis)
         return {
             "stopped": report.stopped,
             "steps": report.steps,
             "batch_loss_change": report.loss_change,
+            "batch_grad_norm_ratio": report.grad_norm_after / report.grad_norm_before,
             "step_sizes": report.step_sizes,
         }
 
@@ -111,6 +112,8 @@ def settings(train):
         "batch of 32, defaults": lambda m: one(m, batches[0]),
         "batch of 32, exact, lr 0.005": lambda m: one(m, batches[0], **EXACT),
         "batch of 32 + guard 256, defaults": lambda m: one(m, batches[0], guard=guard_256),
+        "batch of 32 + guard 256, exact, lr 0.005": lambda m: one(m, batches[0], guard=guard_256, **EXACT),
+        "batch of 32 + guard 256 + basis 256, defaults": lambda m: one(m, batches[0], guard=guard_256, basis=basis_256),
         "round 32 x 32, defaults": lambda m: round_(m),
         "round 32 x 32, exact, lr 0.005": lambda m: round_(m, **EXACT),
         "round 32 x 32 + guard 32, defaults": lambda m: round_(m, guard=batches[0]),
@@ -152,12 +155,13 @@ def main() -> None:
     out.write_text(json.dumps(results, indent=2) + "\n")
     for name, result in results.items():
         print(f"\n{name}\n")
-        print("| setting | whole-train loss | test loss | whole-train grad norm | steps | stopped | CPU s |")
-        print("|---|---|---|---|---|---|---|")
+        print("| setting | whole-train loss | test loss | whole-train grad norm | batch grad norm | steps | stopped | CPU s |")
+        print("|---|---|---|---|---|---|---|---|")
         for row in result["rows"]:
+            batch = f"x{row['batch_grad_norm_ratio']:.2f}" if "batch_grad_norm_ratio" in row else "-"
             print(
                 f"| {row['setting']} | x{row['train_loss_ratio']:.4f} | x{row['test_loss_ratio']:.4f} "
-                f"| x{row['train_grad_norm_ratio']:.3f} | {row['steps']} | {row['stopped']} | {row['cpu_seconds']:.1f} |"
+                f"| x{row['train_grad_norm_ratio']:.3f} | {batch} | {row['steps']} | {row['stopped']} | {row['cpu_seconds']:.1f} |"
             )
 
 

@@ -18,7 +18,8 @@ it is ``torch.cuda.max_memory_allocated`` minus the memory allocated
 before (tensor bytes only). The optimizer is plain SGD (no state).
 
 Usage: ``python -m torch_teleport.lab.benchmarks.memory [--device cuda]``; writes
-``lab/benchmarks/results/memory.json`` and prints a Markdown table.
+``lab/benchmarks/results/memory.json`` and ``docs/figures/bench_memory.png`` and prints a
+Markdown table.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+from torch_teleport.lab.benchmarks.common import FIGURES
 
 CASES = ("mlp", "cnn", "resnet", "transformer_classifier", "transformer_regressor", "transformer_lm",
          "mamba_classifier", "mamba_lm")  # fmt: skip
@@ -126,6 +129,7 @@ def main() -> None:
     out = Path(__file__).resolve().parent / "results" / "memory.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(rows, indent=2) + "\n")
+    _plot(rows, FIGURES / "bench_memory.png")
     print(
         "| model | training step: first / repeat (MiB) | teleport: first / repeat (MiB) "
         "| teleport / step (first) |\n|---|---|---|---|"
@@ -138,6 +142,29 @@ def main() -> None:
             f"| {row['model']} (batch {BATCH}, {STEPS} teleport steps) | {mib['step']:.1f} / {mib['step_repeat']:.1f} "
             f"| {mib['teleport']:.1f} / {mib['teleport_repeat']:.1f} | {row['teleport'] / row['step']:.2f} |"
         )
+
+
+def _plot(rows: list[dict], figure: Path) -> None:
+    """Peak MiB of a training step and of a teleport per model (first run), the ratio above each pair."""
+    from torch_teleport.lab.benchmarks.common import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    positions = range(len(rows))
+    step = [row["step"] / 2**20 for row in rows]
+    teleport = [row["teleport"] / 2**20 for row in rows]
+    ax.bar([p - 0.2 for p in positions], step, 0.4, label="training step")
+    ax.bar([p + 0.2 for p in positions], teleport, 0.4, label=f"teleport ({STEPS} steps)")
+    for p, s, t in zip(positions, step, teleport, strict=True):
+        ax.annotate(f"{t / s:.1f}x", (p, max(s, t)), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(list(positions), [row["model"] for row in rows], rotation=20, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel(f"peak MiB beyond the model (batch {BATCH})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

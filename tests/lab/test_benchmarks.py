@@ -184,6 +184,25 @@ def test_time_to_target(tmp_path):
         assert [r["train_loss"] for r in seeds] == [r["train_loss"] for r in sgd["reset"][rate]]
 
 
+def test_trainer_defaults(tmp_path):
+    """Each arm against plain training of its optimizer and seed; only teleporting arms teleport."""
+    data = run_tiny("trainer_defaults", tmp_path)
+    arms = data["datasets"]["digits"]
+    assert list(arms) == [
+        "sgd, plain", "sgd, plain, lr x2", "sgd, defaults", "sgd, paper (32 x 8 before epochs 0-4)",
+        "adam, plain", "adam, defaults",
+    ]  # fmt: skip
+    for arm, summary in arms.items():
+        (run,) = summary["runs"]
+        assert len(run["train_loss"]) == len(run["cpu_seconds"]) == data["settings"]["epochs"] + 1
+        numbers(*run["train_loss"], *run["cpu_seconds"])
+        teleports = "plain" not in arm
+        assert (summary["teleports"] != [0]) == teleports and (run["gains"] != []) == teleports
+        if arm.endswith("plain"):
+            assert summary["epoch_ratio"] == summary["final_ratio"] == summary["time_ratio"] == [1.0]
+    assert arms["sgd, paper (32 x 8 before epochs 0-4)"]["teleports"] == [32]
+
+
 def test_time_to_target_refuses_a_grid_without_positive_multipliers(tmp_path):
     run = default_registry().get("experiment", "bench.time_to_target")
     for grid in ([], [0.0, 1.0]):
