@@ -97,18 +97,39 @@ def run_time_to_target(config: dict[str, Any], out_dir: Path) -> None:
     options = settings(config, FULL, TINY)
     _check(options)
     device = prepare(options)
-    results: dict[str, Any] = {}
     path = Path(out_dir) / f"{NAME}.partial.json"
+    results = _measured(path, options)
     for pair in options["pairs"]:
+        if pair in results:
+            print(f"time to target: {pair} kept from {path}", flush=True)
+            continue
         results[pair] = _pair(pair, options, device)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results) + "\n")  # a long run keeps what it measured
+        path.write_text(json.dumps({"options": _grid(options), "pairs": results}) + "\n")
+    results = {pair: results[pair] for pair in options["pairs"]}
     figure = write_outputs(NAME, out_dir, options, device, {"clock": "process CPU seconds of the training loop", "pairs": results})
     path.unlink(missing_ok=True)
     _plot(results, figure)
     for pair, by_optimizer in results.items():
         for optimizer, summary in by_optimizer.items():
             print(f"{pair}, {optimizer}: {summary['verdict']}", flush=True)
+
+
+def _grid(options: dict[str, Any]) -> dict[str, Any]:
+    """What makes two runs' pairs comparable: every option but the list of pairs."""
+    return {key: value for key, value in options.items() if key not in ("pairs", "figures")}
+
+
+def _measured(path: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """The pairs a long run interrupted with the same options already measured (the run goes on
+    from there); nothing where the file is absent, unreadable or made with other options."""
+    try:
+        partial = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(partial, dict) or partial.get("options") != _grid(options):
+        return {}
+    return dict(partial.get("pairs", {}))
 
 
 def _check(options: dict[str, Any]) -> None:

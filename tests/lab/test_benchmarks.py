@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from torch_teleport.lab.benchmarks import time_to_target
 from torch_teleport.lab.benchmarks.common import growth_exponent, settings
 from torch_teleport.lab.cli import main as teleport_cli
 from torch_teleport.lab.config import ConfigError
@@ -182,6 +183,25 @@ def test_time_to_target(tmp_path):
     sgd = by_optimizer["sgd"]["runs"]
     for rate, seeds in sgd["none"].items():
         assert [r["train_loss"] for r in seeds] == [r["train_loss"] for r in sgd["reset"][rate]]
+
+
+def test_time_to_target_goes_on_from_what_an_interrupted_run_measured(tmp_path, capsys):
+    """A partial file made with the same options keeps its pairs; one made with others is ignored."""
+    first = run_tiny("time_to_target", tmp_path / "first")
+    (pair,) = first["settings"]["pairs"]
+    options = settings({"kind": "bench.time_to_target", "size": "tiny"}, time_to_target.FULL, time_to_target.TINY)
+    partial = tmp_path / "again" / "out" / "time_to_target.partial.json"
+    partial.parent.mkdir(parents=True)
+    partial.write_text(json.dumps({"options": time_to_target._grid(options), "pairs": first["pairs"]}))
+    again = run_tiny("time_to_target", tmp_path / "again")
+    assert f"{pair} kept from" in capsys.readouterr().out
+    assert again["pairs"] == first["pairs"]  # CPU seconds included: nothing was trained again
+    assert not partial.exists()
+    other = {**time_to_target._grid(options), "seeds": [7]}
+    partial.write_text(json.dumps({"options": other, "pairs": first["pairs"]}))
+    assert time_to_target._measured(partial, options) == {}
+    partial.write_text("{not json")
+    assert time_to_target._measured(partial, options) == {}
 
 
 def test_trainer_defaults(tmp_path):
