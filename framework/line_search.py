@@ -32,12 +32,15 @@ class LineSearch:
     has no evidence that longer steps keep the data's loss). A step that
     fails to improve the objective is undone and tried again at ``shrink``
     times its length, at most ``retries`` times in a row. A step that breaks
-    a limit (drift, guard) is undone and tried once more at the length a
-    linear model of the limit's change says it allows, with a margin (a
-    step along a null space moves the guard's loss, and the batch's by
-    rounding, in proportion to its length); once a limit binds, steps grow
-    no more, and a second breach ends the ascent rather than spending
-    attempts on ever shorter steps.
+    a limit (drift, guard) is undone and tried again at the length a linear
+    model of the limit's change says it allows, with a margin (a step along
+    a null space moves the guard's loss, and the batch's by rounding, in
+    proportion to its length); once a limit binds, steps grow no more. A
+    breach ends the ascent where shortening stopped helping (the excess fell
+    by less than :data:`SHORTENING_HELPS` since the last try: the batch's
+    loss at its rounding floor, a guard already at its limit) or after
+    :data:`BREACHES` tries in a row, rather than spending attempts on ever
+    shorter steps.
     """
 
     initial: float = INITIAL_LR
@@ -56,6 +59,11 @@ class LineSearch:
             raise ValueError(f"retries must be a non-negative whole number, got {self.retries!r}")
 
 
+BREACHES = 3
+"""Tries in a row at one point that may break a limit before the ascent ends."""
+SHORTENING_HELPS = 0.9
+"""A breach is tried again only below this fraction of the last try's excess at the same point."""
+
 LANDINGS = 4
 """Attempts at shortening a step that passed the gain limit (or the cap) so that it lands on it."""
 
@@ -73,6 +81,7 @@ class SearchState:
         self.active, self.can_retry = self.policy is not None, retries
         self.longest = policy.max_length if self.active and may_grow else 1.0
         self.length, self.rejected, self.landings, self.limit_bound = 1.0, 0, 0, False
+        self.breaches, self.last_excess = 0, math.inf  # limits broken in a row at this point
         self.tried: list[tuple[float, float]] = []  # (length, log gradient norm) of steps past the limit
 
     @property
@@ -82,7 +91,8 @@ class SearchState:
 
     def accept(self) -> None:
         landed = self.landings > 0
-        self.rejected = self.landings = 0
+        self.rejected = self.landings = self.breaches = 0
+        self.last_excess = math.inf
         self.tried.clear()
         if self.active and not (self.limit_bound or landed):
             self.length = min(self.length * self.policy.growth, self.longest)
@@ -96,10 +106,12 @@ class SearchState:
 
     def breached(self, excess: float) -> bool:
         """Shorten the step after it broke a limit by ``excess`` times what it allows; whether it is
-        tried again (once: from then on the limit binds and the steps grow no more)."""
-        if not self.active or self.limit_bound:
+        tried again (while shortening helps; from then on the limit binds and the steps grow no more)."""
+        helps = self.breaches == 0 or excess < SHORTENING_HELPS * self.last_excess
+        if not self.active or self.breaches >= BREACHES or not helps:
             return False
         factor = min(0.5, max(1 / 256, 0.8 / excess)) if math.isfinite(excess) else 1 / 256
+        self.breaches, self.last_excess = self.breaches + 1, excess
         self.limit_bound, self.rejected, self.length = True, self.rejected + 1, self.length * factor
         return True
 

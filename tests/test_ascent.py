@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch_teleport.ascent import Ascent, check_start
 from torch_teleport.climb import Applied, AscentStopped, Climb, Step
 from torch_teleport.limits import LANDED, Limits
-from torch_teleport.line_search import LANDINGS, LineSearch, StepRule
+from torch_teleport.line_search import BREACHES, LANDINGS, LineSearch, StepRule
 from torch_teleport.objective import Evaluation
 
 
@@ -167,25 +167,32 @@ def test_a_step_that_measures_its_own_size_reports_it():
 
 
 @given(retries=st.integers(0, 4), shrink=st.sampled_from([0.5, 0.25]))
-def test_a_step_that_breaks_the_drift_is_retried_once_shorter_and_a_second_breach_ends_the_ascent(
-    retries, shrink
-):
+def test_a_drift_no_shorter_step_keeps_ends_the_ascent_after_breaches_tries(retries, shrink):
     """Whatever the search's own retries (they are for steps that do not improve the objective)."""
     line = Line(loss=lambda x: 1.0 + x)  # any move breaks the drift limit
     outcome = run(line, searched(initial=0.5, shrink=shrink, retries=retries), drift=1e-9)
-    assert len(line.scales) == 2 and line.scales[0] == 0.5 and 0 < line.scales[1] <= 0.25
+    assert len(line.scales) == BREACHES + 1 and line.scales[0] == 0.5
+    assert all(0 < later <= earlier / 2 for earlier, later in zip(line.scales, line.scales[1:], strict=False))
     assert (outcome.steps, outcome.stopped, outcome.step_sizes) == (0, "drift", [])
     assert line.x == 0.0 and outcome.last is line.first
-    assert outcome.losses == [1.0]  # the retry is tried from the same point
+    assert outcome.losses == [1.0]  # the retries are tried from the same point
+
+
+def test_a_drift_at_its_floor_ends_the_ascent_at_the_second_try():
+    """A loss that moves by the same amount at any length (rounding): shortening does not help."""
+    line = Line(loss=lambda x: 1.0 + (1e-3 if x else 0.0))
+    outcome = run(line, searched(initial=0.5), drift=1e-4)
+    assert len(line.scales) == 2 and (outcome.steps, outcome.stopped, line.x) == (0, "drift", 0.0)
 
 
 def test_a_retry_that_keeps_the_drift_is_taken_and_the_steps_grow_no_more():
     """A step that breaks the drift by a little is retried at half its length; from then on the
-    limit binds: the next steps keep that length, and the next breach ends the ascent."""
+    limit binds: the steps grow no more, each breach is retried shorter while shortening helps, and
+    every point kept is within the limit."""
     line = Line(loss=lambda x: 1.0 + x)
     outcome = run(line, searched(initial=0.5, growth=2.0), 4, drift=0.4)  # 0.5 breaks it by 1.25x
-    assert line.scales == [0.5, 0.25, 0.25] and outcome.step_sizes == [0.25]
-    assert (outcome.steps, outcome.stopped, line.x) == (1, "drift", 0.25)
+    assert line.scales[:3] == [0.5, 0.25, 0.25] and outcome.step_sizes == [0.25, 0.125]
+    assert (outcome.steps, outcome.stopped, line.x) == (2, "drift", 0.375)
 
 
 def test_without_a_search_a_step_that_breaks_the_drift_ends_the_ascent_at_once():

@@ -15,8 +15,10 @@ from torch.nn import functional as F
 
 import torch_teleport as tt
 from torch_teleport.line_search import (
+    BREACHES,
     INITIAL_LR,
     LANDINGS,
+    SHORTENING_HELPS,
     LineSearch,
     SearchState,
     StepRule,
@@ -159,9 +161,10 @@ def test_a_step_shortened_where_it_may_not_grow_grows_back_to_one_at_most():
     assert state.length == 1.0
 
 
-def test_a_breach_is_retried_once_and_then_the_limit_binds():
-    """A step that broke a limit by a little is retried at half its length; from then on the
-    steps grow no more and a second breach is not retried (a rejection for not improving still is)."""
+def test_a_breach_binds_the_limit_and_is_retried_while_shortening_helps():
+    """A step that broke a limit is retried shorter; from then on the steps grow no more. Tries at
+    one point go on while each breach undercuts the last by enough, at most BREACHES in a row; an
+    accepted step starts afresh."""
     state = SearchState(LineSearch(growth=2.0, max_length=16.0), may_grow=True, retries=True)
     state.accept()
     state.accept()
@@ -170,8 +173,27 @@ def test_a_breach_is_retried_once_and_then_the_limit_binds():
     state.accept()
     state.accept()
     assert state.length == 2.0 and not state.retrying
-    assert state.breached(1.0001) is False and state.length == 2.0
-    assert state.reject() and state.length == 2.0 * LineSearch().shrink
+    # A limit the shorter step did not relieve (a rounding floor, a guard at its limit) ends the climb.
+    assert state.breached(3.0) and state.breached(SHORTENING_HELPS * 3.0 * 1.01) is False
+    state.accept()
+    # Shortening that keeps helping is tried BREACHES times in a row, no more.
+    excesses = [1000.0 * 0.5**k for k in range(BREACHES + 1)]
+    assert [state.breached(e) for e in excesses] == [True] * BREACHES + [False]
+
+
+def test_a_breach_that_falls_with_the_length_is_tried_until_the_step_fits():
+    """An excess with a part proportional to the step's length and a floor below the limit (rounding):
+    the linear model undershoots the floor, so one retry does not fit and the second does."""
+    state = SearchState(LineSearch(), may_grow=True, retries=True)
+
+    def excess() -> float:
+        return 0.5 + 3.0 * state.length
+
+    tries = 0
+    while excess() > 1:
+        assert state.breached(excess())
+        tries += 1
+    assert tries == 2 <= BREACHES
 
 
 @given(excess=st.floats(1.0, 1e12), more=st.floats(1.0, 1e6))
