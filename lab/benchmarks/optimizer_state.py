@@ -5,7 +5,9 @@ at its usual rate, on every offline dataset that suits the paper-style MLP
 (scikit-learn's digits, MNIST-1D), seeds 0, 1 and 2, the same initialisation
 and batch order for every run of a seed: the MLP d-``width``-``width``-10
 trained ``epochs`` epochs with batch 32 by a ``TeleportTrainer`` whose events
-follow the trainer's default schedule and guard, with
+follow the paper's schedule (``EpochSchedule()``: 32 teleports before each of
+epochs 0-4, where what the optimizer keeps across a teleport matters most) and
+the trainer's default guard, with
 ``optimizer_state`` in ``keep``, ``reset`` and ``rescale``, and without
 teleports. Figures: the whole training set's and the test set's loss after
 each epoch; the summary gives each arm's final train loss (mean and spread
@@ -31,6 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import torch_teleport as tt
 from torch_teleport.lab.benchmarks.data_level_set import splits
+from torch_teleport.plugins.schedules import EpochSchedule
 
 OPTIMIZERS = {
     "sgd": (torch.optim.SGD, {"lr": 0.01}),
@@ -58,7 +61,7 @@ def run(data, seed: int, optimizer: str, policy: str, width: int, epochs: int) -
     extra = {}
     if policy != "none":
         teleports = DataLoader(dataset, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed + 100))
-        extra = {"teleport_data": teleports, "optimizer_state": policy}
+        extra = {"teleport_data": teleports, "optimizer_state": policy, "schedule": EpochSchedule()}
     trainer = tt.TeleportTrainer(model, F.cross_entropy, opt, **extra)
     result = {"train_loss": [_loss(model, train)], "test_loss": [_loss(model, test)], "teleport_steps": 0}
     started = time.process_time()
