@@ -409,7 +409,8 @@ class _StateCarrier:
 
     def __init__(self, events: TeleportEvents, optimizer: torch.optim.Optimizer, sample) -> None:
         self.events, self.optimizer, self.sample = events, optimizer, sample
-        self.policy = optimizer_state_policy.resolved(events.optimizer_state, optimizer)
+        sharded = bool(sharded_parameters(events.teleporter.model))
+        self.policy = optimizer_state_policy.resolved(events.optimizer_state, optimizer, can_rescale=not sharded)
         rescales = self.policy == "rescale" and sample is not None
         self.before = events.gradient_norms(sample) if rescales else None
 

@@ -5,9 +5,11 @@ at its usual rate, on every offline dataset that suits the paper-style MLP
 (scikit-learn's digits, MNIST-1D), seeds 0, 1 and 2, the same initialisation
 and batch order for every run of a seed: the MLP d-``width``-``width``-10
 trained ``epochs`` epochs with batch 32 by a ``TeleportTrainer`` whose events
-follow the paper's schedule (``EpochSchedule()``: 32 teleports before each of
-epochs 0-4, where what the optimizer keeps across a teleport matters most) and
-the trainer's default guard, with
+follow ``--schedule``: ``default``, the trainer's own (what ``auto`` serves; a
+teleport every 500 steps, so the runs must be long enough to teleport at a
+trained point, where the state exists), or ``paper``, the paper's
+(``EpochSchedule()``: 32 teleports before each of epochs 0-4), with the
+trainer's default guard, and
 ``optimizer_state`` in ``keep``, ``reset`` and ``rescale``, and without
 teleports. Figures: the whole training set's and the test set's loss after
 each epoch; the summary gives each arm's final train loss (mean and spread
@@ -15,8 +17,9 @@ over seeds) against the run without teleports, and which policy ``auto``
 should pick per family (the lowest mean final train loss, ``keep`` where
 the others are not better beyond the spread of the seeds).
 
-Usage: ``python -m torch_teleport.lab.benchmarks.optimizer_state [--width 256] [--epochs 6]``;
-writes ``lab/benchmarks/results/optimizer_state.json`` and prints a Markdown table.
+Usage: ``python -m torch_teleport.lab.benchmarks.optimizer_state [--schedule default|paper] [--width 256]
+[--epochs 12]``; writes ``lab/benchmarks/results/optimizer_state.json`` (``optimizer_state_paper.json``
+for the paper's schedule) and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -49,7 +52,10 @@ SEEDS = (0, 1, 2)
 BATCH = 32
 
 
-def run(data, seed: int, optimizer: str, policy: str, width: int, epochs: int) -> dict:
+SCHEDULES = {"default": None, "paper": EpochSchedule}
+
+
+def run(data, seed: int, optimizer: str, policy: str, width: int, epochs: int, schedule: str = "default") -> dict:
     """One training run; ``policy="none"`` trains without teleports."""
     train, test = data
     torch.manual_seed(seed)
@@ -61,7 +67,9 @@ def run(data, seed: int, optimizer: str, policy: str, width: int, epochs: int) -
     extra = {}
     if policy != "none":
         teleports = DataLoader(dataset, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed + 100))
-        extra = {"teleport_data": teleports, "optimizer_state": policy, "schedule": EpochSchedule()}
+        extra = {"teleport_data": teleports, "optimizer_state": policy}
+        if SCHEDULES[schedule] is not None:
+            extra["schedule"] = SCHEDULES[schedule]()
     trainer = tt.TeleportTrainer(model, F.cross_entropy, opt, **extra)
     result = {"train_loss": [_loss(model, train)], "test_loss": [_loss(model, test)], "teleport_steps": 0}
     started = time.process_time()
@@ -105,7 +113,8 @@ def choice(summaries: list[dict], optimizer: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="default")
     parser.add_argument("--datasets", nargs="+", default=["digits", "mnist1d"])
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -114,7 +123,7 @@ def main() -> None:
         data = splits(dataset)
         runs = {
             optimizer: {
-                policy: [run(data, seed, optimizer, policy, args.width, args.epochs) for seed in SEEDS]
+                policy: [run(data, seed, optimizer, policy, args.width, args.epochs, args.schedule) for seed in SEEDS]
                 for policy in POLICIES
             }
             for optimizer in OPTIMIZERS
@@ -123,7 +132,8 @@ def main() -> None:
         _print(dataset, results["datasets"][dataset]["summary"])
         summaries = [entry["summary"] for entry in results["datasets"].values()]
         results["auto"] = {optimizer: choice(summaries, optimizer) for optimizer in OPTIMIZERS}
-        out = Path(__file__).resolve().parent / "results" / "optimizer_state.json"
+        name = "optimizer_state" + ("" if args.schedule == "default" else f"_{args.schedule}")
+        out = Path(__file__).resolve().parent / "results" / f"{name}.json"
         out.write_text(json.dumps(results, indent=2) + "\n")
     print("\nauto picks: " + ", ".join(f"{name} {policy}" for name, policy in results["auto"].items()))
 
