@@ -285,3 +285,20 @@ def test_settings_refuse_unknown_keys_and_apply_the_tiny_defaults():
 def test_growth_exponent_recovers_a_power_law():
     sizes = [64, 128, 256, 512]
     assert growth_exponent(sizes, [3e-6 * s**1.7 for s in sizes]) == pytest.approx(1.7)
+
+
+def test_model_coverage_counts_a_gain_below_the_papers_unless_both_landed_on_the_gain_limit():
+    from torch_teleport.lab.benchmarks.model_coverage import BELOW_PAPER, totals
+
+    def row(gain, stopped, paper_gain, paper_stopped):
+        return {"family": "f", "mode": "train", "outcome": "backtracked", "gain": gain, "stopped": stopped,
+                "paper_gain": paper_gain, "paper_stopped": paper_stopped}
+
+    rows = [
+        row(9.92, "gain", 9.94, "gain"),  # both on the limit, within its landing band
+        row(2.0, "drift", 3.0, "steps"),  # less
+        row(9.92, "gain", 9.99, "steps"),  # less (the paper's did not stop on the limit)
+        row(3.0, "steps", 2.0, "steps"),
+        {"family": "f", "mode": "train", "outcome": "fails", "paper_gain": 2.0},
+    ]
+    assert totals(rows)["f / train"][BELOW_PAPER] == 2
