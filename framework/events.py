@@ -409,8 +409,7 @@ class _StateCarrier:
 
     def __init__(self, events: TeleportEvents, optimizer: torch.optim.Optimizer, sample) -> None:
         self.events, self.optimizer, self.sample = events, optimizer, sample
-        sharded = bool(sharded_parameters(events.teleporter.model))
-        self.policy = optimizer_state_policy.resolved(events.optimizer_state, optimizer, can_rescale=not sharded)
+        self.policy = optimizer_state_policy.resolved(events.optimizer_state, optimizer)
         rescales = self.policy == "rescale" and sample is not None
         self.before = events.gradient_norms(sample) if rescales else None
 

@@ -146,16 +146,6 @@ def test_auto_takes_the_policy_of_the_optimizers_family(name):
         assert resolved(policy, family(small_mlp().parameters(), lr=0.1)) == policy
 
 
-@pytest.mark.parametrize("name", sorted(AUTO))
-def test_auto_keeps_the_state_where_it_would_rescale_what_it_cannot_measure(name):
-    """A sharded model's per-parameter gradient norms are out of reach: ``auto`` keeps instead of
-    rescaling there, and takes its family's policy otherwise."""
-    optimizer = getattr(torch.optim, name)(small_mlp().parameters(), lr=0.1)
-    expected = "keep" if AUTO[name] == "rescale" else AUTO[name]
-    assert resolved("auto", optimizer, can_rescale=False) == expected
-    assert resolved("rescale", optimizer, can_rescale=False) == "rescale"  # (refused where events are built)
-
-
 def test_auto_keeps_the_state_of_an_optimizer_of_no_listed_family():
     assert "Rprop" not in AUTO
     assert resolved("auto", torch.optim.Rprop(small_mlp().parameters())) == "keep"
