@@ -573,7 +573,7 @@ def totals(rows: list[dict]) -> dict[str, dict[str, int]]:
 
 def below_paper(row: dict) -> bool:
     paper = row.get("paper_gain")
-    if paper is None or "gain" not in row or row.get("stopped") == row.get("paper_stopped") == "gain":
+    if paper is None or row.get("gain") is None or row.get("stopped") == row.get("paper_stopped") == "gain":
         return False
     return row["gain"] < paper * (1 - 1e-6)
 

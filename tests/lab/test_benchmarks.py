@@ -223,6 +223,20 @@ def test_trainer_defaults(tmp_path):
     assert arms["sgd, paper (32 x 8 before epochs 0-4)"]["teleports"] == [32]
 
 
+def test_default_vs_paper(tmp_path):
+    """Both teleports from every point; the count below the paper's follows from the rows."""
+    from torch_teleport.lab.benchmarks.model_coverage import below_paper
+
+    data = run_tiny("default_vs_paper", tmp_path)
+    rows = data["rows"]
+    assert [(r["model"], r["point"]) for r in rows] == [("mlp", "initialisation"), ("mlp", "trained")]
+    for row in rows:
+        numbers(row["gain"], row["paper_gain"], row["batch_loss_change"], row["paper_batch_loss_change"])
+        assert row["gain"] >= 1 - 1e-6  # the default's search takes only steps that raise the objective
+        assert row["steps"] <= data["settings"]["steps"] and row["paper_steps"] <= data["settings"]["steps"]
+    assert data["below_paper"] == sum(map(below_paper, rows)) and data["runs"] == len(rows)
+
+
 def test_time_to_target_refuses_a_grid_without_positive_multipliers(tmp_path):
     run = default_registry().get("experiment", "bench.time_to_target")
     for grid in ([], [0.0, 1.0]):
