@@ -14,7 +14,11 @@ For every registered model with a known input shape (the paper's MLP
 * teleport: a whole default teleport of ``steps`` steps (capture, basis,
   steps, final check) against ``steps`` SGD steps;
 * basis: the null space's bases of every site's representation (built
-  once beforehand by the projectors), timed alone.
+  once beforehand by the projectors), timed alone;
+* defaults (the paper's MLP only): one teleport with the library's defaults,
+  ``Teleporter(model, loss).teleport(batch, guard=...)`` with a guard batch of
+  ``guard`` other samples, from the same starting point every time, against
+  ``steps`` SGD steps.
 
 All are timed in turns in one process. A ``torch.profiler`` table of
 one teleport of the paper's MLP is written next to the JSON.
@@ -62,6 +66,7 @@ FULL = {
     "warmup": 1,
     "lr": 1e-4,
     "mlp_hidden": [1024, 1024],
+    "guard": 256,
 }
 TINY = {
     "models": ["mlp"],
@@ -70,6 +75,7 @@ TINY = {
     "repeats": 1,
     "warmup": 0,
     "mlp_hidden": [32, 32],
+    "guard": 16,
 }
 
 Make = Callable[[torch.Generator, int], Tensor]
@@ -172,6 +178,8 @@ def run_step_cost(config: dict[str, Any], out_dir: Path) -> None:
                 f"{row['paths']}), full path {row['full_ascent_over_sgd']:.2f}x, whole teleport "
                 f"{row['teleport_over_sgd_steps']:.2f}x its steps' SGD steps, "
                 f"basis {row['basis_over_sgd']:.2f}x ({row['null_space']}, tau = {row['tau']:g})"
+                + (f"; the defaults with a guard of {options['guard']}: {row['defaults_over_sgd_steps']:.2f}x "
+                   f"{options['steps']} SGD steps ({row['defaults_report']})" if "defaults_seconds" in row else "")
             )
         else:
             print(f"{row['model']:>24}: {row.get('skipped') or row.get('error')}")
@@ -207,23 +215,32 @@ def _measure(
         for representation in sites.values():
             builder.basis(representation)
 
-    medians = interleaved_medians(
-        {
-            "sgd": sgd_step,
-            "basis": basis,
-            "one": lambda: teleporter.teleport(inputs, targets, steps=1),
-            "many": lambda: teleporter.teleport(inputs, targets),
-            "full_one": lambda: full.teleport(inputs, targets, steps=1),
-            "full_many": lambda: full.teleport(inputs, targets),
-        },
-        repeats=options["repeats"],
-        warmup=options["warmup"],
-        device=device,
-    )
+    tasks = {
+        "sgd": sgd_step,
+        "basis": basis,
+        "one": lambda: teleporter.teleport(inputs, targets, steps=1),
+        "many": lambda: teleporter.teleport(inputs, targets),
+        "full_one": lambda: full.teleport(inputs, targets, steps=1),
+        "full_many": lambda: full.teleport(inputs, targets),
+    }
+    defaults = _defaults(model, probe, generator, options, device) if name == "mlp" else None
+    if defaults is not None:
+        tasks["defaults"] = defaults
+    medians = interleaved_medians(tasks, repeats=options["repeats"], warmup=options["warmup"], device=device)
     ascent = (medians["many"] - medians["one"]) / (options["steps"] - 1)
     full_ascent = (medians["full_many"] - medians["full_one"]) / (options["steps"] - 1)
     paths = sorted({layer.gradient for layer in first.layers})
+    extra = {}
+    if defaults is not None:
+        report = defaults()
+        extra = {
+            "defaults_seconds": medians["defaults"],
+            "defaults_over_sgd_steps": medians["defaults"] / (options["steps"] * medians["sgd"]),
+            "defaults_report": {"steps": report.steps, "stopped": report.stopped,
+                                "gain": report.grad_norm_after / report.grad_norm_before, "guard": options["guard"]},
+        }
     return {
+        **extra,
         "model": name,
         "options": probe.options,
         "input_shape": list(inputs.shape),
@@ -243,6 +260,24 @@ def _measure(
         "teleport_over_sgd_steps": medians["many"] / (options["steps"] * medians["sgd"]),
         "basis_over_sgd": medians["basis"] / medians["sgd"],
     }
+
+
+def _defaults(model, probe: Probe, generator: torch.Generator, options: dict, device: torch.device):
+    """A default teleport with a guard batch, from ``model``'s current point every time it runs
+    (restoring the weights is part of what is timed: a copy of the parameters, small beside a
+    teleport); it returns the report."""
+    guarded = copy.deepcopy(model)
+    start = copy.deepcopy(guarded.state_dict())
+    teleporter = Teleporter(guarded, probe.loss, steps=options["steps"], uncovered="freeze")
+    inputs = probe.inputs(generator, options["batch"]).to(device)
+    targets = probe.targets(generator, options["batch"]).to(device)
+    guard = (probe.inputs(generator, options["guard"]).to(device), probe.targets(generator, options["guard"]).to(device))
+
+    def run():
+        guarded.load_state_dict(start)
+        return teleporter.teleport(inputs, targets, guard=guard)
+
+    return run
 
 
 def _teleporter_with_room(model, probe: Probe, inputs, targets, options: dict, registry):

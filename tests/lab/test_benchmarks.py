@@ -73,6 +73,8 @@ def test_step_cost(tmp_path):
     numbers(paper["full_ascent_over_sgd"], paper["teleport_over_sgd_steps"])
     assert paper["paths"] == "closed_form"
     assert paper["null_space"] == "exact" and paper["moved_sites"] == paper["sites"] == 3
+    numbers(paper["defaults_seconds"], paper["defaults_over_sgd_steps"], paper["defaults_report"]["gain"])
+    assert paper["defaults_report"]["guard"] == data["settings"]["guard"]
     assert data["models"][0] == paper
     assert data["profile"] and all(row["op"] and row["calls"] > 0 for row in data["profile"])
 
