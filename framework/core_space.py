@@ -10,12 +10,12 @@ from .null_space import NullSpace
 from .registry import Registry
 
 DEFAULT_NULL_SPACE = "batch_exact"
-"""The default core space: the leading directions holding 99.9% of the energy of the inputs of
-the teleport batch, the basis sample and the guard batch (GPM's reading of tau). An exact null
-space keeps only the batch's loss (a round of teleports on batches of 32 raised the whole
-training set's loss by 6% on digits) and has no room at all on a sample larger than a layer's
-width; this one keeps the data's loss to 0.01% on a sample of 1,024 while the drift tolerance
-keeps the batch's (docs/architecture.md, "Which level set")."""
+"""The default core space: the teleport batch's inputs exactly (its loss invariant to rounding, so
+the drift limit never binds on a correct projector), a basis sample's directions by energy (99.9 %)
+on what the batch does not span, and all the data's by energy where the batch leaves no room (a
+batch larger than a layer's inputs). The thresholded core over everything left out directions the
+batch itself uses and, on trained models, stopped at the drift limit after gains of x1.000-1.03
+(docs/architecture.md, "Which level set"; docs/results.md, section 8)."""
 
 
 def resolve_null_space(null_space: str | NullSpace, tau: float | None, registry: Registry) -> NullSpace:
