@@ -48,13 +48,11 @@ def test_the_embedded_default_is_a_valid_train_config():
     config = resolve(load_config(), SCHEMA)
     assert config["kind"] == "train"
     assert config["dataset"]["name"] == "digits"
-    assert [o["name"] for o in config["training"]["optimizers"]] == [
-        "sgd",
-        "momentum",
-        "adagrad",
-        "adam",
-    ]
+    optimizers = config["training"]["optimizers"]
+    assert [o["name"] for o in optimizers] == ["sgd", "momentum", "adagrad", "adagrad", "adam", "adam"]
+    assert len({o["label"] or o["name"] for o in optimizers}) == len(optimizers)  # each run named apart
     assert config["training"]["with_teleport"] == [False, True]
+    assert config["teleport"]["schedule"]["name"] == "gaining"  # the library's default schedule
 
 
 def test_missing_file_names_the_path(tmp_path):
