@@ -24,7 +24,7 @@ TINY = [
     "training.optimizers=[{name='momentum', lr=0.05}]",
     "teleport.steps=2",
     "teleport.batch_size=8",
-    "teleport.schedule.options={epochs=[0, 1], batches=2}",
+    "teleport.schedule={name='epochs', options={epochs=[0, 1], batches=2}}",
 ]
 
 
