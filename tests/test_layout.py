@@ -149,7 +149,8 @@ FUNCTION_LINES = 60
 
 def test_no_core_function_is_longer_than_a_screen():
     long = []
-    for path in sorted(CORE.rglob("*.py")):
+    rooms = {"lab", "projectors", "objectives", "plugins"}  # inside the package folder once installed
+    for path in sorted(p for p in CORE.rglob("*.py") if p.relative_to(CORE).parts[0] not in rooms):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 start = min([node.lineno, *(decorator.lineno for decorator in node.decorator_list)])
