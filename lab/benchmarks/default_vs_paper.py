@@ -39,6 +39,7 @@ from torch_teleport.lab.benchmarks.common import (
 )
 from torch_teleport.lab.benchmarks.model_coverage import PAPER_MODE, below_paper
 from torch_teleport.lab.benchmarks.step_cost import PROBES, Probe, probe_for
+from torch_teleport.lab.experiment import save_figure
 from torch_teleport.registry import default_registry
 
 NAME = "default_vs_paper"
@@ -107,8 +108,8 @@ def _measure(name: str, factory, probe: Probe, seed: int, options: dict, device:
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = factory(**probe.options).to(device)
-    batch = _draw(probe, generator, options["batch"], device)
-    guard = _draw(probe, generator, options["guard"], device)
+    batch = probe.batch(generator, options["batch"], device)
+    guard = probe.batch(generator, options["guard"], device)
     rows = []
     for point in POINTS:
         if point == "trained":
@@ -124,14 +125,10 @@ def _measure(name: str, factory, probe: Probe, seed: int, options: dict, device:
     return rows
 
 
-def _draw(probe: Probe, generator: torch.Generator, n: int, device: torch.device) -> tuple:
-    return probe.inputs(generator, n).to(device), probe.targets(generator, n).to(device)
-
-
 def _train(model, probe: Probe, generator: torch.Generator, options: dict, device: torch.device) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=options["train_lr"])
     for _ in range(options["train_steps"]):
-        inputs, targets = _draw(probe, generator, options["batch"], device)
+        inputs, targets = probe.batch(generator, options["batch"], device)
         optimizer.zero_grad()
         probe.loss(model(inputs), targets).backward()
         optimizer.step()
@@ -168,9 +165,7 @@ def _plot(rows: list[dict], figure: Path) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("gradient-norm gain (median over seeds)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(figure, dpi=90)
-    plt.close(fig)
+    save_figure(fig, figure)
 
 
 @hookimpl

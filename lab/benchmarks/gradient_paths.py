@@ -193,10 +193,8 @@ def _measure(
             generator = torch.Generator().manual_seed(seed)
             torch.manual_seed(seed)
             model = factory(**probe.options).to(device)
-            inputs = probe.inputs(generator, options["batch"]).to(device)
-            targets = probe.targets(generator, options["batch"]).to(device)
-            held_inputs = probe.inputs(generator, options["batch"]).to(device)
-            held_targets = probe.targets(generator, options["batch"]).to(device)
+            inputs, targets = probe.batch(generator, options["batch"], device)
+            held_inputs, held_targets = probe.batch(generator, options["batch"], device)
         except Exception as error:  # a zoo model whose factory changed: say so, go on
             info["error"] = f"{type(error).__name__}: {error}"
             for seeds in runs.values():

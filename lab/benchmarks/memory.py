@@ -56,8 +56,7 @@ def measure(case: str, operation: str, device: str) -> list[int]:
     model = tt.default_registry().get("model", case)(**probe.options).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     generator = torch.Generator().manual_seed(0)
-    inputs = probe.inputs(generator, BATCH).to(device)
-    targets = probe.targets(generator, BATCH).to(device)
+    inputs, targets = probe.batch(generator, BATCH, device)
     teleporter = tt.Teleporter(model, probe.loss, steps=STEPS, lr=1e-3, uncovered="freeze")
     if teleporter.teleport(inputs, targets, steps=1).stopped == "no_room":  # as the step-cost benchmark
         teleporter = tt.Teleporter(
@@ -147,6 +146,7 @@ def main() -> None:
 def _plot(rows: list[dict], figure: Path) -> None:
     """Peak MiB of a training step and of a teleport per model (first run), the ratio above each pair."""
     from torch_teleport.lab.benchmarks.common import pyplot
+    from torch_teleport.lab.experiment import save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.4))
@@ -161,10 +161,8 @@ def _plot(rows: list[dict], figure: Path) -> None:
     ax.set_yscale("log")
     ax.set_ylabel(f"peak MiB beyond the model (batch {BATCH})")
     ax.legend(fontsize=7)
-    fig.tight_layout()
     figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(figure, dpi=100)
-    plt.close(fig)
+    save_figure(fig, figure)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,10 @@ class Probe:
     targets: Make = lambda g, n: torch.randint(0, 10, (n,), generator=g)
     loss: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
 
+    def batch(self, generator: torch.Generator, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``n`` inputs and their targets drawn from ``generator`` (inputs first), on ``device``."""
+        return self.inputs(generator, n).to(device), self.targets(generator, n).to(device)
+
 
 def _images(channels: int, size: int) -> Make:
     return lambda g, n: torch.randn(n, channels, size, size, generator=g)
@@ -192,8 +196,7 @@ def _measure(
     try:
         torch.manual_seed(0)
         model = factory(**probe.options).to(device)
-        inputs = probe.inputs(generator, options["batch"]).to(device)
-        targets = probe.targets(generator, options["batch"]).to(device)
+        inputs, targets = probe.batch(generator, options["batch"], device)
         teleporter, first, null_space, tau = _teleporter_with_room(
             model, probe, inputs, targets, options, registry
         )
@@ -269,9 +272,8 @@ def _defaults(model, probe: Probe, generator: torch.Generator, options: dict, de
     guarded = copy.deepcopy(model)
     start = copy.deepcopy(guarded.state_dict())
     teleporter = Teleporter(guarded, probe.loss, steps=options["steps"], uncovered="freeze")
-    inputs = probe.inputs(generator, options["batch"]).to(device)
-    targets = probe.targets(generator, options["batch"]).to(device)
-    guard = (probe.inputs(generator, options["guard"]).to(device), probe.targets(generator, options["guard"]).to(device))
+    inputs, targets = probe.batch(generator, options["batch"], device)
+    guard = probe.batch(generator, options["guard"], device)
 
     def run():
         guarded.load_state_dict(start)
@@ -318,8 +320,7 @@ def _profile(
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = default_registry().get("model", "mlp")(**probe.options).to(device)
-    inputs = probe.inputs(generator, options["batch"]).to(device)
-    targets = probe.targets(generator, options["batch"]).to(device)
+    inputs, targets = probe.batch(generator, options["batch"], device)
     teleporter = Teleporter(model, probe.loss, lr=options["lr"], steps=options["steps"])
     teleporter.teleport(inputs, targets)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -46,6 +46,7 @@ from torch_teleport.lab.benchmarks.common import (
     write_outputs,
 )
 from torch_teleport.lab.config import ConfigError
+from torch_teleport.lab.experiment import save_figure
 from torch_teleport.objectives.sharpness import Sharpness
 from torch_teleport.registry import default_registry
 
@@ -285,9 +286,7 @@ def _plot(results: dict[str, Any], figure: Path) -> None:
         ax.set_title(f"{pair}, {optimizer}", fontsize=8)
         ax.set_xlabel("CPU s", fontsize=7)
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(figure, dpi=90)
-    plt.close(fig)
+    save_figure(fig, figure)
 
 
 @hookimpl

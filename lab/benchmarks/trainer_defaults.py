@@ -44,6 +44,7 @@ from torch_teleport.lab.benchmarks.common import (
 )
 from torch_teleport.lab.benchmarks.data_level_set import splits
 from torch_teleport.lab.config import ConfigError
+from torch_teleport.lab.experiment import save_figure
 from torch_teleport.plugins.schedules import (
     BudgetSchedule,
     EpochSchedule,
@@ -206,9 +207,7 @@ def _plot(results: dict[str, Any], figure: Path) -> None:
         ax.set_ylabel("whole-train loss")
         ax.set_title(f"paper MLP, {dataset}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(figure, dpi=100)
-    plt.close(fig)
+    save_figure(fig, figure)
 
 
 @hookimpl
