@@ -127,7 +127,7 @@ class Ascent:
         or a gradient norm past the gain limit (or the cap), which the step is shortened to land on."""
         breach = check.broken(after) if measured else None
         if breach is not None:
-            return breach.reason, search.breached(breach.excess)
+            return breach.reason, search.breached(breach.excess, breach.reason)
         if search.active and not self._improved(after, before):
             return "line_search", search.reject()
         passed = check.passed(after)

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .inputs import batch_size
-from .null_space import Spectrum, gram_spectrum, spectrum, uses_gram_route
+from .null_space import Spectrum, float64_gram, gram_spectrum, spectrum, uses_gram_route
 from .objective import Batch, Evaluation
 from .sharding import local, shard_key
 
@@ -169,14 +169,15 @@ class Replicas:
         total = sum(counts)
         device = self._device()
         local = (
-            representation.detach().to(device=device, dtype=torch.float64)
+            representation.detach().to(device=device)
             if representation is not None and representation.shape[2] > 0
             else torch.zeros(groups, dims, 0, dtype=torch.float64, device=device)
         )
         if uses_gram_route(dims, total, dtype):
-            gram = local @ local.transpose(-1, -2)
+            gram = float64_gram(local)
             dist.all_reduce(gram, group=self.group)
             return gram_spectrum(gram, total, dtype)
+        local = local.double()
         width = max(counts)
         padded = torch.zeros(groups, dims, width, dtype=torch.float64, device=device)
         padded[..., : local.shape[2]] = local

@@ -11,6 +11,7 @@ the ascent loop follows.
 
 from __future__ import annotations
 
+import math
 import warnings
 from abc import ABC, abstractmethod
 from typing import ClassVar
@@ -36,11 +37,13 @@ class GradientPath(ABC):
     are the sites whose gradient it computes its own way (the others get
     autograd's); ``measures_loss`` is false when :meth:`evaluate` keeps the
     captured loss instead of measuring it (then :meth:`final` measures the
-    end point).
+    end point); ``probes_curvature`` is false for a path whose weights a
+    random direction cannot be drawn for the same way on every process.
     """
 
     name: ClassVar[str]
     measures_loss: ClassVar[bool] = True
+    probes_curvature: ClassVar[bool] = True  # may probe a random direction at a stationary start
     first: Evaluation
     sites: list[SiteRef]
 
@@ -54,6 +57,10 @@ class GradientPath(ABC):
     def captured_inputs(self) -> dict[tuple[str, str], list[Tensor]]:
         """Every covered module's input streams on the batch."""
         return self.captured
+
+    def forget_inputs(self) -> None:
+        """Drop the captured input streams once the bases are built (the steps do not read them)."""
+        self.captured = {}
 
     def site_paths(self) -> dict[SiteKey, str]:
         """The path of each of :attr:`sites`, for the layer reports."""
@@ -123,14 +130,26 @@ class FullPath(GradientPath):
         return self.finished({name: self._first_gradient[name].clone() for name in weights.params}, [], bases)
 
 
+CURVATURE_PROBE = 1e-3
+"""Length of the probe step at a stationary start, relative to the moved weights' norm: far above
+rounding, short enough that the gradient there is the curvature's."""
+
+
 class ProjectedClimb(Climb):
     """The null-space method's climb: a gradient path's projected gradient as steps, one basis per site.
 
-    The step at a point is computed once (a retried step reuses it). A first
-    step that is exactly zero everywhere warns: nothing the teleport may move
-    can change the objective. Steps may grow where the sample saturates its
-    core space, or where a guard batch of other data (``judged``) judges
-    every step.
+    The step at a point is computed once (a retried step reuses it). Where
+    the first projected gradient is exactly zero the start may be a
+    stationary point of the objective on the level set rather than a model
+    that cannot move (a classifier head initialised at zero: every
+    null-space move of the head raises the gradient norm, but only to second
+    order): the first step is then the projected gradient at a small probe
+    step along a seeded random null-space direction, i.e. the projected
+    Hessian of the objective along that direction (the ascent judges the step
+    like any other). Where that is zero too, the climb warns: nothing the
+    teleport may move can change the objective. Steps may grow where the
+    sample saturates its core space, or where a guard batch of other data
+    (``judged``) judges every step.
     """
 
     def __init__(
@@ -168,8 +187,36 @@ class ProjectedClimb(Climb):
             if self._at is not None:  # the climb never steps from an earlier point again
                 previous, self._at = self._at[0], None
                 self.path.release(previous)
-            self._at = (evaluation, ProjectedStep(self.path.update(evaluation, self.weights, self.bases), self.weights))
+            step = ProjectedStep(self.path.update(evaluation, self.weights, self.bases), self.weights)
+            if evaluation is self.first and step.norm == 0 and self.path.probes_curvature:
+                step = self._curvature_step() or step
+            self._at = (evaluation, step)
         return self._at[1]
+
+    def _curvature_step(self) -> ProjectedStep | None:
+        """The projected gradient a probe step of :data:`CURVATURE_PROBE` (relative to the weights)
+        along a seeded random null-space direction away (``None`` where that is zero too): at a
+        stationary start, ``P H d`` times the probe's length, the direction the objective rises in
+        fastest from there."""
+        generator = torch.Generator().manual_seed(0)  # the same direction on every process and device
+        random = {
+            name: torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p)
+            for name, p in self.weights.params.items()
+        }
+        probe = ProjectedStep(self.path.finished(random, [], self.bases), self.weights)
+        if not probe.norm > 0:
+            return None
+        saved = {name: p.detach().clone() for name, p in self.weights.params.items()}
+        probe.apply(CURVATURE_PROBE * probe.reference / probe.norm, None)
+        try:
+            evaluation = self.path.evaluate()
+            step = ProjectedStep(self.path.update(evaluation, self.weights, self.bases), self.weights)
+            self.path.release(evaluation)
+        finally:
+            with torch.no_grad():
+                for name, p in self.weights.params.items():
+                    p.copy_(saved[name])  # exactly as found, not to rounding
+        return step if step.norm > 0 and math.isfinite(step.norm) else None
 
 
 def custom_functions(output: Tensor) -> list[type]:
@@ -202,7 +249,7 @@ _ONCE_DIFFERENTIABLE = (
 
 _NO_DIRECTION = (
     "teleport cannot move: the projected objective gradient is exactly zero on every site with room "
-    "({sites}). A site whose inputs depend on no parameter the teleport moves (a network's first "
-    "layer) has its whole gradient in the span of its inputs, and one whose output the loss does "
-    "not see (a classifier head at zero) has none; check_coverage shows which layers can move"
+    "({sites}), at the start and a probe step away along a random null-space direction. A site whose "
+    "inputs depend on no parameter the teleport moves (a network's first layer) has its whole "
+    "gradient in the span of its inputs; check_coverage shows which layers can move"
 )

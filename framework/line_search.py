@@ -36,9 +36,9 @@ class LineSearch:
     model of the limit's change says it allows, with a margin (a step along
     a null space moves the guard's loss, and the batch's by rounding, in
     proportion to its length); once a limit binds, steps grow no more. A
-    breach ends the ascent where shortening stopped helping (the excess fell
-    by less than :data:`SHORTENING_HELPS` since the last try: the batch's
-    loss at its rounding floor, a guard already at its limit) or after
+    breach ends the ascent where shortening stopped helping (the excess of the
+    same limit fell by less than :data:`SHORTENING_HELPS` since its last try:
+    the batch's loss at its rounding floor, a guard already at its limit) or after
     :data:`BREACHES` tries in a row, rather than spending attempts on ever
     shorter steps.
     """
@@ -81,7 +81,8 @@ class SearchState:
         self.active, self.can_retry = self.policy is not None, retries
         self.longest = policy.max_length if self.active and may_grow else 1.0
         self.length, self.rejected, self.landings, self.limit_bound = 1.0, 0, 0, False
-        self.breaches, self.last_excess = 0, math.inf  # limits broken in a row at this point
+        self.breaches = 0  # limits broken in a row at this point
+        self.last_excess: dict[str, float] = {}  # the last excess of each limit broken at this point
         self.tried: list[tuple[float, float]] = []  # (length, log gradient norm) of steps past the limit
 
     @property
@@ -92,7 +93,7 @@ class SearchState:
     def accept(self) -> None:
         landed = self.landings > 0
         self.rejected = self.landings = self.breaches = 0
-        self.last_excess = math.inf
+        self.last_excess.clear()
         self.tried.clear()
         if self.active and not (self.limit_bound or landed):
             self.length = min(self.length * self.policy.growth, self.longest)
@@ -104,14 +105,15 @@ class SearchState:
         self.rejected, self.length = self.rejected + 1, self.length * self.policy.shrink
         return True
 
-    def breached(self, excess: float) -> bool:
-        """Shorten the step after it broke a limit by ``excess`` times what it allows; whether it is
-        tried again (while shortening helps; from then on the limit binds and the steps grow no more)."""
-        helps = self.breaches == 0 or excess < SHORTENING_HELPS * self.last_excess
+    def breached(self, excess: float, limit: str = "limit") -> bool:
+        """Shorten the step after it broke ``limit`` by ``excess`` times what it allows; whether it is
+        tried again (while shortening helps that limit: a first breach of another limit is news, not a
+        floor; from then on the limits bind and the steps grow no more)."""
+        helps = limit not in self.last_excess or excess < SHORTENING_HELPS * self.last_excess[limit]
         if not self.active or self.breaches >= BREACHES or not helps:
             return False
         factor = min(0.5, max(1 / 256, 0.8 / excess)) if math.isfinite(excess) else 1 / 256
-        self.breaches, self.last_excess = self.breaches + 1, excess
+        self.breaches, self.last_excess[limit] = self.breaches + 1, excess
         self.limit_bound, self.rejected, self.length = True, self.rejected + 1, self.length * factor
         return True
 

@@ -88,12 +88,12 @@ def spectrum(representation: Tensor, *, leading: bool = False) -> Spectrum:
     """
     if representation.dim() != 3:
         raise ValueError(f"representation must be (groups, dims, samples), got shape {tuple(representation.shape)}")
-    if not torch.isfinite(representation).all():
+    if not all(bool(block.isfinite().all()) for block in sample_blocks(representation)):
         raise ValueError("representation contains non-finite values")
     _, dims, samples = representation.shape
-    wide = representation.double()
     if uses_gram_route(dims, samples, representation.dtype):
-        return gram_spectrum(wide @ wide.transpose(-1, -2), samples, representation.dtype)
+        return gram_spectrum(float64_gram(representation), samples, representation.dtype)
+    wide = representation.double()
     if leading and samples < dims:
         return _sample_gram_spectrum(wide, representation.dtype)
     vectors, singular, _ = torch.linalg.svd(wide, full_matrices=False)
@@ -109,6 +109,30 @@ def _sample_gram_spectrum(wide: Tensor, dtype: torch.dtype) -> Spectrum:
     scale = torch.where(values > floor, values.sqrt(), torch.ones_like(values))
     vectors = (wide @ right) / scale.unsqueeze(-2) * (values > floor).unsqueeze(-2)
     return Spectrum(vectors, values * (values > floor), False, wide.shape[-1], dtype, from_gram=True)
+
+
+GRAM_BLOCK = 2**16
+"""Elements of a representation cast to float64 at a time when forming its Gram matrix (at least
+:data:`GRAM_MIN_WIDTH` samples, so that each block's product stays a matrix product)."""
+GRAM_MIN_WIDTH = 256
+
+
+def sample_blocks(representation: Tensor) -> tuple[Tensor, ...]:
+    """``representation`` (``groups x dims x samples``) in blocks of samples of about
+    :data:`GRAM_BLOCK` elements: what a check or a float64 cast handles at a time."""
+    groups, dims, _ = representation.shape
+    return representation.split(max(GRAM_MIN_WIDTH, GRAM_BLOCK // max(1, groups * dims)), dim=-1)
+
+
+def float64_gram(representation: Tensor) -> Tensor:
+    """``R R^T`` in float64 for ``R`` (``groups x dims x samples``), summed over blocks of samples so
+    that no float64 copy of the whole representation is made."""
+    groups, dims, _ = representation.shape
+    gram = representation.new_zeros(groups, dims, dims, dtype=torch.float64)
+    for block in sample_blocks(representation):
+        wide = block.double()
+        gram.baddbmm_(wide, wide.transpose(-1, -2))
+    return gram
 
 
 def uses_gram_route(dims: int, samples: int, dtype: torch.dtype) -> bool:

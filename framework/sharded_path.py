@@ -73,6 +73,7 @@ class ShardedPath(GradientPath):
     gathered tangents, one all-reduce per covered module's update."""
 
     name = "structured"
+    probes_curvature = False  # (the weights are DTensor shards)
 
     def __init__(self, context: MethodContext, batch: Batch, coverage: Coverage) -> None:
         self.dtype = functools.reduce(torch.promote_types, [p.dtype for p in batch.parameters])

@@ -95,7 +95,7 @@ def squared_norms(tensors: Sequence[Tensor]) -> list[float]:
     A plain tensor's is its own; a sharded tensor's local squares are summed
     over the mesh dimensions it is sharded along (one all-reduce per mesh).
     """
-    squares = [local(t).detach().double().square().sum() for t in tensors]
+    squares = [_float64_square_sum(local(t).detach()) for t in tensors]
     result = [float(s) for s in squares]
     for (mesh, dims), indices in _by_mesh(tensors).items():
         from torch.distributed.tensor import DTensor, Partial, Replicate
@@ -110,8 +110,19 @@ def squared_norms(tensors: Sequence[Tensor]) -> list[float]:
 def norms(tensors: Sequence[Tensor]) -> list[float]:
     """The norm of each tensor whole, in float64, however it is sharded."""
     if not any(is_sharded(t) for t in tensors):
-        return [float(t.detach().double().norm()) for t in tensors]
+        return [math.sqrt(float(_float64_square_sum(t.detach()))) for t in tensors]
     return [math.sqrt(square) for square in squared_norms(tensors)]
+
+
+CHUNK = 2**18
+"""Elements per float64 slice of a sum of squares: a 2 MiB copy at most, not one the size of a weight."""
+
+
+def _float64_square_sum(tensor: Tensor) -> Tensor:
+    """``sum(tensor ** 2)`` accumulated in float64 (float32's squares overflow above 1.8e19), a slice at
+    a time."""
+    flat = tensor.reshape(-1)
+    return sum((part.double().square().sum() for part in flat.split(CHUNK)), flat.new_zeros((), dtype=torch.float64))
 
 
 def _by_mesh(tensors: Iterable[Tensor]) -> dict[tuple, list[int]]:

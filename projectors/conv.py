@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from torch_teleport import Projector, Site, hookimpl
-from torch_teleport.projector import Record, append_ones, first_input_hook, output_hook
+from torch_teleport.projector import Record, first_input_hook, output_hook
 
 ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
@@ -35,11 +35,22 @@ class ConvProjector(Projector):
         return [module.register_forward_pre_hook(first_input_hook("input", record))]
 
     def representation(self, module: ConvNd, site: Site, captured: Sequence[Tensor]) -> Tensor:
-        patches = torch.cat([conv_patches(module, x) for x in captured], dim=-1)
-        columns = rearrange(patches, "(g d) s -> g s d", g=module.groups)
-        if site.bias is not None:
-            columns = append_ones(columns)
-        return columns.transpose(-1, -2)
+        """Every call's patches per group, with a row of ones for the bias, written straight into one
+        ``(groups, dims, samples)`` tensor: the unfolded patches are the largest thing a teleport
+        builds, and one call's are the only other copy alive."""
+        groups, folded = module.groups, int(site.bias is not None)
+        dims = module.in_channels // groups * math.prod(module.kernel_size)
+        counts = [_patch_count(module, x) for x in captured]
+        out = captured[0].new_empty(groups, dims + folded, sum(counts))
+        if folded:
+            out[:, dims].fill_(1)
+        start = 0
+        for x, count in zip(captured, counts, strict=True):
+            patches = unfolded_patches(module, x)
+            target = out[:, :dims, start : start + count].unflatten(-1, (patches.shape[0], patches.shape[2]))
+            target.copy_(rearrange(patches, "n (g d) p -> g d n p", g=groups))
+            start += count
+        return out
 
     def capture_outputs(self, module: ConvNd, record: Record) -> list[RemovableHandle]:
         return [module.register_forward_hook(output_hook("weight", record))]
@@ -64,7 +75,7 @@ class ConvProjector(Projector):
         return columns
 
     def output_representation(self, module: ConvNd, site: Site, outputs: Sequence[Tensor]) -> Tensor:
-        """Per group ``(rows, positions * batch)``, in the order of :func:`conv_patches`' columns."""
+        """Per group ``(rows, batch * positions)``, in the order of :meth:`representation`'s columns."""
         spatial = len(module.kernel_size)
         columns = []
         for y in outputs:
@@ -74,8 +85,8 @@ class ConvProjector(Projector):
         return torch.cat(columns, dim=-1)
 
 
-def conv_patches(module: ConvNd, inputs: Tensor) -> Tensor:
-    """The patches ``module`` multiplies with its weight: ``(in * prod(kernel), positions * batch)``.
+def unfolded_patches(module: ConvNd, inputs: Tensor) -> Tensor:
+    """The patches ``module`` multiplies with its weight: ``(batch, in * prod(kernel), positions)``.
 
     Rows are ordered like the flattened weight ``(channel, kernel...)``, so for
     every group ``g`` the convolution's output is ``W_g @ patches_g + b_g``.
@@ -86,12 +97,21 @@ def conv_patches(module: ConvNd, inputs: Tensor) -> Tensor:
         inputs = inputs.unsqueeze(0)
     padded = F.pad(inputs, _pad_widths(module), mode=_pad_mode(module))
     if spatial == 2:
-        patches = F.unfold(
-            padded, module.kernel_size, dilation=module.dilation, stride=module.stride
-        )
-    else:
-        patches = _unfold_nd(padded, module.kernel_size, module.dilation, module.stride)
-    return rearrange(patches, "n d p -> d (n p)")
+        return F.unfold(padded, module.kernel_size, dilation=module.dilation, stride=module.stride)
+    return _unfold_nd(padded, module.kernel_size, module.dilation, module.stride)
+
+
+def _patch_count(module: ConvNd, inputs: Tensor) -> int:
+    """How many patches (batch times output positions) the convolution cuts from ``inputs``."""
+    spatial = len(module.kernel_size)
+    batch = 1 if inputs.dim() == spatial + 1 else inputs.shape[0]
+    widths = _pad_widths(module)  # last axis first
+    count = batch
+    for axis in range(spatial):
+        padded = inputs.shape[-spatial + axis] + sum(widths[2 * (spatial - 1 - axis) : 2 * (spatial - axis)])
+        span = module.dilation[axis] * (module.kernel_size[axis] - 1) + 1
+        count *= (padded - span) // module.stride[axis] + 1
+    return count
 
 
 def _unfold_nd(padded: Tensor, kernel: tuple, dilation: tuple, stride: tuple) -> Tensor:

@@ -4,6 +4,7 @@ when the first one is zero)."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -269,3 +270,54 @@ def test_a_climb_without_room_is_blocked_and_one_with_room_reports_its_bases():
     )
     bases.of.clear()
     assert ProjectedClimb(path, bases, weights, {}).blocked == "no_room"
+
+
+def zero_head_mlp(seed: int) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
+    """A float64 6-16-16-3 Tanh MLP whose classifier head starts at zero (as ViT's and MLP-Mixer's
+    do), and a batch of 4: the objective is stationary on the level set there."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+        nn.init.zeros_(model[4].weight)
+        nn.init.zeros_(model[4].bias)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(4, 6, generator=generator, dtype=torch.float64)
+    return model.double(), inputs, torch.randint(0, 3, (4,), generator=generator)
+
+
+@given(seed=st.integers(0, 2**16))
+def test_a_zero_head_climbs_off_its_stationary_start_keeping_the_batch_loss(seed):
+    model, inputs, targets = zero_head_mlp(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "cannot move" warning
+        report = tt.Teleporter(model, F.cross_entropy).teleport(inputs, targets)
+    assert report.steps > 0 and report.grad_norm_after > 1.001 * report.grad_norm_before
+    assert abs(report.loss_after - report.loss_before) <= 1e-12 * report.loss_before
+    assert model[4].weight.abs().sum() > 0
+
+
+def test_the_stationary_start_probes_the_projected_hessian_and_leaves_the_weights_as_found():
+    """The first step at a stationary start is P H d (full Hessian-vector product through autograd,
+    projected) for the seeded null-space direction d, to the probe's first order."""
+    model, inputs, targets = zero_head_mlp(0)
+    _, batch, path, bases, weights = full_path(model, inputs, targets)
+    before = {name: p.detach().clone() for name, p in weights.params.items()}
+    climb = ProjectedClimb(path, bases, weights, {})
+    step = climb.step(climb.first)
+    assert step.norm > 0 and all(torch.equal(p, before[name]) for name, p in weights.params.items())
+
+    generator = torch.Generator().manual_seed(0)  # the probe's direction, drawn as the climb draws it
+    random = {n: torch.randn(p.shape, generator=generator, dtype=torch.float64) for n, p in weights.params.items()}
+    direction = path.finished(random, [], bases).dense
+    params = list(weights.params.values())
+    loss = F.cross_entropy(model(inputs), targets)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    objective = 0.5 * sum(g.square().sum() for g in grads)
+    (first,) = [torch.autograd.grad(objective, params, create_graph=True)]
+    along = sum((g * direction[n]).sum() for g, n in zip(first, weights.params, strict=True))
+    hessian = torch.autograd.grad(along, params)
+    expected = path.finished({n: h.detach() for n, h in zip(weights.params, hessian, strict=True)}, [], bases).dense
+    got = step.update.dense
+    dot = sum((got[n] * expected[n]).sum() for n in expected)
+    norms = step.norm * math.sqrt(sum(float(expected[n].square().sum()) for n in expected))
+    assert float(dot) / norms > 0.999

@@ -181,6 +181,14 @@ def test_a_breach_binds_the_limit_and_is_retried_while_shortening_helps():
     assert [state.breached(e) for e in excesses] == [True] * BREACHES + [False]
 
 
+def test_shortening_is_judged_per_limit():
+    """A guard broken after a drift was relieved is that limit's first breach: it is tried again even
+    though its excess is larger than the drift's was; a second guard breach that did not fall ends it."""
+    state = SearchState(LineSearch(), may_grow=True, retries=True)
+    assert state.breached(1.5, "drift") and state.breached(11.0, "guard")
+    assert state.breached(SHORTENING_HELPS * 11.0 * 1.01, "guard") is False
+
+
 def test_a_breach_that_falls_with_the_length_is_tried_until_the_step_fits():
     """An excess with a part proportional to the step's length and a floor below the limit (rounding):
     the linear model undershoots the floor, so one retry does not fit and the second does."""

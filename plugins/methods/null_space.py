@@ -155,6 +155,7 @@ class NullSpaceMover(Mover):
         fallback = self.null_space.fallback
         if fallback is not None and not climb.moves():
             climb = self._projected(climb.path, samples, fallback, batch)
+        climb.path.forget_inputs()
         climb.batch_norm = self._kept_mode()
         return climb
 
