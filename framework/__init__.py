@@ -10,7 +10,7 @@ which the library never imports.
 
 # The engine and trainer import the interfaces above; keep them last.
 from .coverage_table import check_coverage
-from .events import TeleportEvents  # noqa: E402
+from .events import TeleportEvents, default_schedule  # noqa: E402
 from .hookspecs import hookimpl
 from .limits import Limits
 from .line_search import LineSearch
@@ -48,6 +48,7 @@ __all__ = [
     "build_registry",
     "check_coverage",
     "default_registry",
+    "default_schedule",
     "hookimpl",
 ]
 __version__ = "0.1.0"

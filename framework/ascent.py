@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .climb import Applied, AscentStopped, Climb
-from .limits import LANDED, Guard, LimitCheck, Limits
+from .limits import LANDED, Breach, Guard, LimitCheck, Limits
 from .line_search import SearchState, StepRule
 from .objective import Evaluation
 
@@ -75,21 +75,27 @@ class Ascent:
         search = SearchState(self.rule.search, may_grow=climb.may_grow, retries=climb.retries)
         try:
             taken = self._climb(climb, check, search, outcome)
+            if not climb.measures_loss and taken:
+                broken = self._check_at_the_end(climb, check, taken, outcome)
+                if broken is not None and self._retry_shorter(*broken, search, outcome):
+                    self._climb(climb, check, search, outcome, measure=True)
         except AscentStopped as stop:
             outcome.stopped = stop.reason
             return outcome
-        if not climb.measures_loss and taken:
-            self._check_at_the_end(climb, check, taken, outcome)
         if guard is not None and outcome.steps:
             outcome.guard_after = guard.last if guard.last is not None else guard.loss()
         if not torch.isfinite(outcome.last.value):
             outcome.stopped = "non_finite"
         return outcome
 
-    def _climb(self, climb: Climb, check: LimitCheck, search: SearchState, outcome: Outcome) -> list[Applied]:
-        """The steps, each checked (or, for a climb that does not measure its loss, kept for the end)."""
+    def _climb(
+        self, climb: Climb, check: LimitCheck, search: SearchState, outcome: Outcome, measure: bool = False
+    ) -> list[Applied]:
+        """The steps, each checked (or, for a climb that does not measure its loss, kept for the end;
+        with ``measure`` such a climb measures every step's end point and checks it at once)."""
         taken: list[Applied] = []
         evaluation = outcome.last
+        measured = climb.measures_loss or measure
         while outcome.steps < self.steps:
             if not search.retrying:
                 outcome.losses.append(float(evaluation.loss))
@@ -101,8 +107,8 @@ class Ascent:
                 outcome.stopped = reached
                 break
             applied = self._take(climb.step(evaluation), search.length)
-            after = climb.evaluate()
-            reason, retry = self._judge(after, evaluation, check, search, climb.measures_loss)
+            after = climb.final() if measure else climb.evaluate()
+            reason, retry = self._judge(after, evaluation, check, search, measured)
             if reason is not None:
                 applied.undo()
                 if check.guard is not None:
@@ -111,7 +117,7 @@ class Ascent:
                     continue
                 outcome.stopped = reason
                 break
-            if not climb.measures_loss:  # (kept for the end's check; a measured step is final)
+            if not measured:  # (kept for the end's check; a measured step is final)
                 taken.append(applied)
             outcome.steps += 1
             outcome.step_sizes.append(applied.size if applied.size is not None else self.rule.lr * search.length)
@@ -143,27 +149,44 @@ class Ascent:
         scale = self.rule.scale(step.norm, step.reference, length) if step.norm > 0 else 0.0
         return step.apply(scale, self.module_limit)
 
-    def _check_at_the_end(self, climb: Climb, check: LimitCheck, taken: list[Applied], outcome: Outcome) -> None:
+    def _check_at_the_end(
+        self, climb: Climb, check: LimitCheck, taken: list[Applied], outcome: Outcome
+    ) -> tuple[Breach, float] | None:
         """The limits on the measured end point. Where broken, the last point within them is found by
         bisection over the steps taken (undone and taken again), measuring a few points rather than
-        every one."""
+        every one; returns the breach of the step after it and that step's size (``None``: the end
+        point holds)."""
         outcome.last = climb.final()
         breach = check.broken(outcome.last)
         if breach is None:
-            return
+            return None
         outcome.stopped = breach.reason
         good, broken, at = 0, len(taken), len(taken)  # point ``broken`` breaks a limit; we stand at ``at``
         while True:
             while broken - good > 1:
                 middle = (good + broken) // 2
                 at = self._measure(climb, check, taken, at, middle, outcome)
-                good, broken = (middle, broken) if check.broken(outcome.last) is None else (good, middle)
+                found = check.broken(outcome.last)
+                good, broken, breach = (middle, broken, breach) if found is None else (good, middle, found)
             if at != good:
                 at = self._measure(climb, check, taken, at, good, outcome)
-            if good == 0 or check.broken(outcome.last) is None:
+            if good == 0 or (found := check.broken(outcome.last)) is None:
                 break
-            good, broken = 0, good  # walked back to it, rounding put it over: search below it
+            good, broken, breach = 0, good, found  # walked back to it, rounding put it over: search below it
+        size = outcome.step_sizes[good]
         outcome.steps, outcome.step_sizes = good, outcome.step_sizes[:good]
+        return breach, size
+
+    def _retry_shorter(self, breach: Breach, size: float, search: SearchState, outcome: Outcome) -> bool:
+        """After the end's check walked back to the last good point: whether to go on from there with
+        the broken step shortened as a measured climb's would be (each step measured from then on)."""
+        if outcome.steps >= self.steps or not search.active:
+            return False
+        search.length = size / self.rule.lr
+        if not search.breached(breach.excess, breach.reason):
+            return False
+        outcome.stopped = "steps"
+        return True
 
     @staticmethod
     def _measure(climb: Climb, check: LimitCheck, taken: list[Applied], at: int, target: int, outcome: Outcome) -> int:

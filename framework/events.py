@@ -91,9 +91,13 @@ class TeleportEvents:
             reports, failures = events.before_step(optimizer, epoch=0, step=step)
             ...  # forward, backward, optimizer.step(), as the loop always did
 
-    ``schedule`` defaults to :class:`~torch_teleport.plugins.schedules.GainingSchedule` ``()``
+    ``schedule`` defaults to :func:`default_schedule` of the optimizer of the first
+    :meth:`before_step`: :class:`~torch_teleport.plugins.schedules.GainingSchedule` ``()``
     (one teleport before every 500th optimizer step, first at step 0, until two events in a row
-    gain less than 1.5x; the paper's 32 batches x 8 steps at epochs 0 to 4 is ``EpochSchedule()``).
+    gain less than 1.5x), or for an optimizer that normalises its step per coordinate (Adam,
+    AdamW, Adagrad, RMSprop, ...) one teleport at the start,
+    :class:`~torch_teleport.plugins.schedules.OnceSchedule` ``()``. The paper's 32 batches x 8
+    steps at epochs 0 to 4 is ``EpochSchedule()``.
 
     ``teleport_data`` yields ``(inputs, targets)`` teleport batches, cycled
     (a shuffled ``DataLoader`` gives the paper's random batches), moved to
@@ -163,7 +167,8 @@ class TeleportEvents:
                 "sharded model's (FSDP2) parameters do not allow; use 'keep', 'reset' or 'auto'"
             )
         self.teleporter = teleporter
-        self.schedule = schedule if schedule is not None else _default_schedule()
+        self.schedule = schedule  # None: default_schedule(optimizer) at the first before_step
+        self._loaded: dict[str, Any] | None = None  # a state for the default schedule, loaded before it was built
         self.teleport_data = teleport_data
         self.guard = bool(guard)
         self.guard_samples = guard_samples
@@ -191,6 +196,10 @@ class TeleportEvents:
         ``teleport_data``. ``optimizer`` gets the state policy. Returns the
         event's reports and failure messages (two empty lists when there is no event).
         """
+        if self.schedule is None:
+            self.schedule = default_schedule(optimizer)
+            if self._loaded is not None:
+                self.schedule.load_state_dict(self._loaded)
         if self.schedule.measures_time and self.teleporter.replicas.size > 1:
             raise ValueError(
                 f"{type(self.schedule).__name__} decides by each process's own clock, so "
@@ -221,7 +230,8 @@ class TeleportEvents:
         :class:`~torch_teleport.plugins.schedules.BudgetSchedule` needs both.
         Call it after each optimizer step; other schedules ignore it.
         """
-        self.schedule.observe(train_seconds=train_seconds, teleport_seconds=self._teleport_seconds)
+        if self.schedule is not None:
+            self.schedule.observe(train_seconds=train_seconds, teleport_seconds=self._teleport_seconds)
         self._teleport_seconds = 0.0
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -316,13 +326,16 @@ class TeleportEvents:
         ``{"schedule": ..., "teleport_pass": {"start": generator state, "drawn": count} or None}``.
         """
         return {
-            "schedule": self.schedule.state_dict(),
+            "schedule": self._loaded if self.schedule is None else self.schedule.state_dict(),
             "teleport_pass": None if self._batches is None else self._batches.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; other keys (a trainer's counters beside it) are ignored."""
-        self.schedule.load_state_dict(state["schedule"])
+        if self.schedule is None:
+            self._loaded = state["schedule"]
+        else:
+            self.schedule.load_state_dict(state["schedule"])
         place = state.get("teleport_pass")
         if place is not None and self._batches is not None:
             self._batches.load_state_dict(place)
@@ -378,13 +391,24 @@ class _TeleportBatches(Iterator):
         self._drawn = drawn
 
 
-def _default_schedule() -> Schedule:
-    """``GainingSchedule()``: one teleport every 500 optimizer steps while teleports gain (chosen by
-    ``lab/benchmarks/trainer_defaults.py``: within 10% of the run's compute, docs/results.md)."""
-    # imported here: the plugins import this package
-    from torch_teleport.plugins.schedules import GainingSchedule
+STEP_NORMALISING = ("Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "Adadelta", "SparseAdam")
+"""Optimizers that divide each coordinate's step by a running size of its gradients (by class name,
+the MRO walked): a teleport's larger gradient gives them the sharper point without the larger step."""
 
-    return GainingSchedule()
+
+def default_schedule(optimizer: torch.optim.Optimizer | None = None, *, steps: int = 8, cap: float | None = None) -> Schedule:
+    """The schedule a run teleports on when it names none, chosen by measurement (docs/results.md,
+    "Trainer defaults" and "Optimizer state"): ``GainingSchedule()``, one teleport every 500
+    optimizer steps while teleports gain (within 10% of the run's compute); for an optimizer in
+    :data:`STEP_NORMALISING`, ``OnceSchedule()``, one teleport at the start (Adam on MNIST-1D: the
+    teleports at trained points raised the epoch-5 loss on every seed, whatever the optimizer-state
+    policy; the one at the start is within seed noise). ``steps`` and ``cap`` go to each teleport."""
+    # imported here: the plugins import this package
+    from torch_teleport.plugins.schedules import GainingSchedule, OnceSchedule
+
+    names = {cls.__name__ for cls in type(optimizer).__mro__} if optimizer is not None else set()
+    chosen = OnceSchedule if names.intersection(STEP_NORMALISING) else GainingSchedule
+    return chosen(steps=steps, cap=cap)
 
 
 def _outside_core() -> int:

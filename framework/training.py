@@ -18,6 +18,7 @@ from .events import (
     StatePolicy,
     TeleportEvents,
     check_event_options,
+    default_schedule,
     on_device,
     positive_int,
 )
@@ -58,9 +59,10 @@ class TeleportTrainer:
     ``shadow_policy``, which mean what they mean there. It exists when
     ``teleport`` is true (the default) and at least one of ``teleporter``,
     ``schedule`` and ``teleport_data`` is given; what is missing takes its
-    default: ``Teleporter(model, loss_fn)`` and the events' default schedule,
-    :class:`~torch_teleport.plugins.schedules.GainingSchedule` ``()`` (one
-    teleport every 500 optimizer steps while teleports gain).
+    default: ``Teleporter(model, loss_fn)`` and the events' default schedule
+    for ``optimizer`` (:func:`~torch_teleport.events.default_schedule`: one
+    teleport every 500 optimizer steps while teleports gain, or one at the
+    start for an optimizer that normalises its step per coordinate, such as Adam).
     So ``TeleportTrainer(model, loss_fn, optimizer, teleport_data=loader)``
     teleports with the defaults, and ``TeleportTrainer(model, loss_fn,
     optimizer)`` trains without teleports (:attr:`events`, :attr:`teleporter`
@@ -129,7 +131,7 @@ class TeleportTrainer:
         self.autocast_dtype = _autocast_dtype(autocast_dtype)
         parts = {"teleporter": teleporter, "schedule": schedule, "teleport_data": teleport_data}
         self.events = _events(
-            model, loss_fn, teleport, parts, guard=guard, device=device, **policies
+            model, loss_fn, optimizer, teleport, parts, guard=guard, device=device, **policies
         )
         if self.events is not None:
             self.events.check_optimizer(optimizer)
@@ -268,7 +270,8 @@ class TeleportTrainer:
 
 
 def _events(
-    model: nn.Module, loss_fn: LossFn, teleport: object, parts: dict[str, Any], **options: Any
+    model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, teleport: object, parts: dict[str, Any],
+    **options: Any,
 ) -> TeleportEvents | None:
     """The trainer's events: ``None`` without teleport parts, defaults for the parts not given."""
     if not isinstance(teleport, bool):
@@ -284,9 +287,8 @@ def _events(
     teleporter = (
         parts["teleporter"] if parts["teleporter"] is not None else Teleporter(model, loss_fn)
     )
-    return TeleportEvents(
-        teleporter, parts["schedule"], teleport_data=parts["teleport_data"], **options
-    )
+    schedule = parts["schedule"] if parts["schedule"] is not None else default_schedule(optimizer)
+    return TeleportEvents(teleporter, schedule, teleport_data=parts["teleport_data"], **options)
 
 
 def _max_grad_norm(value: object) -> float | None:

@@ -223,7 +223,7 @@ def _resolve(
         if spec.items is not None:
             value = [_typed(item, spec.items, f"{path}[{i}]") for i, item in enumerate(value)]
     problem = spec.check(value) if spec.check else None
-    if not problem and isinstance(spec, Option) and spec.plugin and registry is not None:
+    if not problem and isinstance(spec, Option) and spec.plugin and registry is not None and value != spec.default:
         problem = _unregistered(value, spec.plugin, registry)
     if problem:
         raise ConfigError(f"{path} {problem}, got {value!r}", key=path)

@@ -24,7 +24,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from torch_teleport import Limits, Schedule, Teleporter, TeleportReport, TeleportTrainer, hookimpl
+from torch_teleport import (
+    Limits,
+    Schedule,
+    Teleporter,
+    TeleportReport,
+    TeleportTrainer,
+    default_schedule,
+    hookimpl,
+)
 from torch_teleport.distributed import Replicas
 from torch_teleport.lab.checkpoint import (
     CheckpointError,
@@ -154,7 +162,7 @@ SCHEMA = Table(
                 "objective_options": OPTIONS,
                 "method_options": OPTIONS,
                 "schedule": Table(
-                    {"name": Option("gaining", str, plugin="schedule"), "options": OPTIONS}
+                    {"name": Option("auto", str, plugin="schedule"), "options": OPTIONS}
                 ),
             }
         ),
@@ -191,9 +199,17 @@ class TrainSetup:
         model = self.config["model"]
         return self.registry.get("model", model["name"])(**model["options"]).to(self.device)
 
-    def build_schedule(self) -> Schedule:
+    def build_schedule(self, optimizer: torch.optim.Optimizer | None = None) -> Schedule:
+        """The named schedule, or for ``"auto"`` the library's default for ``optimizer``."""
         teleport = self.config["teleport"]
         schedule = teleport["schedule"]
+        if schedule["name"] == "auto":
+            if schedule["options"]:
+                raise ConfigError(
+                    "teleport.schedule.options: the 'auto' schedule takes none; name a schedule to set them",
+                    key="teleport.schedule.options",
+                )
+            return default_schedule(optimizer, steps=teleport["steps"], cap=teleport["cap"])
         options = {"steps": teleport["steps"], "cap": teleport["cap"], **schedule["options"]}
         return self.registry.get("schedule", schedule["name"])(**options)
 
@@ -403,7 +419,7 @@ class Run:
             self.loss_fn,
             self.optimizer,
             teleporter=setup.build_teleporter(self.model) if spec.teleport else None,
-            schedule=setup.build_schedule() if spec.teleport else None,
+            schedule=setup.build_schedule(self.optimizer) if spec.teleport else None,
             teleport_data=self.loaders.teleport if spec.teleport else None,
             optimizer_state=teleport["optimizer_state"],
             device=setup.device,

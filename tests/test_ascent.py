@@ -315,6 +315,24 @@ def test_a_climb_that_does_not_measure_its_loss_keeps_every_step_within_the_limi
     assert float(outcome.last.loss) == 1.25
 
 
+def test_a_closed_form_climb_past_a_limit_walks_back_and_goes_on_with_shorter_measured_steps():
+    """Unmeasured steps of 0.25, 0.5, 1 take x to 1.75 past the drift's wall at x = 1 (loss 1 + 10 *
+    (x - 1)): the end's check walks back to 0.75, then the broken step is retried at the length the
+    linear model allows, each try measured at once, and the climb ends closer to the wall."""
+    line = Line(loss=lambda x: 1.0 + 10.0 * max(x - 1.0, 0.0), measures_loss=False)
+    rule = searched(initial=0.25, growth=2.0, max_length=4.0)
+    outcome = run(line, rule, 8, drift=0.5)
+    assert line.scales[:3] == [0.25, 0.5, 1.0] and outcome.step_sizes[:2] == [0.25, 0.5]
+    assert outcome.steps > 2 and 0.75 < line.x <= 1.05 and float(outcome.last.loss) <= 1.5
+    assert all(size < 1.0 for size in outcome.step_sizes[2:])  # shorter than the step that broke
+
+
+def test_without_a_search_a_closed_form_climb_past_a_limit_stops_at_the_last_good_point():
+    line = Line(loss=lambda x: 1.0 + 10.0 * max(x - 1.0, 0.0), measures_loss=False)
+    outcome = run(line, fixed(0.5), 4, drift=0.5)
+    assert (outcome.steps, outcome.stopped, line.x) == (2, "drift", 1.0)
+
+
 # -- the guard ------------------------------------------------------------------------------------
 
 

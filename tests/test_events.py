@@ -17,7 +17,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from torch_teleport import Schedule, Teleporter, TeleportEvents, TeleportPlan, TeleportTrainer
 from torch_teleport.events import TeleportFailedError
-from torch_teleport.plugins.schedules import BudgetSchedule, EveryStepsSchedule
+from torch_teleport.plugins.schedules import (
+    BudgetSchedule,
+    EveryStepsSchedule,
+    GainingSchedule,
+    OnceSchedule,
+)
 from torch_teleport.wrappers import StaleShadowError
 
 
@@ -359,3 +364,17 @@ def test_options_are_checked(option, value, message):
     model = small_mlp()
     with pytest.raises(ValueError, match=message):
         TeleportEvents(Teleporter(model, F.cross_entropy), **{option: value})
+
+
+def test_events_without_a_schedule_take_the_default_of_their_first_optimizer_and_a_state_loaded_before():
+    model = small_mlp()
+    events = TeleportEvents(Teleporter(model, F.cross_entropy), teleport_data=batches(2))
+    assert events.schedule is None
+    events.load_state_dict({"schedule": {"misses": 1}, "teleport_pass": None})
+    assert events.state_dict()["schedule"] == {"misses": 1}
+    assert events.before_step(torch.optim.SGD(model.parameters(), lr=0.1), epoch=0, step=1) == ([], [])
+    assert isinstance(events.schedule, GainingSchedule) and events.schedule.misses == 1
+
+    adam = TeleportEvents(Teleporter(model, F.cross_entropy), teleport_data=batches(2))
+    reports, _ = adam.before_step(torch.optim.Adam(model.parameters()), epoch=0, step=0)
+    assert isinstance(adam.schedule, OnceSchedule) and len(reports) == 1

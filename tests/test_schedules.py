@@ -14,6 +14,7 @@ from torch_teleport.plugins.schedules import (
     EpochSchedule,
     EveryStepsSchedule,
     GainingSchedule,
+    OnceSchedule,
 )
 
 
@@ -108,6 +109,16 @@ def test_schedules_are_registered_by_name():
     registry = default_registry()
     assert registry.get("schedule", "epochs") is EpochSchedule
     assert registry.get("schedule", "every") is EveryStepsSchedule
+    assert registry.get("schedule", "once") is OnceSchedule
+
+
+@given(at=st.integers(0, 25))
+def test_the_once_schedule_teleports_before_one_step_only(at):
+    events = timeline(OnceSchedule(at=at, batches=2, steps=3), epochs=3, steps_per_epoch=10)
+    assert [(step, plan) for _, step, plan in events] == [(at, TeleportPlan(batches=2, steps=3))]
+    assert OnceSchedule().state_dict() == {}
+    with pytest.raises(ValueError, match="at must be a step count"):
+        OnceSchedule(at=-1)
 
 
 def test_the_budget_schedule_keeps_teleports_under_their_share_of_training_time():

@@ -11,7 +11,12 @@ import torch
 from torch import nn
 
 from torch_teleport import Teleporter, TeleportReport, TeleportTrainer
-from torch_teleport.plugins.schedules import EpochSchedule, EveryStepsSchedule, GainingSchedule
+from torch_teleport.plugins.schedules import (
+    EpochSchedule,
+    EveryStepsSchedule,
+    GainingSchedule,
+    OnceSchedule,
+)
 
 
 def setup(optimizer_state="reset", schedule=None):
@@ -211,6 +216,16 @@ def test_teleport_data_alone_teleports_with_the_default_teleporter_and_schedule(
     assert not same(model, reference, atol=1e-4)  # the teleport moved the weights
     trainer.end_epoch()
     assert len(trainer.step(*batches(1)[0]).teleports) == 0  # counted in steps, not epochs
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad, torch.optim.RMSprop])
+def test_an_optimizer_that_normalises_its_steps_teleports_once_at_the_start_by_default(optimizer):
+    model = small_mlp()
+    trainer = TeleportTrainer(
+        model, nn.functional.cross_entropy, optimizer(model.parameters(), lr=1e-3), teleport_data=batches(3, size=6)
+    )
+    assert isinstance(trainer.schedule, OnceSchedule) and trainer.schedule.at == 0
+    assert [len(trainer.step(*batch).teleports) for batch in batches(3)] == [1, 0, 0]
 
 
 def test_one_part_gets_the_default_other_part():

@@ -52,7 +52,7 @@ def test_the_embedded_default_is_a_valid_train_config():
     assert [o["name"] for o in optimizers] == ["sgd", "momentum", "adagrad", "adagrad", "adam", "adam"]
     assert len({o["label"] or o["name"] for o in optimizers}) == len(optimizers)  # each run named apart
     assert config["training"]["with_teleport"] == [False, True]
-    assert config["teleport"]["schedule"]["name"] == "gaining"  # the library's default schedule
+    assert config["teleport"]["schedule"]["name"] == "auto"  # the library's default for each optimizer
 
 
 def test_missing_file_names_the_path(tmp_path):

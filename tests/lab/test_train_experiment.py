@@ -126,6 +126,11 @@ def test_summary_counts_epochs_and_seconds_to_target():
             "teleport.schedule",
             "building schedule 'epochs' failed",
         ),
+        (
+            ["teleport.schedule={name='auto', options={every=3}}"],
+            "teleport.schedule.options",
+            "the 'auto' schedule takes none",
+        ),
         (["device=quantum"], "device", "using device 'quantum' failed"),
         (
             ["teleport.schedule.options.steps=3"],
@@ -258,3 +263,15 @@ def test_teleport_scalars_are_logged_at_the_training_step(tmp_path):
         assert [event.value for event in scalars] == pytest.approx(
             [t[key] for t in result["teleports"]], rel=1e-6, abs=1e-12
         ), tag
+
+
+def test_the_auto_schedule_is_the_librarys_default_for_each_optimizer():
+    import torch
+
+    from torch_teleport.plugins.schedules import GainingSchedule, OnceSchedule
+
+    setup = prepare(tiny_config("teleport.schedule={name='auto'}", "teleport.steps=3"))
+    weights = [torch.nn.Parameter(torch.zeros(2))]
+    adam, sgd = setup.build_schedule(torch.optim.Adam(weights)), setup.build_schedule(torch.optim.SGD(weights, lr=0.1))
+    assert isinstance(adam, OnceSchedule) and isinstance(sgd, GainingSchedule)
+    assert adam.template.steps == sgd.template.steps == 3
