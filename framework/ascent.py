@@ -56,6 +56,11 @@ def check_start(first: Evaluation) -> None:
         raise ValueError(f"the loss or objective on the teleport batch is not finite (loss {float(first.loss)})")
 
 
+USED_UP = 0.9
+"""A closed form's climb walked back to a point that has used this share of the limit its next step
+broke ends there: what is left is too little for another step to be worth its measurements."""
+
+
 class Ascent:
     """At most ``steps`` steps along a climb, under one step rule (and its line search) and set of limits."""
 
@@ -77,7 +82,7 @@ class Ascent:
             taken = self._climb(climb, check, search, outcome)
             if not climb.measures_loss and taken:
                 broken = self._check_at_the_end(climb, check, taken, outcome)
-                if broken is not None and self._retry_shorter(*broken, search, outcome):
+                if broken is not None and self._retry_shorter(*broken, search, outcome, check):
                     self._climb(climb, check, search, outcome, measure=True)
         except AscentStopped as stop:
             outcome.stopped = stop.reason
@@ -177,13 +182,17 @@ class Ascent:
         outcome.steps, outcome.step_sizes = good, outcome.step_sizes[:good]
         return breach, size
 
-    def _retry_shorter(self, breach: Breach, size: float, search: SearchState, outcome: Outcome) -> bool:
+    def _retry_shorter(
+        self, breach: Breach, size: float, search: SearchState, outcome: Outcome, check: LimitCheck
+    ) -> bool:
         """After the end's check walked back to the last good point: whether to go on from there with
-        the broken step shortened as a measured climb's would be (each step measured from then on)."""
-        if outcome.steps >= self.steps or not search.active:
+        the broken step shortened (each step measured from then on). Not where the point has used
+        :data:`USED_UP` of the broken limit already; the step is judged by its share of what was left."""
+        used = check.used(outcome.last, breach.reason)
+        if outcome.steps >= self.steps or not search.active or used >= USED_UP:
             return False
         search.length = size / self.rule.lr
-        if not search.breached(breach.excess, breach.reason):
+        if not search.breached((breach.excess - used) / (1 - used), breach.reason):
             return False
         outcome.stopped = "steps"
         return True

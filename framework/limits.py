@@ -149,15 +149,28 @@ class LimitCheck:
         """
         if self.guard is not None:
             self.guard.last = None
-        loss, drift = float(evaluation.loss), self.limits.drift
-        if drift is not None and math.isfinite(loss):
-            allowed = drift * max(abs(self.loss_before), 1e-30)
-            if abs(loss - self.loss_before) > allowed:
-                return Breach("drift", abs(loss - self.loss_before) / allowed)
-        if self.guard is not None and self.limits.guard is not None:
-            reference = self.guard.baseline if self.guard.baseline is not None else self.guard_before
-            allowed = self.limits.guard * max(abs(reference), 1e-30)
-            rise = self.guard.loss() - reference
-            if not rise <= allowed:
-                return Breach("guard", rise / allowed if math.isfinite(rise) else math.inf)
+        for reason in ("drift", "guard"):
+            used = self._used(evaluation, reason)
+            if used is not None and not used <= 1:
+                return Breach(reason, used if math.isfinite(used) else math.inf)
         return None
+
+    def used(self, evaluation: Evaluation, reason: str) -> float:
+        """The share of limit ``reason`` the change up to ``evaluation`` takes (0 where it is off or
+        unmeasured); the guard's last measured loss is read, not measured again."""
+        return self._used(evaluation, reason, measure=False) or 0.0
+
+    def _used(self, evaluation: Evaluation, reason: str, measure: bool = True) -> float | None:
+        if reason == "drift":
+            loss, drift = float(evaluation.loss), self.limits.drift
+            if drift is None or not math.isfinite(loss):
+                return None
+            return abs(loss - self.loss_before) / (drift * max(abs(self.loss_before), 1e-30))
+        if self.guard is None or self.limits.guard is None:
+            return None
+        reference = self.guard.baseline if self.guard.baseline is not None else self.guard_before
+        loss = self.guard.loss() if measure else self.guard.last
+        if loss is None:
+            return None
+        rise = loss - reference
+        return rise / (self.limits.guard * max(abs(reference), 1e-30)) if math.isfinite(rise) else math.inf

@@ -327,6 +327,14 @@ def test_a_closed_form_climb_past_a_limit_walks_back_and_goes_on_with_shorter_me
     assert all(size < 1.0 for size in outcome.step_sizes[2:])  # shorter than the step that broke
 
 
+def test_a_closed_form_climb_walked_back_to_a_point_with_its_limit_used_up_ends_there():
+    """At x = 0.75 the loss has used 0.93 of the drift allowed (USED_UP 0.9): no step is tried from there."""
+    line = Line(loss=lambda x: 1.0 + 0.62 * min(x, 0.75) + 10.0 * max(x - 0.75, 0.0), measures_loss=False)
+    outcome = run(line, searched(initial=0.25, growth=2.0, max_length=4.0), 8, drift=0.5)
+    assert (outcome.steps, outcome.stopped, line.x) == (2, "drift", 0.75)
+    assert len(line.scales) == 3  # the three unmeasured steps, no retry
+
+
 def test_without_a_search_a_closed_form_climb_past_a_limit_stops_at_the_last_good_point():
     line = Line(loss=lambda x: 1.0 + 10.0 * max(x - 1.0, 0.0), measures_loss=False)
     outcome = run(line, fixed(0.5), 4, drift=0.5)
