@@ -332,7 +332,7 @@ def test_a_closed_form_climb_walked_back_to_a_point_with_its_limit_used_up_ends_
     line = Line(loss=lambda x: 1.0 + 0.62 * min(x, 0.75) + 10.0 * max(x - 0.75, 0.0), measures_loss=False)
     outcome = run(line, searched(initial=0.25, growth=2.0, max_length=4.0), 8, drift=0.5)
     assert (outcome.steps, outcome.stopped, line.x) == (2, "drift", 0.75)
-    assert len(line.scales) == 3  # the three unmeasured steps, no retry
+    assert len(line.scales) == 8  # the eight unmeasured steps, no retry after the walk back
 
 
 def test_without_a_search_a_closed_form_climb_past_a_limit_stops_at_the_last_good_point():
