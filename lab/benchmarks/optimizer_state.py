@@ -5,9 +5,11 @@ at its usual rate, on every offline dataset that suits the paper-style MLP
 (scikit-learn's digits, MNIST-1D), seeds 0, 1 and 2, the same initialisation
 and batch order for every run of a seed: the MLP d-``width``-``width``-10
 trained ``epochs`` epochs with batch 32 by a ``TeleportTrainer`` whose events
-follow ``--schedule``: ``default``, the trainer's own (what ``auto`` serves; a
-teleport every 500 steps, so the runs must be long enough to teleport at a
-trained point, where the state exists), or ``paper``, the paper's
+follow ``--schedule``: ``default``, ``GainingSchedule()`` for every family (the
+trainer's default for SGD; with Adam, AdamW and Adagrad the trainer teleports once,
+at the start, where no state exists yet, so the policy matters only on a schedule
+like this one: a teleport every 500 steps, so the runs must be long enough to
+teleport at a trained point), or ``paper``, the paper's
 (``EpochSchedule()``: 32 teleports before each of epochs 0-4), with the
 trainer's default guard, and
 ``optimizer_state`` in ``keep``, ``reset`` and ``rescale``, and without
@@ -36,7 +38,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import torch_teleport as tt
 from torch_teleport.lab.benchmarks.data_level_set import splits
-from torch_teleport.plugins.schedules import EpochSchedule
+from torch_teleport.plugins.schedules import EpochSchedule, GainingSchedule
 
 OPTIMIZERS = {
     "sgd": (torch.optim.SGD, {"lr": 0.01}),
@@ -52,7 +54,7 @@ SEEDS = (0, 1, 2)
 BATCH = 32
 
 
-SCHEDULES = {"default": None, "paper": EpochSchedule}
+SCHEDULES = {"default": GainingSchedule, "paper": EpochSchedule}
 
 
 def run(data, seed: int, optimizer: str, policy: str, width: int, epochs: int, schedule: str = "default") -> dict:
@@ -67,9 +69,7 @@ def run(data, seed: int, optimizer: str, policy: str, width: int, epochs: int, s
     extra = {}
     if policy != "none":
         teleports = DataLoader(dataset, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed + 100))
-        extra = {"teleport_data": teleports, "optimizer_state": policy}
-        if SCHEDULES[schedule] is not None:
-            extra["schedule"] = SCHEDULES[schedule]()
+        extra = {"teleport_data": teleports, "optimizer_state": policy, "schedule": SCHEDULES[schedule]()}
     trainer = tt.TeleportTrainer(model, F.cross_entropy, opt, **extra)
     result = {"train_loss": [_loss(model, train)], "test_loss": [_loss(model, test)], "teleport_steps": 0}
     started = time.process_time()

@@ -318,3 +318,15 @@ def test_model_coverage_counts_a_gain_below_the_papers_unless_both_landed_on_the
         {"family": "f", "mode": "train", "outcome": "fails", "paper_gain": 2.0},
     ]
     assert totals(rows)["f / train"][BELOW_PAPER] == 2
+
+
+def test_optimizer_state_runs_every_policy_on_its_schedule():
+    """One short run per policy: the teleporting ones teleport (the schedule is the gaining one for
+    every family, so Adam's state exists at a later event), the losses are finite."""
+    from torch_teleport.lab.benchmarks import optimizer_state
+    from torch_teleport.lab.benchmarks.data_level_set import splits
+
+    data = splits("digits")
+    runs = {policy: optimizer_state.run(data, 0, "adam", policy, width=16, epochs=1) for policy in optimizer_state.POLICIES}
+    assert all(len(run["train_loss"]) == 2 and all(math.isfinite(v) for v in run["train_loss"]) for run in runs.values())
+    assert runs["none"]["teleport_steps"] == 0 and all(runs[p]["teleport_steps"] > 0 for p in ("keep", "reset", "rescale"))
