@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from torch_teleport import Schedule, Teleporter, TeleportEvents, TeleportPlan, TeleportTrainer
+from torch_teleport import Teleporter, TeleportEvents, TeleportTrainer
 from torch_teleport.events import TeleportFailedError
 from torch_teleport.plugins.schedules import (
     BudgetSchedule,
@@ -66,16 +66,6 @@ def train(
     optimizer.step()
 
 
-class Once(Schedule):
-    """One event, before step 0."""
-
-    def __init__(self, plan: TeleportPlan) -> None:
-        self.template = plan
-
-    def plan(self, *, epoch: int, step: int) -> TeleportPlan | None:
-        return self.template if step == 0 else None
-
-
 def test_a_custom_loop_teleports_when_the_schedule_says_and_keeps_its_own_counters():
     model = small_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -103,7 +93,7 @@ def test_an_event_draws_a_basis_and_a_guard_sample_and_guards_with_the_loss_it_b
     calls = recorded(teleporter)
     data = batches(3, size=4)
     events = TeleportEvents(
-        teleporter, Once(TeleportPlan(3, 2)), teleport_data=data, guard_samples=6
+        teleporter, OnceSchedule(batches=3, steps=2), teleport_data=data, guard_samples=6
     )
     reports, _ = events.before_step(torch.optim.SGD(model.parameters(), lr=0.1), epoch=0, step=0)
     basis = torch.cat([data[0][0], data[1][0]])  # batches joined until 6 samples
@@ -128,7 +118,7 @@ def test_an_event_draws_only_the_samples_its_method_takes():
     teleporter = Teleporter(model, F.cross_entropy, method="level_set")
     calls = recorded(teleporter)
     data = batches(3, size=4)
-    events = TeleportEvents(teleporter, Once(TeleportPlan(2, 1)), teleport_data=data, guard_samples=6)
+    events = TeleportEvents(teleporter, OnceSchedule(batches=2, steps=1), teleport_data=data, guard_samples=6)
     events.before_step(torch.optim.SGD(model.parameters(), lr=0.1), epoch=0, step=0)
     assert [call.get("basis") for call in calls] == [None, None]
     assert [call.get("guard") for call in calls] == [None, None]
@@ -198,7 +188,7 @@ def test_the_state_policy_follows_only_an_event_that_moved_the_weights(outcome):
     cap = 1e-6 if outcome == "took no step" else None  # below the starting gradient norm
     calls, policy = counting_policy()
     events = TeleportEvents(
-        Teleporter(model, F.cross_entropy), Once(TeleportPlan(2, 2, cap)), optimizer_state=policy
+        Teleporter(model, F.cross_entropy), OnceSchedule(batches=2, steps=2, cap=cap), optimizer_state=policy
     )
     before = weights(model)
     skipped = pytest.warns(RuntimeWarning, match="training goes on")
@@ -218,7 +208,7 @@ def test_reset_clears_the_optimizer_state_only_after_an_event_that_moved_the_wei
     train(model, optimizer, *batches(1)[0])
     capped = TeleportEvents(
         Teleporter(model, F.cross_entropy),
-        Once(TeleportPlan(1, 2, cap=1e-6)),
+        OnceSchedule(batches=1, steps=2, cap=1e-6),
         optimizer_state="reset",
     )
     (report,), _ = capped.before_step(
@@ -226,7 +216,7 @@ def test_reset_clears_the_optimizer_state_only_after_an_event_that_moved_the_wei
     )
     assert report.steps == 0 and len(optimizer.state) == len(list(model.parameters()))
     moving = TeleportEvents(
-        Teleporter(model, F.cross_entropy), Once(TeleportPlan(1, 2)), optimizer_state="reset"
+        Teleporter(model, F.cross_entropy), OnceSchedule(batches=1, steps=2), optimizer_state="reset"
     )
     (report,), _ = moving.before_step(
         optimizer, epoch=0, step=0, inputs=batches(1)[0][0], targets=batches(1)[0][1]
@@ -245,7 +235,7 @@ def test_a_skipped_failure_warns_at_the_line_of_the_loop_that_asked():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     events = TeleportEvents(
         Teleporter(model, F.cross_entropy),
-        Once(TeleportPlan(1, 1)),
+        OnceSchedule(batches=1, steps=1),
         teleport_data=rejected_data(),
         guard=False,
     )
@@ -255,7 +245,7 @@ def test_a_skipped_failure_warns_at_the_line_of_the_loop_that_asked():
         model,
         F.cross_entropy,
         optimizer,
-        schedule=Once(TeleportPlan(1, 1)),
+        schedule=OnceSchedule(batches=1, steps=1),
         teleport_data=rejected_data(),
         guard=False,
     )
@@ -269,7 +259,7 @@ def test_the_raise_policy_raises_with_the_weights_as_they_were():
     before = weights(model)
     events = TeleportEvents(
         Teleporter(model, F.cross_entropy),
-        Once(TeleportPlan(1, 1)),
+        OnceSchedule(batches=1, steps=1),
         teleport_data=rejected_data(),
         on_teleport_failure="raise",
     )
@@ -335,13 +325,13 @@ def test_an_optimizer_that_would_undo_teleports_is_refused_at_the_first_event():
 def test_missing_data_is_named():
     model = small_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    without = TeleportEvents(Teleporter(model, F.cross_entropy), Once(TeleportPlan(1, 1)))
+    without = TeleportEvents(Teleporter(model, F.cross_entropy), OnceSchedule(batches=1, steps=1))
     with pytest.raises(
         ValueError, match=r"no teleport_data.*before_step\(\.\.\., inputs=\.\.\., targets=\.\.\.\)"
     ):
         without.before_step(optimizer, epoch=0, step=0)
     empty = TeleportEvents(
-        Teleporter(model, F.cross_entropy), Once(TeleportPlan(1, 1)), teleport_data=[]
+        Teleporter(model, F.cross_entropy), OnceSchedule(batches=1, steps=1), teleport_data=[]
     )
     with pytest.raises(ValueError, match="teleport_data yields no batch"):
         empty.before_step(optimizer, epoch=0, step=0)

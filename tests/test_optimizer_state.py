@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from torch_teleport import Teleporter, TeleportEvents
 from torch_teleport.optimizer_state import AUTO, POLICIES, resolved
-from torch_teleport.plugins.schedules import EveryStepsSchedule
+from torch_teleport.plugins.schedules import OnceSchedule
 
 OPTIMIZERS = {
     "sgd_momentum": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
@@ -82,9 +82,9 @@ def gradient_norms(model: nn.Module, sample: tuple[torch.Tensor, torch.Tensor]) 
     return norms
 
 
-def once(steps: int, cap: float | None = None) -> EveryStepsSchedule:
+def once(steps: int, cap: float | None = None) -> OnceSchedule:
     """One event of one teleport batch, before step 0 (the test's only step)."""
-    return EveryStepsSchedule(every=10**9, steps=steps, cap=cap)
+    return OnceSchedule(steps=steps, cap=cap)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))

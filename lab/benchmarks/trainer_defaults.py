@@ -50,6 +50,7 @@ from torch_teleport.plugins.schedules import (
     EpochSchedule,
     EveryStepsSchedule,
     GainingSchedule,
+    OnceSchedule,
 )
 
 NAME = "trainer_defaults"
@@ -57,7 +58,7 @@ BATCH = 32
 SCHEDULES = {
     "defaults": None,
     "paper (32 x 8 before epochs 0-4)": lambda: EpochSchedule(),
-    "once (1 x 8 at the start)": lambda: EveryStepsSchedule(every=10**9),
+    "once (1 x 8 at the start)": lambda: OnceSchedule(),
     "gaining, every 250": lambda: GainingSchedule(every=250),
     "gaining, every 125": lambda: GainingSchedule(every=125),
     "every 500, never stopping": lambda: EveryStepsSchedule(every=500),
