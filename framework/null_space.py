@@ -88,7 +88,7 @@ def spectrum(representation: Tensor, *, leading: bool = False) -> Spectrum:
     """
     if representation.dim() != 3:
         raise ValueError(f"representation must be (groups, dims, samples), got shape {tuple(representation.shape)}")
-    if not all(bool(block.isfinite().all()) for block in sample_blocks(representation)):
+    if not torch.stack([block.isfinite().all() for block in sample_blocks(representation)]).all():  # one sync
         raise ValueError("representation contains non-finite values")
     _, dims, samples = representation.shape
     if uses_gram_route(dims, samples, representation.dtype):
