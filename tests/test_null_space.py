@@ -152,3 +152,23 @@ def test_wide_layers_get_a_thin_basis(dtype):
     assert not basis.spans_null_space
     assert basis.vectors.shape[:2] == (1, dims) and basis.vectors.shape[2] <= samples
     assert basis.ranks == (samples,) and basis.null_dim == dims - samples
+
+
+@given(seed=st.integers(0, 2**16), groups=st.integers(1, 3), dims=st.integers(1, 9), samples=st.integers(1, 40))
+def test_the_float64_gram_summed_a_block_at_a_time_equals_the_whole_product(seed, groups, dims, samples):
+    generator = torch.Generator().manual_seed(seed)
+    representation = torch.randn(groups, dims, samples, generator=generator)
+    wide = representation.double()
+    # blocks of 3+ samples: several per call
+    with mock.patch.object(null_space_module, "GRAM_BLOCK", 8), mock.patch.object(null_space_module, "GRAM_MIN_WIDTH", 3):
+        gram = null_space_module.float64_gram(representation)
+    torch.testing.assert_close(gram, wide @ wide.transpose(-1, -2), rtol=1e-12, atol=1e-12)
+
+
+def test_a_non_finite_value_in_any_block_is_refused(monkeypatch):
+    monkeypatch.setattr(null_space_module, "GRAM_BLOCK", 4)
+    monkeypatch.setattr(null_space_module, "GRAM_MIN_WIDTH", 2)
+    representation = torch.ones(1, 2, 12)
+    representation[0, 1, 11] = float("inf")  # in the last block
+    with pytest.raises(ValueError, match="representation contains non-finite values"):
+        null_space_module.spectrum(representation)
