@@ -48,6 +48,24 @@ def test_unbatched_inputs_are_unfolded_like_batched_ones(conv_type):
     torch.testing.assert_close(product, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("conv_type", [nn.Conv1d, nn.Conv2d])
+def test_a_module_called_twice_has_both_calls_patches_in_call_order(conv_type):
+    """Two calls of different batch sizes (a shared module, or a batch split in two): the columns are
+    the first call's patches, then the second's, each ``[W | b]`` times its own output."""
+    torch.manual_seed(0)
+    conv = conv_type(4, 6, 3, stride=2, padding=1, groups=2).double()
+    shape = [5] * (conv.weight.dim() - 2)
+    first, second = torch.randn(3, 4, *shape, dtype=torch.float64), torch.randn(2, 4, *shape, dtype=torch.float64)
+    projector = ConvProjector()
+    (site,) = projector.sites(conv)
+    both = projector.representation(conv, site, [first, second])
+    parts = [projector.representation(conv, site, [x]) for x in (first, second)]
+    torch.testing.assert_close(both, torch.cat(parts, dim=-1), rtol=0, atol=0)
+    with torch.no_grad():
+        product, expected = _dense_product(conv, torch.cat([first, second]))
+    torch.testing.assert_close(product, expected, rtol=1e-12, atol=1e-12)
+
+
 @given(conv_problems())
 def test_teleport_keeps_the_batch_loss(problem):
     assert_teleport_invariant(problem.model, problem.loss_fn, problem.inputs, problem.targets)
