@@ -10,6 +10,7 @@ stay. What happened comes back as an :class:`Outcome`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +26,8 @@ class Outcome:
     """What one ascent did: where it started and ended, how many steps it kept and why it stopped.
 
     ``losses`` and ``grad_norms`` are the figures at the start of every step
-    tried from a new point; ``step_sizes`` the rates of the steps kept.
+    tried from a new point; ``step_sizes`` the rates of the steps kept;
+    ``continued_from`` the step after which a second climb went on (``None``: one climb).
     """
 
     first: Evaluation
@@ -37,6 +39,7 @@ class Outcome:
     step_sizes: list[float] = field(default_factory=list)
     guard_before: float | None = None
     guard_after: float | None = None
+    continued_from: int | None = None
 
 
 def _walk(taken: list[Applied], at: int, target: int) -> int:
@@ -68,8 +71,12 @@ class Ascent:
         self.rule, self.limits, self.steps, self.cap = rule, limits, steps, cap
         self.module_limit = limits.module_step if rule.normalize else None
 
-    def run(self, climb: Climb, guard: Guard | None = None) -> Outcome:
-        """Climb until a limit, the cap, the step count or the climb itself ends the ascent."""
+    def run(
+        self, climb: Climb, guard: Guard | None = None, then: Callable[[], Climb | None] | None = None
+    ) -> Outcome:
+        """Climb until a limit, the cap, the step count or the climb itself ends the ascent. Where the
+        drift limit ends it, ``then`` may give the climb to go on with from there
+        (judged by the same limits, measured from the same start)."""
         check_start(climb.first)
         outcome = Outcome(climb.first, climb.first)
         if climb.blocked is not None:
@@ -77,13 +84,14 @@ class Ascent:
             return outcome
         check = LimitCheck(self.limits, climb.first, guard, self.cap)
         outcome.guard_before = outcome.guard_after = check.guard_before
-        search = SearchState(self.rule.search, may_grow=climb.may_grow, retries=climb.retries)
         try:
-            taken = self._climb(climb, check, search, outcome)
-            if not climb.measures_loss and taken:
-                broken = self._check_at_the_end(climb, check, taken, outcome)
-                if broken is not None and self._retry_shorter(*broken, search, outcome, check):
-                    self._climb(climb, check, search, outcome, measure=True)
+            self._stage(climb, check, outcome)
+            if then is not None and outcome.stopped == "drift":  # (a step was undone: steps are left)
+                more = then()
+                if more is not None:
+                    outcome.stopped, outcome.last = "steps", more.first
+                    outcome.continued_from = outcome.steps
+                    self._stage(more, check, outcome, recorded=True)
         except AscentStopped as stop:
             outcome.stopped = stop.reason
             return outcome
@@ -93,8 +101,24 @@ class Ascent:
             outcome.stopped = "non_finite"
         return outcome
 
+    def _stage(self, climb: Climb, check: LimitCheck, outcome: Outcome, recorded: bool = False) -> None:
+        """The steps of one climb from ``outcome.last``, with its own step-length search (``recorded``:
+        that point's figures are in the outcome already)."""
+        search = SearchState(self.rule.search, may_grow=climb.may_grow, retries=climb.retries)
+        taken = self._climb(climb, check, search, outcome, recorded=recorded)
+        if not climb.measures_loss and taken:
+            broken = self._check_at_the_end(climb, check, taken, outcome)
+            if broken is not None and self._retry_shorter(*broken, search, outcome, check):
+                self._climb(climb, check, search, outcome, measure=True)
+
     def _climb(
-        self, climb: Climb, check: LimitCheck, search: SearchState, outcome: Outcome, measure: bool = False
+        self,
+        climb: Climb,
+        check: LimitCheck,
+        search: SearchState,
+        outcome: Outcome,
+        measure: bool = False,
+        recorded: bool = False,
     ) -> list[Applied]:
         """The steps, each checked (or, for a climb that does not measure its loss, kept for the end;
         with ``measure`` such a climb measures every step's end point and checks it at once)."""
@@ -102,7 +126,7 @@ class Ascent:
         evaluation = outcome.last
         measured = climb.measures_loss or measure
         while outcome.steps < self.steps:
-            if not search.retrying:
+            if not (search.retrying or recorded):
                 outcome.losses.append(float(evaluation.loss))
                 outcome.grad_norms.append(float(evaluation.grad_norm))
             if not torch.isfinite(evaluation.value):
@@ -128,6 +152,7 @@ class Ascent:
             outcome.step_sizes.append(applied.size if applied.size is not None else self.rule.lr * search.length)
             outcome.last = evaluation = after
             search.accept()
+            recorded = False
         return taken
 
     def _judge(
@@ -178,8 +203,12 @@ class Ascent:
             if good == 0 or (found := check.broken(outcome.last)) is None:
                 break
             good, broken, breach = 0, good, found  # walked back to it, rounding put it over: search below it
-        size = outcome.step_sizes[good]
-        outcome.steps, outcome.step_sizes = good, outcome.step_sizes[:good]
+        kept = outcome.steps - len(taken) + good  # (the steps of an earlier climb stay)
+        size = outcome.step_sizes[kept]
+        outcome.steps, outcome.step_sizes = kept, outcome.step_sizes[:kept]
+        # The figures of the kept steps' starts, and of the point the broken step was tried from.
+        outcome.losses[kept:] = [float(outcome.last.loss)]
+        outcome.grad_norms[kept:] = [float(outcome.last.grad_norm)]
         return breach, size
 
     def _retry_shorter(

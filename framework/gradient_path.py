@@ -180,7 +180,11 @@ class ProjectedClimb(Climb):
     def moves(self) -> bool:
         """Whether the bases leave room (:data:`~torch_teleport.bases.MIN_ROOM`) and the first step
         has a direction at all."""
-        return self.blocked is None and self.bases.has_room() and self._step_at(self.first).norm != 0  # NaN: the ascent's to report
+        return self.bases.has_room() and self.has_direction()
+
+    def has_direction(self) -> bool:
+        """Whether some site has room and the first step a direction at all."""
+        return self.blocked is None and self._step_at(self.first).norm != 0  # NaN: the ascent's to report
 
     def _step_at(self, evaluation: Evaluation) -> ProjectedStep:
         if self._at is None or self._at[0] is not evaluation:

@@ -56,6 +56,11 @@ class Mover(ABC):
     def climb(self, batch: Batch) -> Climb:
         """The climb of one teleport batch, its first evaluation taken."""
 
+    def continuation(self, batch: Batch, climb: Climb) -> Climb | None:
+        """Where ``climb`` stopped on the drift limit with steps left: a climb from the current point
+        whose steps keep the batch's loss to rounding, or ``None`` (the default: the teleport ends)."""
+        return None
+
 
 class TeleportMethod(ABC):
     """Base class of teleport methods: their options, and the :class:`Mover` they bind to a model."""

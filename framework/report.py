@@ -45,7 +45,10 @@ class TeleportReport:
     without BatchNorm. ``keeps_batch`` says whether every site's core space held the
     teleport batch's whole span (its loss then moves by rounding only; ``False`` where
     the default null space fell back to the data's core space by energy, the drift
-    limit keeping the batch's loss); ``None`` for methods without core spaces.
+    limit keeping the batch's loss); ``None`` for methods without core spaces. Where
+    that fallback stopped on the drift limit with steps left, the teleport went on in the
+    room the batch leaves (its loss kept to rounding from there): ``exact_from`` is the
+    number of steps taken before (``None``: it did not).
     """
 
     loss_before: float
@@ -64,6 +67,7 @@ class TeleportReport:
     step_sizes: list[float] = field(default_factory=list)
     batch_norm: str | None = None
     keeps_batch: bool | None = None
+    exact_from: int | None = None
     guard_loss_before: float | None = None
     guard_loss_after: float | None = None
     basis_seconds: float = 0.0

@@ -148,7 +148,8 @@ class Teleporter:
         try:
             with _teleporting(self.model):
                 climb = self.mover.climb(batch)
-                outcome = Ascent(self.rule, self.limits, steps, cap).run(climb, self._guard(batch, guard_baseline))
+                ascent = Ascent(self.rule, self.limits, steps, cap)
+                outcome = ascent.run(climb, self._guard(batch, guard_baseline), lambda: self.mover.continuation(batch, climb))
         except BaseException:
             _restore(moved, saved)
             raise
@@ -232,6 +233,7 @@ def _report(climb: Climb, outcome: Outcome, rolled_back: bool, seconds: float) -
         seconds=seconds,
         batch_norm=climb.batch_norm,
         keeps_batch=climb.keeps_batch,
+        exact_from=outcome.continued_from,
     )
 
 

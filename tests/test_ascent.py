@@ -306,6 +306,7 @@ def test_a_climb_not_measuring_its_loss_is_checked_at_the_end_and_undone_from_th
     assert (outcome.steps, outcome.stopped, outcome.step_sizes) == (2, "drift", [0.125] * 2)
     assert line.x == 0.25 and float(outcome.last.loss) == 1.25
     assert line.finals == 4  # the end; bisection at 2 (kept) and 3 (broken); back at 2
+    assert outcome.losses == [1.0, 1.0, 1.25]  # the kept steps' starts (unmeasured), then where it stands
 
 
 def test_a_climb_that_does_not_measure_its_loss_keeps_every_step_within_the_limits():
@@ -339,6 +340,68 @@ def test_without_a_search_a_closed_form_climb_past_a_limit_stops_at_the_last_goo
     line = Line(loss=lambda x: 1.0 + 10.0 * max(x - 1.0, 0.0), measures_loss=False)
     outcome = run(line, fixed(0.5), 4, drift=0.5)
     assert (outcome.steps, outcome.stopped, line.x) == (2, "drift", 1.0)
+
+
+# -- going on after the drift --------------------------------------------------------------------
+
+
+def continuing(climb: Climb):
+    """A ``then`` for :meth:`Ascent.run` that hands over ``climb`` and counts the calls."""
+
+    def then() -> Climb:
+        then.calls += 1
+        return climb
+
+    then.calls = 0
+    return then
+
+
+def test_where_the_drift_ends_a_climb_the_next_one_takes_the_steps_left():
+    """Steps of 0.125 along ``1 + x`` break the drift of 0.3 at the third: the second climb starts
+    where the first stopped (value 0.25, loss 1.25) and takes the two steps left."""
+    first, second = Line(loss=lambda x: 1.0 + x), Line(value=lambda x: 0.25 + x, loss=lambda x: 1.25)
+    then = continuing(second)
+    outcome = Ascent(fixed(0.125), limits(drift=0.3), 4, None).run(first, None, then)
+    assert (then.calls, outcome.steps, outcome.stopped, outcome.continued_from) == (1, 4, "steps", 2)
+    assert (first.x, second.x, float(outcome.last.value)) == (0.25, 0.25, 0.5)
+    assert outcome.losses == [1.0, 1.125, 1.25, 1.25]  # the point the second starts from once
+
+
+def test_the_next_climb_is_judged_from_the_first_ones_start():
+    """The second climb moves the loss on from 1.25: its first step passes 1.3, the drift from the
+    start of the teleport, and is undone."""
+    first, second = Line(loss=lambda x: 1.0 + x), Line(value=lambda x: 0.25 + x, loss=lambda x: 1.25 + x)
+    outcome = Ascent(fixed(0.125), limits(drift=0.3), 4, None).run(first, None, continuing(second))
+    assert (outcome.steps, outcome.stopped, second.x, float(outcome.last.loss)) == (2, "drift", 0.0, 1.25)
+
+
+@pytest.mark.parametrize(
+    ("line", "rule", "given"),
+    [
+        (Line(loss=lambda x: 1.0 + 0.1 * x), fixed(0.125), {"drift": 0.3}),  # every step within the drift
+        (Line(grad_norm=lambda x: 1.0 + x), fixed(0.125), {"max_gain": 1.2}),  # another limit ended it
+        (Line(value=lambda x: -x), searched(), {"drift": 0.3}),  # no step improves the objective
+    ],
+)
+def test_no_next_climb_is_asked_for_unless_the_drift_ended_the_first(line, rule, given):
+    then = continuing(Line())
+    Ascent(rule, limits(**given), 4, None).run(line, None, then)
+    assert then.calls == 0
+
+
+def test_without_a_next_climb_the_ascent_ends_on_the_drift():
+    outcome = Ascent(fixed(0.125), limits(drift=0.3), 4, None).run(Line(loss=lambda x: 1.0 + x), None, lambda: None)
+    assert (outcome.steps, outcome.stopped, outcome.continued_from) == (2, "drift", None)
+
+
+def test_a_next_closed_form_climb_past_a_limit_walks_back_over_its_own_steps_only():
+    """The second climb's unmeasured steps pass the wall at 0.5 of its own: the end's check walks back
+    within them, keeping the first climb's two steps and their sizes."""
+    first = Line(loss=lambda x: 1.0 + x)
+    second = Line(value=lambda x: 0.25 + x, loss=lambda x: 1.25 + 10.0 * max(x - 0.25, 0.0), measures_loss=False)
+    outcome = Ascent(fixed(0.125), limits(drift=0.3), 6, None).run(first, None, continuing(second))
+    assert (outcome.steps, outcome.stopped, outcome.continued_from) == (4, "drift", 2)
+    assert outcome.step_sizes == [0.125] * 4 and second.x == 0.25 and float(outcome.last.loss) == 1.25
 
 
 # -- the guard ------------------------------------------------------------------------------------

@@ -226,3 +226,26 @@ def test_the_default_keeps_the_batch_loss_to_rounding_with_a_basis_sample(proble
     if problem.inputs.dim() == 2:  # an MLP (no dropout, no BatchNorm): measured apart from the engine
         before = batch_loss(problem, start)
         assert abs(batch_loss(problem) - before) <= ROUNDING[problem.inputs.dtype] * abs(before)
+
+
+# -- going on in the batch's room after the fallback ---------------------------------------------
+
+
+@given(seed=st.integers(0, 2**16))
+def test_where_the_drift_ends_the_fallback_the_teleport_goes_on_in_the_room_the_batch_leaves(seed):
+    """38 samples leave 3 of a hidden layer's 41 dimensions (less than ``MIN_ROOM``): the teleport
+    climbs on the data's core space by energy until the drift limit ends it, then goes on from there
+    in the batch's exact null space, where the batch's loss moves by rounding only (float64) and the
+    gradient norm still rises."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 4)).double()
+    generator = torch.Generator().manual_seed(seed)
+    inputs, guard = (torch.randn(n, 10, generator=generator, dtype=torch.float64) for n in (38, 64))
+    targets, guard_targets = (torch.randint(0, 4, (n,), generator=generator) for n in (38, 64))
+    report = tt.Teleporter(model, F.cross_entropy, steps=8).teleport(inputs, targets, guard=(guard, guard_targets))
+    assert not report.keeps_batch and report.loss_change <= 1e-5
+    assume(report.exact_from is not None)
+    event(f"went on after {report.exact_from} steps")
+    went_on = report.losses[report.exact_from]
+    assert abs(report.loss_after - went_on) <= ROUNDING[torch.float64] * abs(went_on)
+    assert report.steps == report.exact_from or report.grad_norm_after > report.grad_norms[report.exact_from]

@@ -159,6 +159,19 @@ class NullSpaceMover(Mover):
         climb.batch_norm = self._kept_mode()
         return climb
 
+    def continuation(self, batch: Batch, climb: ProjectedClimb) -> ProjectedClimb | None:
+        """After a climb on the fallback's core space (the data's by energy, because the batch left too
+        little room to be worth a climb alone) stopped on the drift limit: the climb from here in the
+        room the batch does leave, which keeps its loss to rounding, so the drift used so far stays
+        what it is (``None`` where the batch leaves none or the gradient has no component in it)."""
+        if climb.keeps_batch or not self.null_space.exact:
+            return None
+        path = self._path(batch)
+        more = self._projected(path, self._samples(batch), self.null_space, batch)
+        more.path.forget_inputs()
+        more.batch_norm = climb.batch_norm
+        return more if more.keeps_batch and more.has_direction() else None
+
     def _projected(self, path: GradientPath, samples: Captured, null_space: NullSpace, batch: Batch) -> ProjectedClimb:
         """The climb along ``path`` with bases of ``null_space`` (off the closed form where they do not
         keep the batch exactly: the closed form needs exact steps)."""
