@@ -9,6 +9,7 @@ stay. What happened comes back as an :class:`Outcome`.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,9 +106,10 @@ class Ascent:
         """The steps of one climb from ``outcome.last``, with its own step-length search (``recorded``:
         that point's figures are in the outcome already)."""
         search = SearchState(self.rule.search, may_grow=climb.may_grow, retries=climb.retries)
+        start = check.shares(outcome.last)
         taken = self._climb(climb, check, search, outcome, recorded=recorded)
         if not climb.measures_loss and taken:
-            broken = self._check_at_the_end(climb, check, taken, outcome)
+            broken = self._check_at_the_end(climb, check, taken, outcome, start)
             if broken is not None and self._retry_shorter(*broken, search, outcome, check):
                 self._climb(climb, check, search, outcome, measure=True)
 
@@ -180,24 +182,41 @@ class Ascent:
         return step.apply(scale, self.module_limit)
 
     def _check_at_the_end(
-        self, climb: Climb, check: LimitCheck, taken: list[Applied], outcome: Outcome
+        self, climb: Climb, check: LimitCheck, taken: list[Applied], outcome: Outcome, start: dict[str, float]
     ) -> tuple[Breach, float] | None:
-        """The limits on the measured end point. Where broken, the last point within them is found by
-        bisection over the steps taken (undone and taken again), measuring a few points rather than
-        every one; returns the breach of the step after it and that step's size (``None``: the end
-        point holds)."""
+        """The limits on the measured end point. Where broken, the last point within them is found by a
+        search over the steps taken (undone and taken again) that measures a few points rather than
+        every one, each where the broken limit's share is predicted to reach 1 (:func:`_predicted`);
+        ``start`` is the shares at the first. Returns the breach of the step after the point found and
+        that step's size (``None``: the end point holds)."""
         outcome.last = climb.final()
         breach = check.broken(outcome.last)
         if breach is None:
             return None
         outcome.stopped = breach.reason
+        reach = list(itertools.accumulate(outcome.step_sizes[len(outcome.step_sizes) - len(taken) :], initial=0.0))
+        shares = {0: start, len(taken): check.shares(outcome.last)}
+        within: dict[int, tuple[Callable[[], None] | None, Evaluation, float | None]] = {}  # measured, kept
         good, broken, at = 0, len(taken), len(taken)  # point ``broken`` breaks a limit; we stand at ``at``
         while True:
             while broken - good > 1:
-                middle = (good + broken) // 2
+                low, high = shares[good][breach.reason], shares[broken][breach.reason]
+                middle = _predicted(reach, good, broken, low, high)
                 at = self._measure(climb, check, taken, at, middle, outcome)
                 found = check.broken(outcome.last)
+                shares[middle] = check.shares(outcome.last)
+                if found is None:
+                    guard = check.guard.last if check.guard is not None else None
+                    within[middle] = (climb.snapshot(), outcome.last, guard)
                 good, broken, breach = (middle, broken, breach) if found is None else (good, middle, found)
+            if at != good and good in within and within[good][0] is not None:
+                restore, outcome.last, guard = within[good]
+                restore()  # exactly the weights measured there: no need to measure again
+                if check.guard is not None:
+                    check.guard.last = guard
+                break
+            if at == good and good in within:
+                break
             if at != good:
                 at = self._measure(climb, check, taken, at, good, outcome)
             if good == 0 or (found := check.broken(outcome.last)) is None:
@@ -239,3 +258,24 @@ class Ascent:
         """Whether a step moved the objective the way the ascent goes."""
         new, old = float(after.value.detach()), float(before.value.detach())
         return new > old if self.rule.ascend else new < old
+
+
+SMALLEST = 1e-30
+"""Distances below this are taken as this one (a logarithm of zero is of no use)."""
+
+
+def _predicted(reach: list[float], good: int, broken: int, low: float, high: float) -> int:
+    """The point strictly between ``good`` and ``broken`` nearest (in log distance) to where a limit's
+    share, ``low`` at the one and ``high`` at the other, is predicted to reach 1, as a power of the
+    distance travelled (``reach``, in step sizes from the first point): fitted through both shares
+    where the lower is not zero, else second order in the distance from ``good``. The middle point
+    where the shares do not bracket 1."""
+    near, far = reach[good], reach[broken]
+    if not low < 1 < high:  # nothing to predict from (a start past a series' baseline): bisection
+        return (good + broken) // 2
+    if low > 0 and far > near > 0:
+        crossing = near * (1 / low) ** (math.log(far / near) / math.log(high / low))
+    else:
+        crossing = near + (far - near) * math.sqrt((1 - low) / (high - low))
+    crossing = max(crossing, SMALLEST)
+    return min(range(good + 1, broken), key=lambda k: abs(math.log(max(reach[k], SMALLEST) / crossing)))

@@ -102,3 +102,9 @@ class Climb(ABC):
     def final(self) -> Evaluation:
         """The end point's evaluation with a measured loss (for climbs that do not measure it per step)."""
         return self.evaluate()
+
+    def snapshot(self) -> Callable[[], None] | None:
+        """A way back to the current weights exactly, or ``None`` (the default). Undone steps restore
+        the weights to rounding only, so where the loop walks back to a point it measured it measures
+        it again unless it holds such a way back."""
+        return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -210,17 +211,26 @@ class ProjectedClimb(Climb):
         probe = ProjectedStep(self.path.finished(random, [], self.bases), self.weights)
         if not probe.norm > 0:
             return None
-        saved = {name: p.detach().clone() for name, p in self.weights.params.items()}
+        restore = self.snapshot()
         probe.apply(CURVATURE_PROBE * probe.reference / probe.norm, None)
         try:
             evaluation = self.path.evaluate()
             step = ProjectedStep(self.path.update(evaluation, self.weights, self.bases), self.weights)
             self.path.release(evaluation)
         finally:
+            restore()  # exactly as found, not to rounding
+        return step if step.norm > 0 and math.isfinite(step.norm) else None
+
+    def snapshot(self) -> Callable[[], None]:
+        """A copy of the moved weights, and the way back to it."""
+        saved = {name: p.detach().clone() for name, p in self.weights.params.items()}
+
+        def restore() -> None:
             with torch.no_grad():
                 for name, p in self.weights.params.items():
-                    p.copy_(saved[name])  # exactly as found, not to rounding
-        return step if step.norm > 0 and math.isfinite(step.norm) else None
+                    p.copy_(saved[name])
+
+        return restore
 
 
 def custom_functions(output: Tensor) -> list[type]:

@@ -160,6 +160,10 @@ class LimitCheck:
         unmeasured); the guard's last measured loss is read, not measured again."""
         return self._used(evaluation, reason, measure=False) or 0.0
 
+    def shares(self, evaluation: Evaluation) -> dict[str, float]:
+        """:meth:`used` of the drift and the guard limits."""
+        return {reason: self.used(evaluation, reason) for reason in ("drift", "guard")}
+
     def _used(self, evaluation: Evaluation, reason: str, measure: bool = True) -> float | None:
         if reason == "drift":
             loss, drift = float(evaluation.loss), self.limits.drift

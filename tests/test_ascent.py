@@ -14,7 +14,7 @@ from conftest import guard_on
 from hypothesis import given
 from hypothesis import strategies as st
 
-from torch_teleport.ascent import Ascent, check_start
+from torch_teleport.ascent import Ascent, _predicted, check_start
 from torch_teleport.climb import Applied, AscentStopped, Climb, Step
 from torch_teleport.limits import LANDED, Limits
 from torch_teleport.line_search import BREACHES, LANDINGS, LineSearch, StepRule
@@ -33,7 +33,7 @@ class Line(Climb):
     the start (as a closed form does) and only :meth:`final` measures it.
     ``stop_at`` raises :class:`AscentStopped` when asked for that step (1: the first).
     ``flags`` set the :class:`Climb` attributes (``blocked``, ``measures_loss``, ``retries``,
-    ``may_grow``).
+    ``may_grow``); ``way_back`` gives it a :meth:`Climb.snapshot`.
     """
 
     def __init__(
@@ -46,10 +46,12 @@ class Line(Climb):
         reference=1.0,
         size=None,
         stop_at=None,
+        way_back=False,
         **flags,
     ) -> None:
         self.value_at, self.loss_at, self.grad_norm_at = value, loss, grad_norm
         self.norm, self.reference, self.size, self.stop_at = norm, reference, size, stop_at
+        self.way_back = way_back
         for name, flag in flags.items():
             setattr(self, name, flag)
         self.x = 0.0
@@ -69,6 +71,16 @@ class Line(Climb):
     def final(self) -> Evaluation:
         self.finals += 1
         return self._at(self.loss_at(self.x))
+
+    def snapshot(self):
+        if not self.way_back:
+            return None
+        saved = self.x
+
+        def restore() -> None:
+            self.x = saved
+
+        return restore
 
     def step(self, evaluation: Evaluation) -> Step:
         self.steps_asked += 1
@@ -305,8 +317,35 @@ def test_a_climb_not_measuring_its_loss_is_checked_at_the_end_and_undone_from_th
     assert line.scales == [0.125] * 4  # every step taken before any check
     assert (outcome.steps, outcome.stopped, outcome.step_sizes) == (2, "drift", [0.125] * 2)
     assert line.x == 0.25 and float(outcome.last.loss) == 1.25
-    assert line.finals == 4  # the end; bisection at 2 (kept) and 3 (broken); back at 2
+    assert line.finals == 3  # the end; 3 (broken), then 2 (kept), where it stands
     assert outcome.losses == [1.0, 1.0, 1.25]  # the kept steps' starts (unmeasured), then where it stands
+
+
+@pytest.mark.parametrize("way_back", [False, True])
+def test_the_end_check_measures_where_the_limit_is_predicted_to_break(way_back):
+    """Steps doubling from 1 (distances 1, 3, 7, ..., 127) along a drift of (distance / 15.5)^2: the
+    second-order prediction from the end points at 15 (point 4, kept, the limit used up), the fit
+    through 4 and the end at 31 (point 5, broken): two points measured where bisection over 7 steps
+    measures three. A climb with a way back to the weights measured at 4 goes back exactly; one without
+    walks back and measures again."""
+    line = Line(loss=lambda x: 1.0 + (x / 15.5) ** 2, measures_loss=False, way_back=way_back)
+    outcome = run(line, searched(initial=1.0, growth=2.0, max_length=64.0), 7, drift=1.0)
+    assert line.scales == [2.0**k for k in range(7)]
+    assert (outcome.steps, outcome.stopped, line.x) == (4, "drift", 15.0)
+    assert line.finals == (3 if way_back else 4)  # the end, 4 and 5 (and 4 again)
+
+
+@pytest.mark.parametrize(
+    ("reach", "low", "high", "expected"),
+    [
+        ([0.0, 1.0, 3.0, 7.0, 15.0], 0.0, 4.0, 3),  # second order: 1 at half the way, 7.5: nearest 7
+        ([0.0, 1.0, 2.0, 3.0, 4.0], 0.5, 0.5, 2),  # no rise between them: the middle
+        ([0.0, 1.0, 2.0, 3.0, 4.0], 1.5, 2.0, 2),  # past the limit at both: the middle
+        ([0.0, 1.0, 2.0, 3.0, 4.0], 0.0, math.inf, 1),  # a non-finite share: the first point after
+    ],
+)
+def test_the_predicted_point_is_strictly_between_the_two_measured(reach, low, high, expected):
+    assert _predicted(reach, 0, len(reach) - 1, low, high) == expected
 
 
 def test_a_climb_that_does_not_measure_its_loss_keeps_every_step_within_the_limits():

@@ -12,7 +12,8 @@ model on the same batch of ``batch`` samples with the same guard batch of
   ``lr=0.005`` (the same ``steps``).
 
 Recorded per teleport: the gradient-norm gain on the batch, the batch-loss
-change, the guard-loss change, steps and why it stopped. A row counts as
+change, the guard-loss change, steps, why it stopped and after how many steps
+it went on in the batch's own room (``exact_from``). A row counts as
 *below the paper's* when the default gained less, unless both stopped on the
 gain limit (they landed on the same limit, within its landing band):
 :func:`~torch_teleport.lab.benchmarks.model_coverage.below_paper`, the rule
@@ -143,6 +144,7 @@ def _figures(report, prefix: str) -> dict[str, Any]:
         f"{prefix}gain": gain,
         f"{prefix}steps": report.steps,
         f"{prefix}stopped": report.stopped,
+        f"{prefix}exact_from": report.exact_from,
         f"{prefix}batch_loss_change": report.loss_change,
         f"{prefix}guard_loss_change": guard_change,
     }
