@@ -173,6 +173,8 @@ class ProjectedClimb(Climb):
 
     def step(self, evaluation: Evaluation) -> ProjectedStep:
         step = self._step_at(evaluation)
+        self.path.release(evaluation)  # (a retry from this point takes the step kept; the next point's
+        # evaluation need not sit beside what this one held)
         if evaluation is self.first and step.norm == 0 and not self._warned:
             self._warned = True
             warnings.warn(_NO_DIRECTION.format(sites=", ".join(sorted(layer.name for layer in self.layers if layer.null_dim))), RuntimeWarning, stacklevel=2)
