@@ -37,19 +37,24 @@ class ConvProjector(Projector):
     def representation(self, module: ConvNd, site: Site, captured: Sequence[Tensor]) -> Tensor:
         """Every call's patches per group, with a row of ones for the bias, written straight into one
         ``(groups, dims, samples)`` tensor: the unfolded patches are the largest thing a teleport
-        builds, and one call's are the only other copy alive."""
+        builds, so they are cut a few samples at a time (:data:`PATCH_BLOCK`), never a whole call's."""
         groups, folded = module.groups, int(site.bias is not None)
         dims = module.in_channels // groups * math.prod(module.kernel_size)
-        counts = [_patch_count(module, x) for x in captured]
+        spatial = len(module.kernel_size)
+        batches = [x.unsqueeze(0) if x.dim() == spatial + 1 else x for x in captured]
+        counts = [_patch_count(module, x) for x in batches]
         out = captured[0].new_empty(groups, dims + folded, sum(counts))
         if folded:
             out[:, dims].fill_(1)
         start = 0
-        for x, count in zip(captured, counts, strict=True):
-            patches = unfolded_patches(module, x)
-            target = out[:, :dims, start : start + count].unflatten(-1, (patches.shape[0], patches.shape[2]))
-            target.copy_(rearrange(patches, "n (g d) p -> g d n p", g=groups))
-            start += count
+        for x, count in zip(batches, counts, strict=True):
+            per_sample = count // max(x.shape[0], 1)
+            for part in x.split(max(1, PATCH_BLOCK // max(groups * dims * per_sample, 1))):
+                patches = unfolded_patches(module, part)
+                end = start + patches.shape[0] * patches.shape[2]
+                target = out[:, :dims, start:end].unflatten(-1, (patches.shape[0], patches.shape[2]))
+                target.copy_(rearrange(patches, "n (g d) p -> g d n p", g=groups))
+                start = end
         return out
 
     def capture_outputs(self, module: ConvNd, record: Record) -> list[RemovableHandle]:
@@ -83,6 +88,11 @@ class ConvProjector(Projector):
                 y = y.unsqueeze(0)
             columns.append(rearrange(y.flatten(2), "n (g r) p -> g r (n p)", g=module.groups))
         return torch.cat(columns, dim=-1)
+
+
+PATCH_BLOCK = 2**18
+"""Elements of unfolded patches cut at a time for a representation (1 MiB in float32; at least one
+sample's)."""
 
 
 def unfolded_patches(module: ConvNd, inputs: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ from torch import nn
 
 from torch_teleport import Teleporter
 from torch_teleport.projector import site_view
+from torch_teleport.projectors import conv as conv_module
 from torch_teleport.projectors.conv import ConvProjector
 from torch_teleport.testing import assert_teleport_invariant, conv_problems
 
@@ -64,6 +65,23 @@ def test_a_module_called_twice_has_both_calls_patches_in_call_order(conv_type):
     with torch.no_grad():
         product, expected = _dense_product(conv, torch.cat([first, second]))
     torch.testing.assert_close(product, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("block", [1, 200])
+@given(problem=conv_problems(dtypes=(torch.float64,)))
+def test_patches_cut_a_few_samples_at_a_time_are_the_whole_calls(problem, block):
+    """The representation built from patches cut a sample at a time (or a few) equals the one built
+    from the whole call's: the same columns in the same order."""
+    stem, conv = problem.model[:2]
+    projector = ConvProjector()
+    (site,) = projector.sites(conv)
+    with torch.no_grad():
+        inputs = stem(problem.inputs)
+    whole = projector.representation(conv, site, [inputs])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(conv_module, "PATCH_BLOCK", block)
+        cut = projector.representation(conv, site, [inputs])
+    torch.testing.assert_close(cut, whole, rtol=0, atol=0)
 
 
 @given(conv_problems())
