@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 
@@ -72,6 +73,11 @@ class TeleportReport:
     guard_loss_after: float | None = None
     basis_seconds: float = 0.0
     seconds: float = 0.0
+
+    @property
+    def gain(self) -> float:
+        """The gradient-norm gain on the teleport batch, after over before (NaN where it started at zero)."""
+        return self.grad_norm_after / self.grad_norm_before if self.grad_norm_before > 0 else math.nan
 
     @property
     def loss_change(self) -> float:

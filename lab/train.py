@@ -480,7 +480,7 @@ class Run:
         # At the global step, as train/batch_loss: the teleport came before that step's update.
         step = self.trainer.global_step
         gain = (
-            report.grad_norm_after / report.grad_norm_before if report.grad_norm_before > 0 else 1.0
+            report.gain if report.grad_norm_before > 0 else 1.0
         )
         self.history.teleport_seconds += report.seconds
         self.history.teleports.append(

@@ -4,6 +4,7 @@ agrees with itself and with the model it leaves."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from conftest import assert_unchanged, batch_loss, filled_tanh_mlp, snapshot
@@ -101,6 +102,7 @@ def test_a_teleports_report_agrees_with_itself_and_the_model(problem):
             result.loss_before,
             result.grad_norm_before,
         )
+    assert result.gain == result.grad_norm_after / result.grad_norm_before
     assert result.loss_before == pytest.approx(loss_before, rel=1e-12)
     assert result.loss_after == pytest.approx(batch_loss(problem), rel=1e-12)
     assert result.guard_loss_before is None and result.guard_loss_after is None
@@ -128,3 +130,8 @@ def test_a_rolled_back_report_gives_the_figures_before_as_those_after_and_keeps_
         rolled.objective_before,
     )
     assert_unchanged(model, before)
+
+
+def test_the_gain_of_a_teleport_that_started_at_a_zero_gradient_is_nan():
+    report = TeleportReport(1.0, 1.0, 0.0, 0.5, 0.0, 0.125, steps=1, stopped="steps")
+    assert math.isnan(report.gain)

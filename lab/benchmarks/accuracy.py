@@ -122,7 +122,7 @@ def run_accuracy(config: dict[str, Any], out_dir: Path) -> None:
                     ),
                     "held_out_loss_delta": statistics.fmean(t - test_before for _, t in runs),
                     "grad_norm_gain": statistics.fmean(
-                        r.grad_norm_after / r.grad_norm_before for r, _ in runs
+                        r.gain for r, _ in runs
                     ),
                     "steps_taken": min(r.steps for r, _ in runs),
                     "stopped": sorted({r.stopped for r, _ in runs}),

@@ -102,7 +102,7 @@ def settings(train):
             "stopped": report.stopped,
             "steps": report.steps,
             "batch_loss_change": report.loss_change,
-            "batch_grad_norm_ratio": report.grad_norm_after / report.grad_norm_before,
+            "batch_grad_norm_ratio": report.gain,
             "step_sizes": report.step_sizes,
         }
 

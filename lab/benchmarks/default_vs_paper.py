@@ -136,12 +136,11 @@ def _train(model, probe: Probe, generator: torch.Generator, options: dict, devic
 
 
 def _figures(report, prefix: str) -> dict[str, Any]:
-    gain = report.grad_norm_after / report.grad_norm_before if report.grad_norm_before > 0 else float("nan")
     guard_change = None
     if report.guard_loss_before:
         guard_change = (report.guard_loss_after - report.guard_loss_before) / abs(report.guard_loss_before)
     return {
-        f"{prefix}gain": gain,
+        f"{prefix}gain": report.gain,
         f"{prefix}steps": report.steps,
         f"{prefix}stopped": report.stopped,
         f"{prefix}exact_from": report.exact_from,

@@ -163,7 +163,7 @@ def run_gradient_paths(config: dict[str, Any], out_dir: Path) -> None:
             ),
             "held_out": HELD_OUT,
             "batch_loss_change": "report.loss_change: |after - before| / |before| on the teleport batch",
-            "gain": "report.grad_norm_after / report.grad_norm_before on the teleport batch",
+            "gain": "report.gain (grad_norm_after / grad_norm_before) on the teleport batch",
             "seconds": f"{clock(device)[1]} of the teleport call",
             "per_log_gain": (
                 f"a relative loss change / ln(gain): drift at equal gain (none below a gain of "
@@ -263,7 +263,7 @@ def _teleport(
     return {
         "loss_change": report.loss_change,
         "held_out_change": abs(held_after - held_before) / max(abs(held_before), 1e-30),
-        "gain": report.grad_norm_after / report.grad_norm_before,
+        "gain": report.gain,
         "steps": report.steps,
         "stopped": report.stopped,
         "rolled_back": report.rolled_back,

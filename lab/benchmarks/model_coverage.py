@@ -39,7 +39,6 @@ import ctypes
 import gc
 import hashlib
 import json
-import math
 import platform
 import re
 import subprocess
@@ -381,8 +380,7 @@ def paper_mode(case: Case, model: nn.Module, batch: tuple, guard: tuple) -> dict
             report = tt.Teleporter(copy.deepcopy(model), case.loss, **PAPER_MODE).teleport(*batch, guard=guard)
         except Exception as error:  # measured for comparison only: the default's run records failures
             return {"paper_gain": None, "paper_error": f"{type(error).__name__}: {error}"[:200]}
-    gain = report.grad_norm_after / report.grad_norm_before if report.grad_norm_before > 0 else math.nan
-    return {"paper_gain": gain, "paper_steps": report.steps, "paper_stopped": report.stopped}
+    return {"paper_gain": report.gain, "paper_steps": report.steps, "paper_stopped": report.stopped}
 
 
 def run_mode(case: Case, model: nn.Module, mode: str) -> dict:
@@ -416,7 +414,7 @@ def run_mode(case: Case, model: nn.Module, mode: str) -> dict:
         batch_loss_change=report.loss_change,
         grad_norm_before=report.grad_norm_before,
         grad_norm_after=report.grad_norm_after,
-        gain=report.grad_norm_after / report.grad_norm_before if report.grad_norm_before > 0 else math.nan,
+        gain=report.gain,
         guard_loss_before=report.guard_loss_before,
         guard_loss_after=report.guard_loss_after,
         held_out_before=held_before,

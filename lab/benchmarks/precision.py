@@ -61,7 +61,7 @@ def one_process(case: str, seed: int) -> tuple[float, float]:
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if "autocast" in case else contextlib.nullcontext()
     with autocast:
         report = tt.Teleporter(model, F.cross_entropy).teleport(inputs, targets)
-    return abs(float64_loss(model, inputs, targets) - before) / before, report.grad_norm_after / report.grad_norm_before
+    return abs(float64_loss(model, inputs, targets) - before) / before, report.gain
 
 
 def _sharded_worker(rank: int, world: int, port: int, seeds: int, out: str) -> None:
@@ -90,7 +90,7 @@ def _sharded_worker(rank: int, world: int, port: int, seeds: int, out: str) -> N
             moved = mlp(seed)
             moved.load_state_dict(gathered_parameters(model))
             drift = abs(float64_loss(moved, inputs, targets) - before) / before
-            rows.append((drift, report.grad_norm_after / report.grad_norm_before))
+            rows.append((drift, report.gain))
         if rank == 0:
             Path(out).write_text(json.dumps(rows))
     finally:

@@ -60,7 +60,7 @@ def measure(strategy, own_layer, dtype: torch.dtype, examples: int) -> dict:
             problem.inputs, problem.targets
         )
         changes.append(report.loss_change)
-        growths.append(report.grad_norm_after / report.grad_norm_before)
+        growths.append(report.gain)
         moved.append(
             any(own_layer(n) and not torch.equal(p, before[n]) for n, p in model.named_parameters())
         )

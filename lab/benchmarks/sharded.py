@@ -107,7 +107,7 @@ def _measure(rank: int, world: int, size: dict, device) -> dict:
         for key in (name, f"{name}_repeat"):
             row[key], row[f"{key}_seconds"] = _peak(run, device)
     row["teleport_steps"] = [r.steps for r in reports]
-    row["grad_norm_gain"] = [r.grad_norm_after / r.grad_norm_before for r in reports]
+    row["grad_norm_gain"] = [r.gain for r in reports]
     row["loss_change"] = [abs(r.loss_after - r.loss_before) / r.loss_before for r in reports]
     return row
 

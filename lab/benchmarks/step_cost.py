@@ -240,7 +240,7 @@ def _measure(
             "defaults_seconds": medians["defaults"],
             "defaults_over_sgd_steps": medians["defaults"] / (options["steps"] * medians["sgd"]),
             "defaults_report": {"steps": report.steps, "stopped": report.stopped,
-                                "gain": report.grad_norm_after / report.grad_norm_before, "guard": options["guard"]},
+                                "gain": report.gain, "guard": options["guard"]},
         }
     return {
         **extra,

@@ -141,7 +141,7 @@ def _train(train, options: dict[str, Any], optimizer: str, rate: float, schedule
             spent = time.process_time() - started
             clock += spent
             (teleporting if result.teleports or result.failures else plain_steps).append(spent)
-            run["gains"] += [r.grad_norm_after / r.grad_norm_before for r in result.teleports if r.grad_norm_before > 0]
+            run["gains"] += [r.gain for r in result.teleports if r.grad_norm_before > 0]
         trainer.end_epoch()
         run["train_loss"].append(_loss(model, train))
         run["cpu_seconds"].append(clock)

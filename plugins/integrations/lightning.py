@@ -170,7 +170,7 @@ class TeleportCallback(Callback):
 def _metrics(reports: list[TeleportReport], failures: list[str]) -> dict[str, float]:
     """One teleport event in numbers: gains averaged, loss change at its worst, time summed."""
     moved = [r for r in reports if not r.rolled_back]
-    gains = [r.grad_norm_after / r.grad_norm_before for r in moved if r.grad_norm_before > 0]
+    gains = [r.gain for r in moved if r.grad_norm_before > 0]
     metrics = {
         "teleport/teleports": float(len(moved)),
         "teleport/failures": float(len(failures)),

@@ -49,7 +49,7 @@ class GainingSchedule(Schedule):
         return self.template
 
     def outcome(self, reports: Sequence[TeleportReport]) -> None:
-        gains = [r.grad_norm_after / r.grad_norm_before for r in reports if r.grad_norm_before > 0 and not r.rolled_back]
+        gains = [r.gain for r in reports if r.grad_norm_before > 0 and not r.rolled_back]
         gain = math.exp(sum(math.log(g) for g in gains) / len(gains)) if gains else 1.0
         self.misses = 0 if gain >= self.min_gain else self.misses + 1
 
