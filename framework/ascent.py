@@ -239,8 +239,7 @@ class Ascent:
         used = check.used(outcome.last, breach.reason)
         if outcome.steps >= self.steps or not search.active or used >= USED_UP:
             return False
-        search.length = size / self.rule.lr
-        if not search.breached((breach.excess - used) / (1 - used), breach.reason):
+        if not search.breached((breach.excess - used) / (1 - used), breach.reason, length=size / self.rule.lr):
             return False
         outcome.stopped = "steps"
         return True

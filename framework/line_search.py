@@ -105,10 +105,13 @@ class SearchState:
         self.rejected, self.length = self.rejected + 1, self.length * self.policy.shrink
         return True
 
-    def breached(self, excess: float, limit: str = "limit") -> bool:
+    def breached(self, excess: float, limit: str = "limit", length: float | None = None) -> bool:
         """Shorten the step after it broke ``limit`` by ``excess`` times what it allows; whether it is
         tried again (while shortening helps that limit: a first breach of another limit is news, not a
-        floor; from then on the limits bind and the steps grow no more)."""
+        floor; from then on the limits bind and the steps grow no more). ``length`` is the broken
+        step's, where it was not the search's last (a step the end's check found broken)."""
+        if length is not None:
+            self.length = length
         helps = limit not in self.last_excess or excess < SHORTENING_HELPS * self.last_excess[limit]
         if not self.active or self.breaches >= BREACHES or not helps:
             return False

@@ -189,6 +189,14 @@ def test_shortening_is_judged_per_limit():
     assert state.breached(SHORTENING_HELPS * 11.0 * 1.01, "guard") is False
 
 
+def test_a_breach_of_a_step_of_another_length_shortens_that_step():
+    """A step the end's check found broken (not the search's last) is retried from its own length."""
+    state = SearchState(LineSearch(growth=2.0, max_length=16.0), may_grow=True, retries=True)
+    state.accept()
+    assert state.length == 2.0
+    assert state.breached(2.0, "guard", length=0.5) and state.length == 0.5 * 0.4
+
+
 def test_a_breach_that_falls_with_the_length_is_tried_until_the_step_fits():
     """An excess with a part proportional to the step's length and a floor below the limit (rounding):
     the linear model undershoots the floor, so one retry does not fit and the second does."""
