@@ -43,6 +43,17 @@ class Outcome:
     continued_from: int | None = None
 
 
+@dataclass(frozen=True)
+class _Within:
+    """A point the end's check measured within the limits: its index, the way back to its weights
+    (``None``: the climb has none), its evaluation and guard loss."""
+
+    point: int
+    restore: Callable[[], None] | None
+    evaluation: Evaluation
+    guard: float | None
+
+
 def _walk(taken: list[Applied], at: int, target: int) -> int:
     """Move from the point after ``at`` of the ``taken`` steps to the point after ``target``."""
     for applied in reversed(taken[target:at]):
@@ -196,7 +207,7 @@ class Ascent:
         outcome.stopped = breach.reason
         reach = list(itertools.accumulate(outcome.step_sizes[len(outcome.step_sizes) - len(taken) :], initial=0.0))
         shares = {0: start, len(taken): check.shares(outcome.last)}
-        within: dict[int, tuple[Callable[[], None] | None, Evaluation, float | None]] = {}  # measured, kept
+        within: _Within | None = None  # the last point measured within the limits
         good, broken, at = 0, len(taken), len(taken)  # point ``broken`` breaks a limit; we stand at ``at``
         while True:
             while broken - good > 1:
@@ -207,15 +218,14 @@ class Ascent:
                 shares[middle] = check.shares(outcome.last)
                 if found is None:
                     guard = check.guard.last if check.guard is not None else None
-                    within[middle] = (climb.snapshot(), outcome.last, guard)
+                    within = _Within(middle, climb.snapshot(), outcome.last, guard)
                 good, broken, breach = (middle, broken, breach) if found is None else (good, middle, found)
-            if at != good and good in within and within[good][0] is not None:
-                restore, outcome.last, guard = within[good]
-                restore()  # exactly the weights measured there: no need to measure again
-                if check.guard is not None:
-                    check.guard.last = guard
-                break
-            if at == good and good in within:
+            if within is not None and within.point == good and (at == good or within.restore is not None):
+                if at != good:  # exactly the weights measured there: no need to measure them again
+                    within.restore()
+                    outcome.last = within.evaluation
+                    if check.guard is not None:
+                        check.guard.last = within.guard
                 break
             if at != good:
                 at = self._measure(climb, check, taken, at, good, outcome)
