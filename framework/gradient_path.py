@@ -190,10 +190,7 @@ class ProjectedClimb(Climb):
         return self.blocked is None and self._step_at(self.first).norm != 0  # NaN: the ascent's to report
 
     def _step_at(self, evaluation: Evaluation) -> ProjectedStep:
-        if self._at is None or self._at[0] is not evaluation:
-            if self._at is not None:  # the climb never steps from an earlier point again
-                previous, self._at = self._at[0], None
-                self.path.release(previous)
+        if self._at is None or self._at[0] is not evaluation:  # (step() released the earlier point)
             step = ProjectedStep(self.path.update(evaluation, self.weights, self.bases), self.weights)
             if evaluation is self.first and step.norm == 0 and self.path.probes_curvature:
                 step = self._curvature_step() or step

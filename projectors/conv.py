@@ -41,14 +41,13 @@ class ConvProjector(Projector):
         groups, folded = module.groups, int(site.bias is not None)
         dims = module.in_channels // groups * math.prod(module.kernel_size)
         spatial = len(module.kernel_size)
-        batches = [x.unsqueeze(0) if x.dim() == spatial + 1 else x for x in captured]
-        counts = [_patch_count(module, x) for x in batches]
-        out = captured[0].new_empty(groups, dims + folded, sum(counts))
+        batches = [x.unsqueeze(0) if x.dim() == spatial + 1 else x for x in captured]  # (unbatched calls)
+        positions = [_positions(module, x) for x in batches]
+        out = captured[0].new_empty(groups, dims + folded, sum(len(x) * p for x, p in zip(batches, positions, strict=True)))
         if folded:
             out[:, dims].fill_(1)
         start = 0
-        for x, count in zip(batches, counts, strict=True):
-            per_sample = count // max(x.shape[0], 1)
+        for x, per_sample in zip(batches, positions, strict=True):
             for part in x.split(max(1, PATCH_BLOCK // max(groups * dims * per_sample, 1))):
                 patches = unfolded_patches(module, part)
                 end = start + patches.shape[0] * patches.shape[2]
@@ -100,23 +99,19 @@ def unfolded_patches(module: ConvNd, inputs: Tensor) -> Tensor:
 
     Rows are ordered like the flattened weight ``(channel, kernel...)``, so for
     every group ``g`` the convolution's output is ``W_g @ patches_g + b_g``.
-    Unbatched inputs (no batch axis) are accepted like the convolution accepts them.
     """
     spatial = len(module.kernel_size)
-    if inputs.dim() == spatial + 1:
-        inputs = inputs.unsqueeze(0)
     padded = F.pad(inputs, _pad_widths(module), mode=_pad_mode(module))
     if spatial == 2:
         return F.unfold(padded, module.kernel_size, dilation=module.dilation, stride=module.stride)
     return _unfold_nd(padded, module.kernel_size, module.dilation, module.stride)
 
 
-def _patch_count(module: ConvNd, inputs: Tensor) -> int:
-    """How many patches (batch times output positions) the convolution cuts from ``inputs``."""
+def _positions(module: ConvNd, inputs: Tensor) -> int:
+    """How many patches (output positions) the convolution cuts from each sample of ``inputs``."""
     spatial = len(module.kernel_size)
-    batch = 1 if inputs.dim() == spatial + 1 else inputs.shape[0]
     widths = _pad_widths(module)  # last axis first
-    count = batch
+    count = 1
     for axis in range(spatial):
         padded = inputs.shape[-spatial + axis] + sum(widths[2 * (spatial - 1 - axis) : 2 * (spatial - axis)])
         span = module.dilation[axis] * (module.kernel_size[axis] - 1) + 1
