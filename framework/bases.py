@@ -11,7 +11,7 @@ rows of the update are zeroed.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import Tensor
 
@@ -49,12 +49,18 @@ class Bases:
     keeps_batch: bool = True  # every site's core space holds the teleport batch's span
     pinned: list[SiteRef] = field(default_factory=list)
     layers: list[LayerReport] = field(default_factory=list)
+    sites: list[SiteKey] = field(default_factory=list)  # the site of each layer report
     frozen: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     def has_room(self) -> bool:
         """Whether some site's null space holds at least :data:`MIN_ROOM` of its inputs."""
         return any(layer.null_dim >= MIN_ROOM * layer.input_dim for layer in self.layers)
+
+    def reports(self, paths: dict[SiteKey, str]) -> list[LayerReport]:
+        """The layer reports, each naming the gradient path its site took (``paths``: the path's
+        :meth:`~torch_teleport.gradient_path.GradientPath.site_paths`; a site not in it takes the full path)."""
+        return [replace(layer, gradient=paths.get(key, "full")) for key, layer in zip(self.sites, self.layers, strict=True)]
 
     def project(self, coverage: Coverage, dense: dict[str, Tensor], done: set[SiteKey]) -> None:
         """Project every site's slice of ``dense`` (per-parameter updates) in place, except the sites
@@ -108,13 +114,11 @@ MIN_ROOM = 0.1
 
 
 def build_bases(
-    coverage: Coverage, captured: Captured, samples: Captured, null_space: NullSpace, replicas: Replicas,
-    paths: dict[SiteKey, str],
+    coverage: Coverage, captured: Captured, samples: Captured, null_space: NullSpace, replicas: Replicas
 ) -> Bases:
     """One core basis per site from the inputs captured on the teleport batch and on the other samples
     the teleport keeps (the global batch's under data parallelism), timed; sites whose module never
-    ran, or without room, stay fixed. ``paths`` names the gradient path of each site (the layer
-    reports say it; a site not in it takes the full path)."""
+    ran, or without room, stay fixed."""
     started = time.perf_counter()
     bases = Bases()
     no_room: list[tuple[CoveredModule, Site, list[str]]] = []
@@ -134,9 +138,9 @@ def build_bases(
                     null_dim=basis.null_dim,
                     samples=found.samples,
                     groups=site.groups,
-                    gradient=paths.get((covered.name, site.name), "full"),
                 )
             )
+            bases.sites.append((covered.name, site.name))
             if basis.null_dim == 0:
                 no_room.append((covered, site, names))
             else:

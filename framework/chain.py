@@ -160,7 +160,6 @@ class ClosedFormPath(GradientPath):
     def __init__(self, context: MethodContext, batch: Batch, coverage: Coverage, chain: LinearChain) -> None:
         self.chain = chain
         super().__init__(context, batch, coverage)
-        self.first = self.evaluate()
 
     def _capture(self) -> dict[tuple[str, str], list[Tensor]]:
         """The layers' inputs as the chain captures them (no second forward)."""

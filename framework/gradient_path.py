@@ -34,23 +34,36 @@ class GradientPath(ABC):
     Built with the batch, it captures every covered module's input streams
     on it (a no-grad forward, before anything else runs: a model that caches
     values in eval mode, such as LeViT's attention biases, then caches them
-    without a graph) and takes the first evaluation (``first``). ``sites``
-    are the sites whose gradient it computes its own way (the others get
-    autograd's); ``measures_loss`` is false when :meth:`evaluate` keeps the
-    captured loss instead of measuring it (then :meth:`final` measures the
-    end point); ``probes_curvature`` is false for a path whose weights a
-    random direction cannot be drawn for the same way on every process.
+    without a graph). The first evaluation (:attr:`first`) is taken when
+    first asked for, once the bases are built: what it holds (the gradient,
+    output gradients, tangents) then never sits beside a basis's
+    decomposition. ``sites`` are the sites whose gradient it computes its own
+    way (the others get autograd's; known once :attr:`first` is taken);
+    ``measures_loss`` is false when :meth:`evaluate` keeps the captured loss
+    instead of measuring it (then :meth:`final` measures the end point);
+    ``probes_curvature`` is false for a path whose weights a random direction
+    cannot be drawn for the same way on every process.
     """
 
     name: ClassVar[str]
     measures_loss: ClassVar[bool] = True
     probes_curvature: ClassVar[bool] = True  # may probe a random direction at a stationary start
-    first: Evaluation
     sites: list[SiteRef]
 
     def __init__(self, context: MethodContext, batch: Batch, coverage: Coverage) -> None:
         self.context, self.batch, self.coverage = context, batch, coverage
         self.captured = self._capture()
+        self._first: Evaluation | None = None
+
+    @property
+    def first(self) -> Evaluation:
+        """The evaluation at the start (taken on the first call)."""
+        if self._first is None:
+            self._first = self._evaluate_first()
+        return self._first
+
+    def _evaluate_first(self) -> Evaluation:
+        return self.evaluate()
 
     def _capture(self) -> dict[tuple[str, str], list[Tensor]]:
         return capture_inputs(self.coverage, self.context.model, self.batch.inputs)
@@ -64,7 +77,7 @@ class GradientPath(ABC):
         self.captured = {}
 
     def site_paths(self) -> dict[SiteKey, str]:
-        """The path of each of :attr:`sites`, for the layer reports."""
+        """The path of each of :attr:`sites`, for the layer reports (after :attr:`first`)."""
         return {(covered.name, site.name): self.name for covered, site in self.sites}
 
     @abstractmethod
@@ -110,16 +123,19 @@ class FullPath(GradientPath):
         super().__init__(context, batch, coverage)
         self.sites = []
         self._first_gradient: dict[str, Tensor] | None = None
-        self.first = self.evaluate()
-        once = sorted({f.__qualname__ for f in custom_functions(self.first.value) if once_differentiable(f)})
+
+    def _evaluate_first(self) -> Evaluation:
+        first = self.evaluate()
+        once = sorted({f.__qualname__ for f in custom_functions(first.value) if once_differentiable(f)})
         if once:
             warnings.warn(_ONCE_DIFFERENTIABLE.format(names=", ".join(once)), RuntimeWarning, stacklevel=2)
+        return first
 
     def evaluate(self) -> Evaluation:
         return self.context.evaluate(self.batch)
 
     def release(self, evaluation: Evaluation) -> None:
-        if evaluation is self.first:
+        if evaluation is self._first:
             self._first_gradient = None
 
     def update(self, evaluation: Evaluation, weights: MovedWeights, bases: Bases) -> ProjectedUpdate:
@@ -161,7 +177,7 @@ class ProjectedClimb(Climb):
         self.blocked = None if bases.of else "no_room"
         self.measures_loss, self.keeps_batch = path.measures_loss, bases.keeps_batch
         self.may_grow = bases.saturated or judged
-        self.layers, self.frozen, self.basis_seconds = bases.layers, {**frozen, **bases.frozen}, bases.seconds
+        self.layers, self.frozen, self.basis_seconds = bases.reports(path.site_paths()), {**frozen, **bases.frozen}, bases.seconds
         self._at: tuple[Evaluation, ProjectedStep] | None = None
         self._warned = False
 

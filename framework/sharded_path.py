@@ -87,10 +87,14 @@ class ShardedPath(GradientPath):
         self.ranks = replicas.size  # FSDP averages the gradients over the data-parallel ranks
         self.loss_scale = self.ranks * batch_size(batch.inputs) / float(total)
         self.sites = capable_sites(coverage)
-        self.first = self.evaluate()
-        self.sites = [(c, s) for c, s in self.sites if (c.name, s.name) in self.first.deltas]
-        _check_structured(coverage, self.sites)
-        self._tangents = (self.first, self._tangent_streams(self.first))
+        self._tangents: tuple[StructuredEvaluation, dict] | None = None
+
+    def _evaluate_first(self) -> StructuredEvaluation:
+        first = self.evaluate()
+        self.sites = [(c, s) for c, s in self.sites if (c.name, s.name) in first.deltas]
+        _check_structured(self.coverage, self.sites)
+        self._tangents = (first, self._tangent_streams(first))
+        return first
 
     def _capture(self) -> dict[tuple[str, str], list[Tensor]]:
         """The captured inputs in the parameters' precision (FSDP's ``MixedPrecisionPolicy`` computes the

@@ -107,7 +107,7 @@ class StructuredPath(GradientPath):
     whose projection is the projected gradient; where fewer samples than rows
     and inputs make it cheaper (and the site owns its parameters), the tangent
     factor is projected and the update stays factored. Every other parameter
-    gets autograd's gradient of the objective. Building it raises
+    gets autograd's gradient of the objective. Taking :attr:`first` raises
     ``NotImplementedError`` when an op of the model has no forward-mode derivative.
     """
 
@@ -117,10 +117,17 @@ class StructuredPath(GradientPath):
         super().__init__(context, batch, coverage)
         self.owners = owners  # how many sites each moved parameter belongs to
         self.evaluator = StructuredEvaluator(context, batch, capable_sites(coverage))
-        self.first = self.evaluator(batch)
+        self.first_tangents: dict[tuple[str, str], list[Tensor]] | None = None
+
+    def _evaluate_first(self) -> StructuredEvaluation:
+        """The first evaluation, and its tangents: the forward-mode pass that raises
+        ``NotImplementedError`` where an op of the model has no forward-mode derivative."""
+        first = self.evaluator(self.batch)
         self.sites = self.evaluator.sites  # those whose outputs were recorded
         self.modules = list({id(covered): covered for covered, _ in self.sites}.values())
-        self.first_tangents = tangent_streams(batch, self.first.direction, self.modules) if self.sites else None
+        self.first_tangents = tangent_streams(self.batch, first.direction, self.modules) if self.sites else None
+        first.direction = {}  # (the tangents hold what the steps need of it)
+        return first
 
     def evaluate(self) -> StructuredEvaluation:
         return self.evaluator(self.batch)
@@ -132,7 +139,7 @@ class StructuredPath(GradientPath):
         dense = autograd_gradient(self.context.evaluate(self.batch), weights.params, rest) if rest else {}
         factored: list[FactoredSite] = []
         if moving:
-            tangents = self.first_tangents if evaluation is self.first else self._tangents(evaluation)
+            tangents = self._tangents(evaluation)
             coefficient = self.context.objective.slope(evaluation.local_squared) * evaluation.share
             for covered, site in moving:
                 part = self._site_update(covered, site, evaluation, tangents, coefficient, bases)
@@ -144,11 +151,17 @@ class StructuredPath(GradientPath):
 
     def release(self, evaluation: StructuredEvaluation) -> None:
         evaluation.deltas, evaluation.direction = {}, {}
-        if evaluation is self.first:
+        if evaluation is self._first:
             self.first_tangents = None
 
     def _tangents(self, evaluation: StructuredEvaluation) -> dict[tuple[str, str], list[Tensor]]:
-        return tangent_streams(self.batch, evaluation.direction, self.modules)
+        """The tangents along ``evaluation``'s direction, which is dropped once they exist: the step
+        needs nothing else of it, and the update it is about to build need not sit beside it."""
+        if evaluation is self._first:
+            return self.first_tangents
+        tangents = tangent_streams(self.batch, evaluation.direction, self.modules)
+        evaluation.direction = {}
+        return tangents
 
     def _site_update(
         self, covered: CoveredModule, site: Site, evaluation: StructuredEvaluation, tangents: dict,

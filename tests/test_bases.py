@@ -17,11 +17,11 @@ from torch_teleport.distributed import Replicas
 DID_NOT_RUN = "its module did not run on the teleport batch"
 
 
-def bases_of(model: nn.Module, inputs, paths=None):
+def bases_of(model: nn.Module, inputs):
     """The coverage of ``model`` and the exact bases of the batch ``inputs``."""
     coverage = find_coverage(model, tt.default_registry())
     captured = capture_inputs(coverage, model, inputs)
-    return coverage, build_bases(coverage, captured, {}, exact(), Replicas(), paths or {})
+    return coverage, build_bases(coverage, captured, {}, exact(), Replicas())
 
 
 class Detour(nn.Module):
@@ -141,8 +141,8 @@ def test_layer_reports_name_each_sites_path_and_count_grouped_dimensions():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.Flatten(), nn.Linear(24, 3)).double()
     inputs = torch.randn(2, 4, 4, 4, dtype=torch.float64)
-    _, bases = bases_of(model, inputs, paths={("0", "weight"): "structured"})
-    conv, linear = bases.layers
+    _, bases = bases_of(model, inputs)
+    conv, linear = bases.reports({("0", "weight"): "structured"})
     assert (conv.name, conv.gradient, conv.groups) == ("0.weight", "structured", 2)
     assert (conv.input_dim, conv.samples, conv.null_dim) == (2 * (2 * 9 + 1), 8, 2 * (19 - 8))
     assert (linear.name, linear.gradient, linear.input_dim, linear.samples) == (
@@ -158,10 +158,8 @@ def test_the_layer_reports_of_a_packed_projection_name_each_block():
     torch.manual_seed(0)
     model = CrossAttention().double()
     paths = {("attention", "q"): "structured", ("attention", "out_proj"): "full"}
-    _, bases = bases_of(
-        model, (torch.randn(2, 1, 4).double(), torch.randn(12, 1, 4).double()), paths
-    )
-    assert [(layer.name, layer.gradient) for layer in bases.layers] == [
+    _, bases = bases_of(model, (torch.randn(2, 1, 4).double(), torch.randn(12, 1, 4).double()))
+    assert [(layer.name, layer.gradient) for layer in bases.reports(paths)] == [
         ("attention.q", "structured"),
         ("attention.k", "full"),
         ("attention.v", "full"),

@@ -47,9 +47,7 @@ def full_path(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
     trainable = [p for p in model.parameters() if p.requires_grad]
     batch = Batch(model, F.cross_entropy, inputs, targets, trainable)
     path = FullPath(mover.context, batch, mover.coverage)
-    bases = build_bases(
-        mover.coverage, path.captured_inputs(), {}, mover.null_space, Replicas(), path.site_paths()
-    )
+    bases = build_bases(mover.coverage, path.captured_inputs(), {}, mover.null_space, Replicas())
     return mover, batch, path, bases, MovedWeights(mover.coverage.movable(), mover.module_of)
 
 
@@ -321,3 +319,24 @@ def test_the_stationary_start_probes_the_projected_hessian_and_leaves_the_weight
     dot = sum((got[n] * expected[n]).sum() for n in expected)
     norms = step.norm * math.sqrt(sum(float(expected[n].square().sum()) for n in expected))
     assert float(dot) / norms > 0.999
+
+
+@pytest.mark.parametrize("gradient", ["full", "structured"])
+def test_the_first_evaluation_runs_after_the_bases(monkeypatch, gradient):
+    """A path captures the batch's inputs when built (one no-grad forward) and evaluates nothing until
+    its first evaluation is asked for, which the climb does once the bases exist: what an evaluation
+    holds (the gradient, output gradients, tangents) never sits beside a basis's decomposition."""
+    model, inputs, targets = tanh_mlp(0)
+    events: list[str] = []
+    model.register_forward_pre_hook(lambda module, args: events.append("forward"))
+    real = tt.bases.build_bases
+
+    def recorded(*args, **kwargs):
+        events.append("bases")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("torch_teleport.plugins.methods.null_space.build_bases", recorded)
+    teleporter = tt.Teleporter(model, F.cross_entropy, null_space="exact", gradient=gradient, steps=1)
+    report = teleporter.teleport(inputs, targets)
+    assert report.steps == 1 and {layer.gradient for layer in report.layers} == {gradient}
+    assert events[:2] == ["forward", "bases"] and "forward" in events[2:]

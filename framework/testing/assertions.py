@@ -231,7 +231,7 @@ def _outputs_under_a_random_projected_update(
     """The covered modules' outputs with a random update, projected by the projectors onto the
     teleporter's core spaces, added to the weights (restored afterwards)."""
     mover, model = teleporter.mover, teleporter.model
-    bases = build_bases(mover.coverage, captured, {}, mover.null_space, Replicas.this_process(), {})
+    bases = build_bases(mover.coverage, captured, {}, mover.null_space, Replicas.this_process())
     params = {name: p for name, p in mover.coverage.movable().items() if name not in bases.frozen}
     generator = torch.Generator().manual_seed(0)
     update = {name: torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for name, p in params.items()}

@@ -147,11 +147,12 @@ class NullSpaceMover(Mover):
         return list(self.coverage.movable().values())
 
     def climb(self, batch: Batch) -> ProjectedClimb:
-        """Capture -> bases -> the climb along the projected gradient of the chosen path."""
+        """Capture -> bases -> the first evaluation -> the climb along the projected gradient of the
+        chosen path."""
         path = self._path(batch)
-        check_start(path.first)
         samples = self._samples(batch)
         climb = self._projected(path, samples, self.null_space, batch)
+        check_start(climb.first)
         fallback = self.null_space.fallback
         if fallback is not None and not climb.moves():
             climb = self._projected(climb.path, samples, fallback, batch)
@@ -176,13 +177,32 @@ class NullSpaceMover(Mover):
         """The climb along ``path`` with bases of ``null_space`` (off the closed form where they do not
         keep the batch exactly: the closed form needs exact steps)."""
         replicas = self.context.replicas
-        bases = build_bases(self.coverage, path.captured_inputs(), samples, null_space, replicas, path.site_paths())
+        bases = build_bases(self.coverage, path.captured_inputs(), samples, null_space, replicas)
         if isinstance(path, ClosedFormPath) and not bases.keeps_batch:
             path = self._path(batch, closed_form=False)
-            bases = build_bases(self.coverage, path.captured_inputs(), samples, null_space, replicas, path.site_paths())
+            bases = build_bases(self.coverage, path.captured_inputs(), samples, null_space, replicas)
         params = {name: p for name, p in self.coverage.movable().items() if name not in bases.frozen}
         weights = MovedWeights(params, self.module_of)
+        path = self._started(path, batch)
         return ProjectedClimb(path, bases, weights, dict(self.coverage.frozen), judged=batch.guard is not None)
+
+    def _started(self, path: GradientPath, batch: Batch) -> GradientPath:
+        """``path`` with its first evaluation taken, or the full path where the structured path meets an
+        op without forward-mode derivatives (the bases, built from the same inputs, hold for either)."""
+        try:
+            path.first  # noqa: B018 (taking it runs the evaluation)
+        except NotImplementedError as error:
+            if not isinstance(path, StructuredPath):
+                raise
+            full = FullPath(self.context, batch, self.coverage)
+            warnings.warn(
+                "teleport takes the full (double-backward) path: the structured path needs "
+                f"forward-mode derivatives, and {_without_forward_mode(error, full.first.value)}",
+                RuntimeWarning,
+                stacklevel=6,
+            )
+            return full
+        return path
 
     def _kept_mode(self) -> str | None:
         """Which loss of the batch the core space keeps, where the model has BatchNorm layers."""
@@ -194,9 +214,9 @@ class NullSpaceMover(Mover):
         return self.batch_norm
 
     def _path(self, batch: Batch, closed_form: bool = True) -> GradientPath:
-        """The gradient path for ``batch``, its first evaluation taken: the closed form where it applies
-        (a null space that keeps the batch exactly, one process, a tensor batch), else structured
-        where the objective allows, else full."""
+        """The gradient path for ``batch``, its inputs captured: the closed form where it applies (a null
+        space that keeps the batch exactly, one process, a tensor batch), else structured where the
+        objective allows, else full."""
         context = self.context
         if sharded_parameters(context.model):
             return ShardedPath(context, batch, self.coverage)
@@ -205,17 +225,7 @@ class NullSpaceMover(Mover):
             return ClosedFormPath(context, batch, self.coverage, self.chain)
         if not self.structured:
             return FullPath(context, batch, self.coverage)
-        try:
-            return StructuredPath(context, batch, self.coverage, self.owners)
-        except NotImplementedError as error:  # an op without forward-mode derivatives
-            full = FullPath(context, batch, self.coverage)
-            warnings.warn(
-                "teleport takes the full (double-backward) path: the structured path needs "
-                f"forward-mode derivatives, and {_without_forward_mode(error, full.first.value)}",
-                RuntimeWarning,
-                stacklevel=5,
-            )
-            return full
+        return StructuredPath(context, batch, self.coverage, self.owners)
 
     def _samples(self, batch: Batch) -> Captured:
         """The input streams of ``batch.basis`` (and, keeping both BatchNorm modes, of the batch with
