@@ -8,12 +8,18 @@ The spectrum is computed in float64 (a float32 basis would leave a residue
 of ``eps * cond(R)`` of every update in the core space), by the cheapest
 route for the shape:
 
-* thin SVD of ``R`` (``d x N``) when there are fewer than twice as many
-  samples as input dimensions;
-* otherwise, for float32 and narrower representations, the eigendecomposition
-  of the ``d x d`` Gram matrix ``R R^T``; in float64 it resolves singular
-  values down to ``1e-8 sigma_max``, below float32 resolution but far above
-  float64's, so float64 representations always take the SVD route.
+* for float32 and narrower representations with at least twice as many
+  samples as input dimensions, the eigendecomposition of the ``d x d`` Gram
+  matrix ``R R^T``; in float64 it resolves singular values down to
+  ``1e-8 sigma_max``, below float32 resolution but far above float64's, so
+  float64 representations never take a Gram route;
+* for float32 and narrower representations with at most half as many
+  samples as input dimensions (a convolution's patches in a wide layer), the
+  eigendecomposition of the ``N x N`` Gram matrix ``R^T R``, the left
+  singular vectors ``R V / S`` made orthonormal again: as accurate, and a
+  fraction of the thin SVD's memory (no float64 copy of ``R``, no LAPACK
+  work space of ``d x N``);
+* otherwise the thin SVD of ``R`` (``d x N``).
 
 No dense ``d x d`` projector is ever formed; when the Gram route yields the
 whole eigenbasis and the null space is the smaller side, the projection is
@@ -93,6 +99,10 @@ def spectrum(representation: Tensor, *, leading: bool = False) -> Spectrum:
     _, dims, samples = representation.shape
     if uses_gram_route(dims, samples, representation.dtype):
         return gram_spectrum(float64_gram(representation), samples, representation.dtype)
+    if 0 < samples * GRAM_ROUTE_RATIO <= dims and representation.dtype != torch.float64:
+        found = _wide_spectrum(representation)
+        if found is not None:
+            return found
     wide = representation.double()
     if leading and samples < dims:
         return _sample_gram_spectrum(wide, representation.dtype)
@@ -109,6 +119,82 @@ def _sample_gram_spectrum(wide: Tensor, dtype: torch.dtype) -> Spectrum:
     scale = torch.where(values > floor, values.sqrt(), torch.ones_like(values))
     vectors = (wide @ right) / scale.unsqueeze(-2) * (values > floor).unsqueeze(-2)
     return Spectrum(vectors, values * (values > floor), False, wide.shape[-1], dtype, from_gram=True)
+
+
+def _wide_spectrum(representation: Tensor) -> Spectrum | None:
+    """The spectrum of a float32 ``R`` with few samples, to the thin SVD's rank tolerance, from float64
+    eigendecompositions of ``samples x samples`` Gram matrices summed over blocks of rows: the
+    directions above the Gram's noise floor, then, where those leave any, the directions of what they
+    leave of ``R`` (a Gram of its own, whose floor lies as far below the first's), each set orthonormal
+    (``None`` where that fails: the SVD then decides)."""
+    groups, dims, samples = representation.shape
+    step = max(1, GRAM_BLOCK // samples)
+    tolerance = (max(dims, samples) * torch.finfo(torch.float64).eps) ** 2  # the SVD's, on squares
+    found: list[tuple[Tensor, Tensor]] = []
+    for group in range(groups):
+        matrix = representation[group]
+
+        def rows(start: int, matrix: Tensor = matrix) -> Tensor:
+            return matrix[start : start + step].double()
+
+        strong = _gram_directions(rows, dims, samples, step)
+        if strong is None:
+            return None
+        vectors, squared = strong
+        if 0 < vectors.shape[1] < samples:
+            coordinates = sum(vectors[start : start + step].transpose(-1, -2) @ rows(start) for start in range(0, dims, step))
+
+            def rest(start: int, rows=rows, vectors: Tensor = vectors, coordinates: Tensor = coordinates) -> Tensor:
+                return rows(start) - vectors[start : start + step] @ coordinates
+
+            weak = _gram_directions(rest, dims, samples, step)
+            if weak is None:
+                return None
+            kept = weak[1] > squared[0] * tolerance
+            more = weak[0][:, kept]
+            more -= vectors @ (vectors.transpose(-1, -2) @ more)  # orthogonal to the first set to rounding
+            if not _orthonormalize(more, step):
+                return None
+            vectors, squared = torch.cat([vectors, more], 1), torch.cat([squared, weak[1][kept]])
+        found.append((vectors, squared))
+    width = max(vectors.shape[1] for vectors, _ in found)
+    vectors = representation.new_zeros(groups, dims, width, dtype=torch.float64)
+    squared = representation.new_zeros(groups, width, dtype=torch.float64)
+    for group, (directions, values) in enumerate(found):
+        vectors[group, :, : directions.shape[1]], squared[group, : values.shape[0]] = directions, values
+    return Spectrum(vectors, squared, False, samples, representation.dtype)
+
+
+def _gram_directions(rows: Callable[[int], Tensor], dims: int, samples: int, step: int) -> tuple[Tensor, Tensor] | None:
+    """The left singular directions of a ``dims x samples`` float64 matrix given ``step`` rows at a time,
+    above its Gram matrix's noise floor (``(dims, rank)`` orthonormal columns, ``(rank,)`` squared
+    singular values, strongest first), or ``None`` where they cannot be made orthonormal."""
+    gram = torch.zeros(samples, samples, dtype=torch.float64, device=rows(0).device)
+    for start in range(0, dims, step):
+        block = rows(start)
+        gram.addmm_(block.transpose(-1, -2), block)
+    values, right = torch.linalg.eigh(gram)
+    del gram
+    values = values.flip(-1).clamp_min(0)
+    rank = int((values > values[0] * max(dims, samples) * torch.finfo(torch.float64).eps).sum())
+    coefficients = right.flip(-1)[:, :rank] / values[:rank].sqrt()
+    del right
+    vectors = torch.empty(dims, rank, dtype=torch.float64, device=values.device)
+    for start in range(0, dims, step):  # U = A V / S
+        vectors[start : start + step] = rows(start) @ coefficients
+    return (vectors, values[:rank]) if _orthonormalize(vectors, step) else None
+
+
+def _orthonormalize(vectors: Tensor, step: int) -> bool:
+    """Make the columns of ``vectors`` orthonormal in place by two Cholesky QR passes (``U <- U L^-T``
+    with ``U^T U = L L^T``; each leading set of columns keeps its span); false where a pass fails."""
+    for _ in range(2):
+        factor, failed = torch.linalg.cholesky_ex(vectors.transpose(-1, -2) @ vectors)
+        if failed:
+            return False
+        for part in vectors.split(step):
+            part.copy_(torch.linalg.solve_triangular(factor.transpose(-1, -2), part, upper=True, left=False))
+    return True
 
 
 GRAM_BLOCK = 2**16
@@ -287,11 +373,15 @@ class NullSpace(ABC):
         max_rank = max(rank_list, default=0)
         null_max = spec.dims - min(rank_list, default=0)
         columns = torch.arange(spec.vectors.shape[-1], device=spec.vectors.device)
-        dtype = spec.dtype
+        same = min(rank_list, default=0) == max_rank  # no group's columns to zero
         if spec.complete and null_max < max_rank:
-            keep = columns[None, :] >= ranks[:, None].to(columns.device)
-            vectors = (spec.vectors * keep[:, None, :])[..., spec.dims - null_max :]
-            return CoreBasis(vectors.to(dtype), rank_list, spec.dims, spans_null_space=True)
-        keep = columns[None, :] < ranks[:, None].to(columns.device)
-        vectors = (spec.vectors * keep[:, None, :])[..., :max_rank]
-        return CoreBasis(vectors.to(dtype), rank_list, spec.dims)
+            vectors = spec.vectors[..., spec.dims - null_max :]
+            if not same:
+                keep = columns[None, :] >= ranks[:, None].to(columns.device)
+                vectors = vectors * keep[:, None, spec.dims - null_max :]
+            return CoreBasis(vectors.to(spec.dtype, copy=True), rank_list, spec.dims, spans_null_space=True)
+        vectors = spec.vectors[..., :max_rank]
+        if not same:
+            keep = columns[None, :] < ranks[:, None].to(columns.device)
+            vectors = vectors * keep[:, None, :max_rank]
+        return CoreBasis(vectors.to(spec.dtype, copy=True), rank_list, spec.dims)

@@ -154,6 +154,47 @@ def test_wide_layers_get_a_thin_basis(dtype):
     assert basis.ranks == (samples,) and basis.null_dim == dims - samples
 
 
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    groups=st.integers(1, 3),
+    dims=st.integers(4, 48),
+    fraction=st.floats(0.0, 0.5),
+    rank=st.integers(0, 24),
+    kind=st.sampled_from(["integer", "product", "graded"]),
+)
+def test_wide_float32_representations_get_the_svds_core_space(seed, groups, dims, fraction, rank, kind):
+    """At most half as many samples as dimensions, float32: the samples' Gram route (a second Gram
+    for what the first leaves) finds the thin SVD's numerical rank, orthonormal columns and a core
+    space that holds every sample to float64 rounding. A float32 product of low-rank factors spans
+    every direction by its rounding, which only the second Gram resolves (and, like the SVD, only to
+    its rounding: those directions' span is compared loosely); rows are summed a few at a time."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = max(1, int(fraction * dims))
+    rank = min(rank, samples)
+    if kind == "integer":
+        parts = [integer_matrix(generator, dims, samples, rank, torch.float32) for _ in range(groups)]
+    else:
+        scale = torch.logspace(0, -12, rank) if kind == "graded" else torch.ones(rank)
+        parts = [
+            (torch.randn(dims, rank, generator=generator) * scale) @ torch.randn(rank, samples, generator=generator)
+            for _ in range(groups)
+        ]
+    representation = torch.stack(parts)
+    with mock.patch.object(null_space_module, "GRAM_BLOCK", 3 * samples):
+        found = null_space_module.spectrum(representation)
+    ranks = found.numerical_rank().tolist()
+    assert found.vectors.shape[-1] == max(ranks)  # the Gram route ran: only the directions found
+    for group, part in enumerate(parts):
+        left, singular, _ = torch.linalg.svd(part.double(), full_matrices=False)
+        rank = int((singular > singular[0] * max(dims, samples) * torch.finfo(torch.float64).eps).sum())
+        assert ranks[group] == rank
+        core = found.vectors[group, :, :rank]
+        torch.testing.assert_close(core.T @ core, torch.eye(rank, dtype=torch.float64), rtol=0, atol=1e-12)
+        wide = part.double()
+        assert torch.linalg.matrix_norm(wide - core @ (core.T @ wide)) <= 1e-13 * torch.linalg.matrix_norm(wide)
+        torch.testing.assert_close(core @ core.T, left[:, :rank] @ left[:, :rank].T, rtol=0, atol=1e-6)
+
+
 @given(seed=st.integers(0, 2**16), groups=st.integers(1, 3), dims=st.integers(1, 9), samples=st.integers(1, 40))
 def test_the_float64_gram_summed_a_block_at_a_time_equals_the_whole_product(seed, groups, dims, samples):
     generator = torch.Generator().manual_seed(seed)

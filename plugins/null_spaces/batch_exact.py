@@ -75,11 +75,15 @@ class BatchExactNullSpace(NullSpace):
 
 
 def _leading(spectrum: Spectrum, ranks: Tensor) -> Tensor:
-    """The first ``ranks`` singular vectors of each group, in float64, zero columns padding the shorter."""
+    """The first ``ranks`` singular vectors of each group, in float64, zero columns padding the shorter
+    (a view of the spectrum's where no group is shorter)."""
     width = int(ranks.max()) if ranks.numel() else 0
+    vectors = spectrum.vectors[..., :width].double()
+    if not ranks.numel() or int(ranks.min()) == width:
+        return vectors
     columns = torch.arange(width, device=spectrum.vectors.device)
     keep = columns[None, :] < ranks[:, None].to(columns.device)
-    return spectrum.vectors[..., :width].double() * keep[:, None, :]
+    return vectors * keep[:, None, :]
 
 
 def _energy_rank(spectrum: Spectrum, tau: float) -> Tensor:
