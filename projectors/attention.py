@@ -7,22 +7,25 @@ are tokens. Moving each within the null space of its own inputs keeps the
 queries, keys and values on the batch, hence the heads and the output.
 
 ``out_proj`` runs inside ``F.multi_head_attention_forward``, so no hook on it
-ever fires. Its inputs are recomputed while the module's own forward starts:
-the same functional call on the same arguments, with the output projection
-replaced by the identity and dropout off (teleport forwards run in eval mode).
+ever fires. While a capture is installed the module computes its result from
+its four maps as explicit tensors instead (:func:`decomposed_attention`): the
+projections, then the attention between them (the same kernel call as the
+module's own for plain attention; otherwise the same functional call with
+identity projections, so that masks and extra keys act exactly as in it), then
+``out_proj`` of the concatenated heads, with dropout off (teleport forwards run
+in eval mode).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from torch_teleport import Projector, Site, hookimpl
 from torch_teleport.projector import Record, append_ones
@@ -67,29 +70,31 @@ class MultiheadAttentionProjector(Projector):
     def frozen(self, module: nn.MultiheadAttention) -> dict[str, str]:
         return {"bias_v": BIAS_V_REASON} if module.bias_v is not None else {}
 
-    def capture(self, module: nn.MultiheadAttention, record: Record) -> list[RemovableHandle]:
-        signature = inspect.signature(module.forward)
+    def capture(self, module: nn.MultiheadAttention, record: Record) -> list[_DecomposedForward]:
+        """The query, key and value inputs, and ``out_proj``'s: the concatenated heads. While the
+        handle is installed the module computes its result by :func:`decomposed_attention`, which
+        yields the heads on the way (one attention per call, not a second one for the record)."""
 
-        def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> None:
-            call = signature.bind(*args, **kwargs)
-            call.apply_defaults()
-            arguments = call.arguments
+        def streams(arguments: dict[str, Any], maps: dict[str, Tensor], heads: Tensor) -> None:
             for stream in ("query", "key", "value"):
                 record(stream, arguments[stream])
-            with torch.no_grad():
-                record("heads", concatenated_heads(module, arguments))
-                if module.bias_k is not None:
-                    weight, bias = _query_projection(module)
-                    record("projected_query", F.linear(arguments["query"], weight, bias))
+            record("heads", heads)
+            if module.bias_k is not None:
+                record("projected_query", maps["q"])
 
-        return [module.register_forward_pre_hook(hook, with_kwargs=True)]
+        return [_DecomposedForward(module, streams)]
 
     def capture_outputs(self, module: nn.MultiheadAttention, record: Record) -> list[_DecomposedForward]:
         """The outputs of ``q``, ``k``, ``v`` and ``out_proj``: while the hooks are installed the
         module computes its result with the four maps as explicit tensors
         (:func:`decomposed_attention`), so gradients reach them; the fused call does not run at
         all. ``bias_k`` records nothing and takes the full path."""
-        return [_DecomposedForward(module, record)]
+
+        def outputs(arguments: dict[str, Any], maps: dict[str, Tensor], heads: Tensor) -> None:
+            for site, tensor in maps.items():
+                record(site, tensor)
+
+        return [_DecomposedForward(module, outputs)]
 
     def output_representation(
         self, module: nn.MultiheadAttention, site: Site, outputs: Sequence[Tensor]
@@ -111,22 +116,22 @@ class MultiheadAttentionProjector(Projector):
 
 
 class _DecomposedForward:
-    """Replaces one module's ``forward`` by :func:`decomposed_attention` until :meth:`remove`.
+    """Replaces one module's ``forward`` by :func:`decomposed_attention` until :meth:`remove`, handing
+    each call's bound arguments, four maps and concatenated heads to ``seen``.
 
     Hooks registered on the module still run around it (``nn.Module.__call__`` calls
     ``self.forward``); removing the handle restores the class's ``forward``.
     """
 
-    def __init__(self, module: nn.MultiheadAttention, record: Record) -> None:
+    def __init__(self, module: nn.MultiheadAttention, seen: Callable[[dict[str, Any], dict[str, Tensor], Tensor], None]) -> None:
         self.module = module
         signature = inspect.signature(module.forward)
 
         def forward(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
             call = signature.bind(*args, **kwargs)
             call.apply_defaults()
-            result, maps = decomposed_attention(module, call.arguments)
-            for site, tensor in maps.items():
-                record(site, tensor)
+            result, maps, heads = decomposed_attention(module, call.arguments)
+            seen(call.arguments, maps, heads)
             return result
 
         forward.__signature__ = signature  # code that inspects module.forward sees the real one
@@ -136,27 +141,20 @@ class _DecomposedForward:
         self.module.__dict__.pop("forward", None)
 
 
-def concatenated_heads(module: nn.MultiheadAttention, arguments: dict[str, Any]) -> Tensor:
-    """The input of ``module.out_proj`` for one call, as ``(target tokens, [batch,] embed_dim)``.
-
-    ``arguments`` are the call's bound arguments (see :func:`decomposed_attention`).
-    """
-    return _attend(module, arguments)[1]
-
-
 def decomposed_attention(
     module: nn.MultiheadAttention, arguments: dict[str, Any]
-) -> tuple[tuple[Tensor, Tensor | None], dict[str, Tensor]]:
-    """The module's ``(output, weights)`` for one call, with its four affine maps as tensors.
+) -> tuple[tuple[Tensor, Tensor | None], dict[str, Tensor], Tensor]:
+    """The module's ``(output, weights)`` for one call, with its four affine maps as tensors, and the
+    concatenated heads (``out_proj``'s input, ``(target tokens, [batch,] embed_dim)``).
 
-    The projections ``q``, ``k``, ``v`` (laid out like the query, key and value
-    inputs) and the output projection (laid out like :func:`concatenated_heads`)
-    are computed explicitly, so gradients reach each of them.
+    ``arguments`` are the call's bound arguments. The projections ``q``, ``k``, ``v`` (laid out
+    like the query, key and value inputs) and the output projection (laid out like the heads) are
+    computed explicitly, so gradients reach each of them.
     """
     maps, heads, attention = _attend(module, arguments)
     maps["out_proj"] = output = F.linear(heads, module.out_proj.weight, module.out_proj.bias)
     batch_first = module.batch_first and arguments["query"].dim() == 3
-    return (output.transpose(0, 1) if batch_first else output, attention), maps
+    return (output.transpose(0, 1) if batch_first else output, attention), maps, heads
 
 
 def _attend(
@@ -183,6 +181,8 @@ def _attend(
     q, k, v = maps["q"], maps["k"], maps["v"]
     if module.batch_first and query.dim() == 3:
         q, k, v = (x.transpose(0, 1) for x in (q, k, v))
+    if _plain(module, arguments, q):
+        return maps, _scaled_dot_product_heads(q, k, v, module.num_heads, bool(arguments["is_causal"])), None
     identity = torch.eye(embed, dtype=q.dtype, device=q.device)
     heads, attention = F.multi_head_attention_forward(
         q,
@@ -212,13 +212,35 @@ def _attend(
     return maps, heads, attention
 
 
-def _query_projection(module: nn.MultiheadAttention) -> tuple[Tensor, Tensor | None]:
-    embed = module.embed_dim
-    weight = (
-        module.q_proj_weight if module.in_proj_weight is None else module.in_proj_weight[:embed]
+def _plain(module: nn.MultiheadAttention, arguments: dict[str, Any], q: Tensor) -> bool:
+    """Whether the call is plain scaled dot-product attention over batched projections: no extra
+    keys, no key-padding mask, no weights asked for, and either no attention mask or a causal one
+    given with the ``is_causal`` hint (which ``F.multi_head_attention_forward`` then hands to the
+    kernel as the hint alone)."""
+    causal = bool(arguments["is_causal"])
+    return (
+        q.dim() == 3
+        and module.bias_k is None
+        and module.bias_v is None
+        and not module.add_zero_attn
+        and arguments["key_padding_mask"] is None
+        and not arguments["need_weights"]
+        and (arguments["attn_mask"] is not None) == causal
     )
-    bias = module.in_proj_bias[:embed] if module.in_proj_bias is not None else None
-    return weight, bias
+
+
+def _scaled_dot_product_heads(q: Tensor, k: Tensor, v: Tensor, heads: int, causal: bool) -> Tensor:
+    """The concatenated heads ``(target tokens, batch, embed_dim)`` of sequence-first projections, by the
+    same kernel call and layouts as ``F.multi_head_attention_forward`` (without its identity in- and
+    out-projections: four products less per call)."""
+    targets, batch, embed = q.shape
+    width = embed // heads
+
+    def split(x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], batch * heads, width).transpose(0, 1).reshape(batch, heads, x.shape[0], width)
+
+    output = F.scaled_dot_product_attention(split(q), split(k), split(v), None, 0.0, causal)
+    return output.permute(2, 0, 1, 3).reshape(targets, batch, embed)
 
 
 def _per_head_columns(queries: Tensor, heads: int) -> Tensor:

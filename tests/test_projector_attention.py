@@ -4,6 +4,7 @@
 import math
 from collections import defaultdict
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
@@ -110,6 +111,33 @@ def test_out_proj_representation_is_the_true_input_of_out_proj(problem):
     torch.testing.assert_close(
         heads, expected.transpose(0, 1).reshape(-1, mha.embed_dim), rtol=1e-12, atol=1e-12
     )
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_plain_and_causal_attention_record_the_true_heads_and_give_the_modules_output(batch_first, causal):
+    """Plain attention (and a causal mask given with the ``is_causal`` hint, as Transformer layers
+    pass it) is computed without identity projections: the recorded heads are the definition's and
+    ``out_proj`` of them is the module's own output, with or without the capture."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=batch_first).double().eval()
+    tokens = torch.randn(3, 5, 8, dtype=torch.float64)  # (batch, tokens, width)
+    layout = tokens if batch_first else tokens.transpose(0, 1)
+    mask = nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64) if causal else None
+    with torch.no_grad():
+        native = mha(layout, layout, layout, attn_mask=mask, is_causal=causal, need_weights=False)[0]
+    captured = defaultdict(list)
+    handles = MultiheadAttentionProjector().capture(mha, lambda stream, tensor: captured[stream].append(tensor))
+    try:
+        with torch.no_grad():
+            output = mha(layout, layout, layout, attn_mask=mask, is_causal=causal, need_weights=False)[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(output, native, rtol=1e-12, atol=1e-12)
+    expected = reference_heads(mha, tokens, tokens, tokens, None, mask, causal)
+    heads = captured["heads"][0].transpose(0, 1)  # (batch, tokens, width)
+    torch.testing.assert_close(heads, expected, rtol=1e-12, atol=1e-12)
 
 
 @given(attention_problems())
