@@ -170,6 +170,9 @@ class ClosedFormPath(GradientPath):
             (covered.name, site.stream): [x] for (covered, site), x in zip(self.sites, self.state.inputs, strict=True)
         }
 
+    def forget_inputs(self) -> None:
+        """Nothing to drop: the chain's forward quantities hold the inputs, and every step reads them."""
+
     def evaluate(self) -> ChainEvaluation:
         return self.state.evaluate(self.context.objective)
 

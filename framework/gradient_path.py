@@ -52,7 +52,7 @@ class GradientPath(ABC):
 
     def __init__(self, context: MethodContext, batch: Batch, coverage: Coverage) -> None:
         self.context, self.batch, self.coverage = context, batch, coverage
-        self.captured = self._capture()
+        self.captured: dict[tuple[str, str], list[Tensor]] | None = self._capture()
         self._first: Evaluation | None = None
 
     @property
@@ -69,12 +69,20 @@ class GradientPath(ABC):
         return capture_inputs(self.coverage, self.context.model, self.batch.inputs)
 
     def captured_inputs(self) -> dict[tuple[str, str], list[Tensor]]:
-        """Every covered module's input streams on the batch."""
+        """Every covered module's input streams on the batch (captured again where forgotten: a
+        fallback's bases, before any step)."""
+        if self.captured is None:
+            self.captured = self._capture()
         return self.captured
 
     def forget_inputs(self) -> None:
-        """Drop the captured input streams once the bases are built (the steps do not read them)."""
-        self.captured = {}
+        """Drop the captured input streams once the bases are built (the steps do not read them, and
+        the first evaluation need not sit beside them)."""
+        self.captured = None
+
+    def restrict(self, moving: set[SiteKey]) -> None:  # noqa: B027 (a path that computes every site alike ignores it)
+        """Only the sites ``moving`` move (the bases say so before the first evaluation): a path may
+        leave out what the others would need."""
 
     def site_paths(self) -> dict[SiteKey, str]:
         """The path of each of :attr:`sites`, for the layer reports (after :attr:`first`)."""

@@ -70,21 +70,23 @@ class StructuredEvaluator:
     """Evaluations from one forward and one first-order backward (no graph kept).
 
     ``sites`` starts as every site whose projector can record outputs and,
-    after the first call, keeps those whose outputs were recorded.
+    after the first call, keeps those whose outputs were recorded. Output
+    gradients are kept for the sites in ``moving`` only (every site where ``None``).
     """
 
     def __init__(self, context: MethodContext, batch: Batch, sites: list) -> None:
         self.context = context
         self.sites = sites
+        self.moving: set[SiteKey] | None = None
         self._probed = False
         names = {id(p): name for name, p in context.model.named_parameters()}
         self.param_names = [names[id(p)] for p in batch.parameters]
 
     def __call__(self, batch: Batch) -> StructuredEvaluation:
         context = self.context
-        loss, grads, deltas = first_order_pass(batch, self.sites)
+        loss, grads, deltas, recorded = first_order_pass(batch, self.sites, self.moving)
         if not self._probed:
-            self.sites = [(c, s) for c, s in self.sites if (c.name, s.name) in deltas]
+            self.sites = [(c, s) for c, s in self.sites if (c.name, s.name) in recorded]
             self._probed = True
         squared = get_total_norm(grads).square().to(loss.dtype)
         evaluation = StructuredEvaluation(
@@ -119,12 +121,21 @@ class StructuredPath(GradientPath):
         self.evaluator = StructuredEvaluator(context, batch, capable_sites(coverage))
         self.first_tangents: dict[tuple[str, str], list[Tensor]] | None = None
 
+    def restrict(self, moving: set[SiteKey]) -> None:
+        """Keep output gradients and tangents only where a site moves: a fixed site's are never read
+        (an early convolution's are as large as its activations). A first evaluation taken for
+        other sites is taken again."""
+        if moving != self.evaluator.moving:
+            self.evaluator.moving = moving
+            self._first, self.first_tangents = None, None
+
     def _evaluate_first(self) -> StructuredEvaluation:
         """The first evaluation, and its tangents: the forward-mode pass that raises
         ``NotImplementedError`` where an op of the model has no forward-mode derivative."""
         first = self.evaluator(self.batch)
         self.sites = self.evaluator.sites  # those whose outputs were recorded
-        self.modules = list({id(covered): covered for covered, _ in self.sites}.values())
+        moving = self.evaluator.moving
+        self.modules = list({id(c): c for c, s in self.sites if moving is None or (c.name, s.name) in moving}.values())
         self.first_tangents = tangent_streams(self.batch, first.direction, self.modules) if self.sites else None
         first.direction = {}  # (the tangents hold what the steps need of it)
         return first
@@ -224,15 +235,17 @@ def capable_sites(coverage: Coverage) -> list[SiteRef]:
 
 
 def first_order_pass(
-    batch: Batch, sites: Sequence[tuple[CoveredModule, Site]]
-) -> tuple[Tensor, list[Tensor], dict[SiteKey, list[Tensor]]]:
-    """The loss, its gradient for ``batch.parameters`` and the output gradients of ``sites``.
+    batch: Batch, sites: Sequence[tuple[CoveredModule, Site]], keep: set[SiteKey] | None = None
+) -> tuple[Tensor, list[Tensor], dict[SiteKey, list[Tensor]], set[SiteKey]]:
+    """The loss, its gradient for ``batch.parameters`` and the output gradients of ``sites`` (of those
+    in ``keep`` where given).
 
     One forward with the projectors' output hooks and one first-order backward.
-    Returns the detached loss, the gradients (zeros where unused) and each
-    site's output gradients, one tensor per call; a site whose module
-    computed its map without calling the hooked submodule (it multiplies
-    the weight itself) records nothing and is left out.
+    Returns the detached loss, the gradients (zeros where unused), each
+    kept site's output gradients, one tensor per call, and the sites that
+    recorded outputs: a site whose module computed its map without calling
+    the hooked submodule (it multiplies the weight itself) records nothing
+    and is left out.
     """
     outputs: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
     handles = []
@@ -243,7 +256,9 @@ def first_order_pass(
     finally:
         for handle in handles:
             handle.remove()
-    recorded = [(key, tensor) for key, tensors in outputs.items() for tensor in tensors]
+    seen = {key for key, tensors in outputs.items() if tensors}
+    recorded = [(key, tensor) for key, tensors in outputs.items() if keep is None or key in keep for tensor in tensors]
+    del outputs, handles  # (the records of sites not kept go with them)
     wanted = [t for _, t in recorded if t.requires_grad]
     grads = torch.autograd.grad(loss, [*batch.parameters, *wanted], allow_unused=True)
     param_grads = [
@@ -260,7 +275,7 @@ def first_order_pass(
         for covered, site in sites
         if by_site[(covered.name, site.name)]
     }
-    return loss.detach(), param_grads, deltas
+    return loss.detach(), param_grads, deltas, seen
 
 
 def tangent_streams(

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from torch_teleport.ascent import check_start
-from torch_teleport.bases import Captured, build_bases
+from torch_teleport.bases import Bases, Captured, build_bases
 from torch_teleport.chain import ClosedFormPath, LinearChain
 from torch_teleport.core_space import DEFAULT_NULL_SPACE, resolve_null_space
 from torch_teleport.coverage import Coverage, capture_inputs, find_coverage
@@ -147,16 +147,19 @@ class NullSpaceMover(Mover):
         return list(self.coverage.movable().values())
 
     def climb(self, batch: Batch) -> ProjectedClimb:
-        """Capture -> bases -> the first evaluation -> the climb along the projected gradient of the
-        chosen path."""
+        """Capture -> bases (the fallback's where the null space's leave no room) -> the first
+        evaluation -> the climb along the projected gradient of the chosen path."""
         path = self._path(batch)
         samples = self._samples(batch)
-        climb = self._projected(path, samples, self.null_space, batch)
-        check_start(climb.first)
+        path, bases = self._bases(path, samples, self.null_space, batch)
         fallback = self.null_space.fallback
-        if fallback is not None and not climb.moves():
-            climb = self._projected(climb.path, samples, fallback, batch)
-        climb.path.forget_inputs()
+        if fallback is not None and not bases.has_room():
+            path, bases = self._bases(path, samples, fallback, batch)
+            fallback = None  # (taken)
+        climb = self._climb(path, bases, batch)
+        check_start(climb.first)
+        if fallback is not None and not climb.has_direction():
+            climb = self._climb(*self._bases(climb.path, samples, fallback, batch), batch)
         climb.batch_norm = self._kept_mode()
         return climb
 
@@ -167,22 +170,31 @@ class NullSpaceMover(Mover):
         what it is (``None`` where the batch leaves none or the gradient has no component in it)."""
         if climb.keeps_batch or not self.null_space.exact:
             return None
-        path = self._path(batch)
-        more = self._projected(path, self._samples(batch), self.null_space, batch)
-        more.path.forget_inputs()
+        path, bases = self._bases(self._path(batch), self._samples(batch), self.null_space, batch)
+        if not (bases.keeps_batch and bases.of):
+            return None
+        more = self._climb(path, bases, batch)
         more.batch_norm = climb.batch_norm
-        return more if more.keeps_batch and more.has_direction() else None
+        return more if more.has_direction() else None
 
-    def _projected(self, path: GradientPath, samples: Captured, null_space: NullSpace, batch: Batch) -> ProjectedClimb:
-        """The climb along ``path`` with bases of ``null_space`` (off the closed form where they do not
-        keep the batch exactly: the closed form needs exact steps)."""
+    def _bases(self, path: GradientPath, samples: Captured, null_space: NullSpace, batch: Batch) -> tuple[GradientPath, Bases]:
+        """The bases of ``null_space`` on the inputs ``path`` captured, and the path to climb with them
+        (off the closed form where they do not keep the batch exactly: the closed form needs exact
+        steps)."""
         replicas = self.context.replicas
         bases = build_bases(self.coverage, path.captured_inputs(), samples, null_space, replicas)
         if isinstance(path, ClosedFormPath) and not bases.keeps_batch:
             path = self._path(batch, closed_form=False)
             bases = build_bases(self.coverage, path.captured_inputs(), samples, null_space, replicas)
+        return path, bases
+
+    def _climb(self, path: GradientPath, bases: Bases, batch: Batch) -> ProjectedClimb:
+        """The climb along ``path`` with ``bases``: the captured inputs dropped, then the path's first
+        evaluation taken for the sites that move."""
         params = {name: p for name, p in self.coverage.movable().items() if name not in bases.frozen}
         weights = MovedWeights(params, self.module_of)
+        path.forget_inputs()
+        path.restrict(set(bases.of))
         path = self._started(path, batch)
         return ProjectedClimb(path, bases, weights, dict(self.coverage.frozen), judged=batch.guard is not None)
 
