@@ -241,8 +241,10 @@ class CoreBasis:
     """An orthonormal basis of one site's core space, per group, and its projection.
 
     ``vectors`` holds the core basis, or the null-space basis when
-    ``spans_null_space`` is true (whichever side is smaller). Groups of lower
-    rank are padded with zero columns, which leave the projection exact.
+    ``spans_null_space`` is true (whichever side is smaller; where the
+    spectrum holds fewer directions than dimensions, the null side is the
+    orthogonal complement of the core's). Groups of lower rank are padded
+    with zero columns, which leave the projection exact.
     """
 
     vectors: Tensor  # (groups, dims, k)
@@ -287,6 +289,17 @@ class CoreBasis:
         if self.spans_null_space:
             return weight_part, bias_part
         return weight - weight_part, (bias - bias_part if bias is not None else None)
+
+
+def _complement(core: Tensor) -> Tensor:
+    """An orthonormal basis of the orthogonal complement of ``core``'s orthonormal float64 columns: seeded
+    random directions with the core projected out twice, orthonormalised (the same on every process)."""
+    dims, rank = core.shape
+    generator = torch.Generator().manual_seed(0)
+    directions = torch.randn(dims, dims - rank, generator=generator, dtype=torch.float64).to(core.device)
+    for _ in range(2):
+        directions = torch.linalg.qr(directions - core @ (core.transpose(-1, -2) @ directions)).Q
+    return directions
 
 
 class RepresentationParts(Protocol):
@@ -374,6 +387,11 @@ class NullSpace(ABC):
         null_max = spec.dims - min(rank_list, default=0)
         columns = torch.arange(spec.vectors.shape[-1], device=spec.vectors.device)
         same = min(rank_list, default=0) == max_rank  # no group's columns to zero
+        if not spec.complete and null_max < max_rank:  # the few null directions, completed
+            vectors = torch.zeros(spec.vectors.shape[0], spec.dims, null_max, dtype=torch.float64, device=spec.vectors.device)
+            for group, rank in enumerate(rank_list):
+                vectors[group, :, : spec.dims - rank] = _complement(spec.vectors[group, :, :rank])
+            return CoreBasis(vectors.to(spec.dtype), rank_list, spec.dims, spans_null_space=True)
         if spec.complete and null_max < max_rank:
             vectors = spec.vectors[..., spec.dims - null_max :]
             if not same:

@@ -142,6 +142,26 @@ def test_builder_stores_the_smaller_side():
     torch.testing.assert_close(projection_matrix(basis)[0], expected, rtol=0, atol=1e-12)
 
 
+@given(seed=st.integers(0, 2**31 - 1), groups=st.integers(1, 3), dims=st.integers(3, 16), short=st.integers(1, 3))
+def test_a_few_null_directions_beside_a_thin_spectrum_are_completed(seed, groups, dims, short):
+    """Fewer samples than dimensions but a large rank (a layer about as wide as its batch): the thin
+    spectrum holds no null direction, so the basis completes the core's few missing ones and projects
+    as the core form does (one group may have one direction less)."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = max(1, dims - short)
+    parts = [integer_matrix(generator, dims, samples, samples - (group == 1)) for group in range(groups)]
+    representation = torch.stack(parts)
+    basis = exact().basis(representation)
+    ranks = [reference_rank(part, torch.float64) for part in parts]
+    assert basis.ranks == tuple(ranks)
+    assert basis.spans_null_space == (dims - min(ranks) < max(ranks))
+    update = torch.randn(groups, 5, dims, generator=generator, dtype=torch.float64)
+    projected, _ = basis.project(update, None)
+    for group, part in enumerate(parts):
+        expected = reference_null_projection(update[group], part, ranks[group])
+        torch.testing.assert_close(projected[group], expected, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_wide_layers_get_a_thin_basis(dtype):
     """samples < dims: the basis is d x k with k <= samples, never a dense d x d projector."""
