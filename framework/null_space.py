@@ -18,7 +18,8 @@ route for the shape:
   eigendecomposition of the ``N x N`` Gram matrix ``R^T R``, the left
   singular vectors ``R V / S`` made orthonormal again: as accurate, and a
   fraction of the thin SVD's memory (no float64 copy of ``R``, no LAPACK
-  work space of ``d x N``);
+  work space of ``d x N``); where only the strong directions count
+  (``leading``), one such eigendecomposition without the rest;
 * otherwise the thin SVD of ``R`` (``d x N``).
 
 No dense ``d x d`` projector is ever formed; when the Gram route yields the
@@ -99,13 +100,13 @@ def spectrum(representation: Tensor, *, leading: bool = False) -> Spectrum:
     _, dims, samples = representation.shape
     if uses_gram_route(dims, samples, representation.dtype):
         return gram_spectrum(float64_gram(representation), samples, representation.dtype)
+    if leading and samples < dims:
+        return _sample_gram_spectrum(representation.double(), representation.dtype)
     if 0 < samples * GRAM_ROUTE_RATIO <= dims and representation.dtype != torch.float64:
         found = _wide_spectrum(representation)
         if found is not None:
             return found
     wide = representation.double()
-    if leading and samples < dims:
-        return _sample_gram_spectrum(wide, representation.dtype)
     vectors, singular, _ = torch.linalg.svd(wide, full_matrices=False)
     return Spectrum(vectors, singular.square(), samples >= dims, samples, representation.dtype)
 
