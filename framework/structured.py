@@ -136,7 +136,7 @@ class StructuredPath(GradientPath):
         self.sites = self.evaluator.sites  # those whose outputs were recorded
         moving = self.evaluator.moving
         self.modules = list({id(c): c for c, s in self.sites if moving is None or (c.name, s.name) in moving}.values())
-        self.first_tangents = tangent_streams(self.batch, first.direction, self.modules) if self.sites else None
+        self.first_tangents = tangent_streams(self.batch, first.direction, self.modules) if self.modules else None
         first.direction = {}  # (the tangents hold what the steps need of it)
         return first
 
