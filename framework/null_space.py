@@ -81,6 +81,16 @@ class Spectrum:
             scale = scale**2
         return self.squared[:, :1] * scale if self.squared.shape[1] else self.squared
 
+    def leading(self, ranks: Tensor) -> Tensor:
+        """The first ``ranks`` vectors of each group, in float64, zero columns padding the shorter (a
+        view of :attr:`vectors` where no group is shorter)."""
+        width = int(ranks.max()) if ranks.numel() else 0
+        vectors = self.vectors[..., :width].double()
+        if not ranks.numel() or int(ranks.min()) == width:
+            return vectors
+        columns = torch.arange(width, device=self.vectors.device)
+        return vectors * (columns[None, :] < ranks[:, None].to(columns.device))[:, None, :]
+
     def numerical_rank(self) -> Tensor:
         """The number of directions above :meth:`rank_tolerance`, per group: the exact core rank."""
         return (self.squared > self.rank_tolerance()).sum(-1)
@@ -386,8 +396,6 @@ class NullSpace(ABC):
         rank_list = tuple(int(r) for r in ranks)
         max_rank = max(rank_list, default=0)
         null_max = spec.dims - min(rank_list, default=0)
-        columns = torch.arange(spec.vectors.shape[-1], device=spec.vectors.device)
-        same = min(rank_list, default=0) == max_rank  # no group's columns to zero
         if not spec.complete and null_max < max_rank:  # the few null directions, completed
             vectors = torch.zeros(spec.vectors.shape[0], spec.dims, null_max, dtype=torch.float64, device=spec.vectors.device)
             for group, rank in enumerate(rank_list):
@@ -395,12 +403,9 @@ class NullSpace(ABC):
             return CoreBasis(vectors.to(spec.dtype), rank_list, spec.dims, spans_null_space=True)
         if spec.complete and null_max < max_rank:
             vectors = spec.vectors[..., spec.dims - null_max :]
-            if not same:
+            if min(rank_list) != max_rank:  # zero the core columns a group of lower rank holds
+                columns = torch.arange(spec.vectors.shape[-1], device=spec.vectors.device)
                 keep = columns[None, :] >= ranks[:, None].to(columns.device)
                 vectors = vectors * keep[:, None, spec.dims - null_max :]
             return CoreBasis(vectors.to(spec.dtype, copy=True), rank_list, spec.dims, spans_null_space=True)
-        vectors = spec.vectors[..., :max_rank]
-        if not same:
-            keep = columns[None, :] < ranks[:, None].to(columns.device)
-            vectors = vectors * keep[:, None, :max_rank]
-        return CoreBasis(vectors.to(spec.dtype, copy=True), rank_list, spec.dims)
+        return CoreBasis(spec.leading(ranks).to(spec.dtype, copy=True), rank_list, spec.dims)

@@ -53,7 +53,7 @@ class BatchExactNullSpace(NullSpace):
         batch = spectrum_of(parts.batch())
         if batch is None:
             return None
-        core = _leading(batch, batch.numerical_rank())
+        core = batch.leading(batch.numerical_rank())
         samples = parts.samples()
         if samples is not None:  # what the batch does not span, in float64, in the samples' dtype
             wide = samples.double()
@@ -67,23 +67,11 @@ class BatchExactNullSpace(NullSpace):
         # Directions of the rest below the batch's rounding level are the rounding of what it spans.
         real = torch.minimum(rest.numerical_rank(), (rest.squared > batch.rank_tolerance()).sum(-1))
         kept = torch.minimum(_energy_rank(rest, self.tau), real)
-        others = _leading(rest, kept)
+        others = rest.leading(kept)
         others = others - core @ (core.transpose(-1, -2) @ others)  # orthogonal to the batch's span
         ranks = tuple(int(r) for r in batch.numerical_rank() + kept)
         basis = CoreBasis(torch.cat([core, others], -1).to(batch.dtype), ranks, batch.dims)
         return SiteBasis(basis, batch.samples + rest.samples, batch.dtype, keeps_batch=True)
-
-
-def _leading(spectrum: Spectrum, ranks: Tensor) -> Tensor:
-    """The first ``ranks`` singular vectors of each group, in float64, zero columns padding the shorter
-    (a view of the spectrum's where no group is shorter)."""
-    width = int(ranks.max()) if ranks.numel() else 0
-    vectors = spectrum.vectors[..., :width].double()
-    if not ranks.numel() or int(ranks.min()) == width:
-        return vectors
-    columns = torch.arange(width, device=spectrum.vectors.device)
-    keep = columns[None, :] < ranks[:, None].to(columns.device)
-    return vectors * keep[:, None, :]
 
 
 def _energy_rank(spectrum: Spectrum, tau: float) -> Tensor:
