@@ -13,13 +13,15 @@ route for the shape:
   matrix ``R R^T``; in float64 it resolves singular values down to
   ``1e-8 sigma_max``, below float32 resolution but far above float64's, so
   float64 representations never take a Gram route;
-* for float32 and narrower representations with at most half as many
-  samples as input dimensions (a convolution's patches in a wide layer), the
-  eigendecomposition of the ``N x N`` Gram matrix ``R^T R``, the left
-  singular vectors ``R V / S`` made orthonormal again: as accurate, and a
-  fraction of the thin SVD's memory (no float64 copy of ``R``, no LAPACK
-  work space of ``d x N``); where only the strong directions count
-  (``leading``), one such eigendecomposition without the rest;
+* for float32 and narrower representations with fewer samples than input
+  dimensions (a convolution's patches in a wide layer, a feed-forward layer
+  about as wide as its tokens), the eigendecomposition of the ``N x N`` Gram
+  matrix ``R^T R``, the left singular vectors ``R V / S`` made orthonormal
+  again, and a second Gram for what those leave where it can hold a
+  direction above the SVD's tolerance: as accurate, in a fraction of the
+  thin SVD's memory (no float64 copy of ``R``, no LAPACK work space of
+  ``d x N``); where only the strong directions count (``leading``), one such
+  eigendecomposition without the rest;
 * otherwise the thin SVD of ``R`` (``d x N``).
 
 No dense ``d x d`` projector is ever formed; when the Gram route yields the
@@ -112,7 +114,7 @@ def spectrum(representation: Tensor, *, leading: bool = False) -> Spectrum:
         return gram_spectrum(float64_gram(representation), samples, representation.dtype)
     if leading and samples < dims:
         return _sample_gram_spectrum(representation.double(), representation.dtype)
-    if 0 < samples * GRAM_ROUTE_RATIO <= dims and representation.dtype != torch.float64:
+    if 0 < samples < dims and representation.dtype != torch.float64:
         found = _wide_spectrum(representation)
         if found is not None:
             return found
@@ -133,11 +135,12 @@ def _sample_gram_spectrum(wide: Tensor, dtype: torch.dtype) -> Spectrum:
 
 
 def _wide_spectrum(representation: Tensor) -> Spectrum | None:
-    """The spectrum of a float32 ``R`` with few samples, to the thin SVD's rank tolerance, from float64
-    eigendecompositions of ``samples x samples`` Gram matrices summed over blocks of rows: the
-    directions above the Gram's noise floor, then, where those leave any, the directions of what they
-    leave of ``R`` (a Gram of its own, whose floor lies as far below the first's), each set orthonormal
-    (``None`` where that fails: the SVD then decides)."""
+    """The spectrum of a float32 ``R`` with fewer samples than dimensions, to the thin SVD's rank
+    tolerance, from float64 eigendecompositions of ``samples x samples`` Gram matrices summed over
+    blocks of rows: the directions above the Gram's noise floor, then, where those leave any, the
+    directions of what they leave of ``R`` above the SVD's tolerance (a Gram of its own, whose floor
+    lies as far below the first's), each set orthonormal (``None`` where that fails: the SVD then
+    decides)."""
     groups, dims, samples = representation.shape
     step = max(1, GRAM_BLOCK // samples)
     tolerance = (max(dims, samples) * torch.finfo(torch.float64).eps) ** 2  # the SVD's, on squares
@@ -158,15 +161,16 @@ def _wide_spectrum(representation: Tensor) -> Spectrum | None:
             def rest(start: int, rows=rows, vectors: Tensor = vectors, coordinates: Tensor = coordinates) -> Tensor:
                 return rows(start) - vectors[start : start + step] @ coordinates
 
-            weak = _gram_directions(rest, dims, samples, step)
+            weak = _gram_directions(rest, dims, samples, step, floor=float(squared[0]) * tolerance)
+            del rest, coordinates
             if weak is None:
                 return None
-            kept = weak[1] > squared[0] * tolerance
-            more = weak[0][:, kept]
-            more -= vectors @ (vectors.transpose(-1, -2) @ more)  # orthogonal to the first set to rounding
-            if not _orthonormalize(more, step):
-                return None
-            vectors, squared = torch.cat([vectors, more], 1), torch.cat([squared, weak[1][kept]])
+            more = weak[0]
+            if more.shape[1]:
+                more -= vectors @ (vectors.transpose(-1, -2) @ more)  # orthogonal to the first set to rounding
+                if not _orthonormalize(more, step):
+                    return None
+                vectors, squared = torch.cat([vectors, more], 1), torch.cat([squared, weak[1]])
         found.append((vectors, squared))
     width = max(vectors.shape[1] for vectors, _ in found)
     vectors = representation.new_zeros(groups, dims, width, dtype=torch.float64)
@@ -176,18 +180,24 @@ def _wide_spectrum(representation: Tensor) -> Spectrum | None:
     return Spectrum(vectors, squared, False, samples, representation.dtype)
 
 
-def _gram_directions(rows: Callable[[int], Tensor], dims: int, samples: int, step: int) -> tuple[Tensor, Tensor] | None:
+def _gram_directions(
+    rows: Callable[[int], Tensor], dims: int, samples: int, step: int, floor: float = 0.0
+) -> tuple[Tensor, Tensor] | None:
     """The left singular directions of a ``dims x samples`` float64 matrix given ``step`` rows at a time,
-    above its Gram matrix's noise floor (``(dims, rank)`` orthonormal columns, ``(rank,)`` squared
-    singular values, strongest first), or ``None`` where they cannot be made orthonormal."""
+    above its Gram matrix's noise floor and above ``floor`` on squares (``(dims, rank)`` orthonormal
+    columns, ``(rank,)`` squared singular values, strongest first), or ``None`` where they cannot be
+    made orthonormal. A Gram whose trace (the sum of its eigenvalues) is within ``floor`` holds none,
+    and is not decomposed."""
     gram = torch.zeros(samples, samples, dtype=torch.float64, device=rows(0).device)
     for start in range(0, dims, step):
         block = rows(start)
         gram.addmm_(block.transpose(-1, -2), block)
+    if gram.trace() <= floor:
+        return gram.new_zeros(dims, 0), gram.new_zeros(0)
     values, right = torch.linalg.eigh(gram)
     del gram
     values = values.flip(-1).clamp_min(0)
-    rank = int((values > values[0] * max(dims, samples) * torch.finfo(torch.float64).eps).sum())
+    rank = int((values > max(float(values[0]) * max(dims, samples) * torch.finfo(torch.float64).eps, floor)).sum())
     coefficients = right.flip(-1)[:, :rank] / values[:rank].sqrt()
     del right
     vectors = torch.empty(dims, rank, dtype=torch.float64, device=values.device)
