@@ -222,16 +222,24 @@ class TeleportEvents:
             self._teleport_seconds += time.perf_counter() - started
         return reports, failures
 
-    def observe(self, *, train_seconds: float) -> None:
-        """Tell the schedule the seconds spent training since the last call.
+    def observe(self, *, train_seconds: float, loss: float | None = None) -> None:
+        """Tell the schedule the seconds spent training since the last call, and the step's loss.
 
         The seconds spent in events meanwhile go with them
         (:meth:`Schedule.observe`): a compute-budget schedule such as
         :class:`~torch_teleport.plugins.schedules.BudgetSchedule` needs both.
-        Call it after each optimizer step; other schedules ignore it.
+        ``loss`` is the training loss of the optimizer step just taken (its
+        micro-batches' mean), for a schedule that watches it
+        (:attr:`Schedule.hears_loss`, such as
+        :class:`~torch_teleport.plugins.schedules.SpikeSchedule`); under data
+        parallelism every rank reports its own and the schedule hears their
+        mean, so the ranks decide alike. Call it after each optimizer step;
+        other schedules ignore it.
         """
         if self.schedule is not None:
             self.schedule.observe(train_seconds=train_seconds, teleport_seconds=self._teleport_seconds)
+            if loss is not None and self.schedule.hears_loss:
+                self.schedule.observe_loss(self.teleporter.replicas.mean(float(loss), 1))
         self._teleport_seconds = 0.0
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:

@@ -42,6 +42,10 @@ class Schedule(ABC):
     """Whether :meth:`plan` decides by measured time (then it is not reproducible step for step, and
     data-parallel ranks could disagree: :class:`~torch_teleport.TeleportEvents` refuses it there)."""
 
+    hears_loss = False
+    """Whether the schedule wants each step's training loss (:meth:`observe_loss`; under data
+    parallelism the ranks' mean, one all-reduce per step, which the others are spared)."""
+
     @abstractmethod
     def plan(self, *, epoch: int, step: int) -> TeleportPlan | None:
         """The teleport to run before global ``step`` (in ``epoch``), or ``None``."""
@@ -52,6 +56,12 @@ class Schedule(ABC):
         :meth:`TeleportEvents.observe <torch_teleport.TeleportEvents.observe>` reports after every
         step; schedules that budget teleports by compute use it, the others ignore it.
         """
+        return None
+
+    def observe_loss(self, loss: float) -> None:
+        """The training loss of the optimizer step just taken (its micro-batches' mean, the ranks'
+        mean under data parallelism), where :attr:`hears_loss` asks for it and the loop reports it
+        (:meth:`TeleportEvents.observe <torch_teleport.TeleportEvents.observe>`)."""
         return None
 
     def outcome(self, reports: Sequence[TeleportReport]) -> None:

@@ -143,6 +143,7 @@ class TeleportTrainer:
         self.epoch = 0
         self.global_step = 0
         self._micro = 0  # micro-batches of the current accumulation window done so far
+        self._window_loss = 0.0  # the sum of their losses
 
     @property
     def teleporter(self) -> Teleporter | None:
@@ -185,12 +186,15 @@ class TeleportTrainer:
         if self.scaler is not None:
             scaled = self.scaler.scale(scaled)
         scaled.backward()
+        value = float(loss.detach())
+        self._window_loss += value
         self._micro += 1
         stepped = self._micro == self.accumulation_steps
+        window_loss = self._window_loss / self._micro if stepped else None
         grad_norm = self._optimizer_step() if stepped else None
         if self.events is not None:
-            self.events.observe(train_seconds=time.perf_counter() - started)
-        return StepResult(float(loss.detach()), reports, failures, stepped, grad_norm)
+            self.events.observe(train_seconds=time.perf_counter() - started, loss=window_loss)
+        return StepResult(value, reports, failures, stepped, grad_norm)
 
     def _autocast(self, inputs: Inputs) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -219,7 +223,7 @@ class TeleportTrainer:
         else:
             self.optimizer.step()
         self.global_step += 1
-        self._micro = 0
+        self._micro, self._window_loss = 0, 0.0
         return grad_norm
 
     def end_epoch(self) -> None:
@@ -262,7 +266,7 @@ class TeleportTrainer:
         return {"epoch": self.epoch, "global_step": self.global_step, **events}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._micro = 0
+        self._micro, self._window_loss = 0, 0.0
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         if self.events is not None:

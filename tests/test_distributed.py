@@ -34,8 +34,18 @@ gradient norm by half."""
 
 
 class EverySecondStep(tt.Schedule):
+    """Every second step; it hears each step's loss (the ranks' mean, as a spike schedule would)."""
+
+    hears_loss = True
+
+    def __init__(self) -> None:
+        self.heard: list[float] = []
+
     def plan(self, *, epoch: int, step: int) -> TeleportPlan | None:
         return TeleportPlan(1, 3) if step % 2 == 0 else None
+
+    def observe_loss(self, loss: float) -> None:
+        self.heard.append(loss)
 
 
 def build_model(dtype: torch.dtype) -> nn.Module:
@@ -88,11 +98,14 @@ def _training_phase(rank: int, world: int) -> dict:
     # The defaults (the thresholded core space, the step-length search): every rank must take the
     # same accept/reject decisions for the replicas to stay identical.
     teleporter = tt.Teleporter(ddp, F.cross_entropy, steps=3, replicas=Replicas(verify=True))
-    trainer = tt.TeleportTrainer(ddp, F.cross_entropy, optimizer, teleporter=teleporter, schedule=EverySecondStep())
+    schedule = EverySecondStep()
+    trainer = tt.TeleportTrainer(ddp, F.cross_entropy, optimizer, teleporter=teleporter, schedule=schedule)
     local_x, local_y = shard(inputs, sizes, rank), shard(targets, sizes, rank)
-    teleported = []
+    teleported, losses = [], []
     for _ in range(4):
-        teleported += trainer.step(local_x, local_y).teleports
+        result = trainer.step(local_x, local_y)
+        teleported += result.teleports
+        losses.append(result.loss)
     after_trainer = parameters(ddp.module)
 
     half = len(local_x) // 2
@@ -109,6 +122,8 @@ def _training_phase(rank: int, world: int) -> dict:
         "after_accumulation": parameters(ddp.module),
         "grads_untouched": grads_untouched,
         "moved": [report.steps for report in teleported],
+        "losses": losses,
+        "heard": schedule.heard,
     }
 
 
@@ -211,6 +226,11 @@ def test_replicas_stay_identical_and_the_global_loss_is_invariant(world, tmp_pat
     assert_bit_identical([r["after_accumulation"] for r in training])
     assert all(r["grads_untouched"] for r in training)
     assert all(steps > 0 for steps in training[0]["moved"]) and len(training[0]["moved"]) == 3
+    # A schedule that hears the loss hears the ranks' mean, the same on every rank.
+    mean = [sum(step) / world for step in zip(*(r["losses"] for r in training), strict=True)]
+    assert all(r["heard"] == pytest.approx(mean, rel=1e-12) for r in training)
+    assert len({tuple(r["heard"]) for r in training}) == 1
+    assert len({tuple(r["losses"]) for r in training}) > 1  # (the ranks' own losses differ)
 
     faults = [r["faults"] for r in ranks]
     assert [f["rejected"] for f in faults] == ["InvalidBatchElsewhereError"] * (world - 1) + ["ValueError"]

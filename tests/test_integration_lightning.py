@@ -124,6 +124,36 @@ def test_the_schedule_hears_the_time_between_optimizer_steps(tmp_path):
     assert [teleport > 0 for _, teleport in schedule.heard] == [True, False, True, False]
 
 
+class HearsLoss(EveryStepsSchedule):
+    """Every second step, and the losses the callback tells it."""
+
+    hears_loss = True
+
+    def __init__(self) -> None:
+        super().__init__(every=2, steps=1)
+        self.heard: list[float] = []
+
+    def observe_loss(self, loss: float) -> None:
+        self.heard.append(loss)
+
+
+class TrainingLosses(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_schedule_that_hears_the_loss_gets_each_optimizer_step_s_mean_loss(tmp_path, accumulate):
+    schedule, losses = HearsLoss(), TrainingLosses()
+    fit([TeleportCallback(F.cross_entropy, schedule), losses], root=tmp_path, steps=4, accumulate=accumulate)
+    windows = [losses.losses[i : i + accumulate] for i in range(0, len(losses.losses), accumulate)]
+    # told before each optimizer step after the first: the mean loss of the step before
+    assert schedule.heard == pytest.approx([sum(w) / accumulate for w in windows[:3]], rel=1e-12)
+
+
 class StateAtStart(pl.Callback):
     def __init__(self, teleport: TeleportCallback) -> None:
         self.teleport, self.state = teleport, None

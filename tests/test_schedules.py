@@ -15,6 +15,7 @@ from torch_teleport.plugins.schedules import (
     EveryStepsSchedule,
     GainingSchedule,
     OnceSchedule,
+    SpikeSchedule,
 )
 
 
@@ -110,6 +111,7 @@ def test_schedules_are_registered_by_name():
     assert registry.get("schedule", "epochs") is EpochSchedule
     assert registry.get("schedule", "every") is EveryStepsSchedule
     assert registry.get("schedule", "once") is OnceSchedule
+    assert registry.get("schedule", "spike") is SpikeSchedule
 
 
 @given(at=st.integers(0, 25))
@@ -189,3 +191,95 @@ def test_the_gaining_schedule_teleports_every_n_steps_until_teleports_stop_gaini
 def test_the_gaining_schedule_refuses_options_that_cannot_work(options):
     with pytest.raises(ValueError, match="at least"):
         GainingSchedule(**options)
+
+
+def drive(schedule, losses) -> list[int]:
+    """Ask ``schedule`` before each step, then tell it the step's loss, as the trainer does; the
+    steps it teleported before."""
+    planned = []
+    for step, loss in enumerate(losses):
+        if schedule.plan(epoch=0, step=step) is not None:
+            planned.append(step)
+        schedule.observe_loss(loss)
+    return planned
+
+
+FALLING = [1.0 / (1 + step) for step in range(40)]
+"""A loss that keeps falling: the lowest 4-step mean falls with it, 0.0257 after step 39."""
+
+
+def test_the_spike_schedule_teleports_once_the_windowed_loss_reaches_factor_times_its_lowest():
+    schedule = SpikeSchedule(factor=2.0, window=4, cooldown=10, batches=2, steps=3)
+    assert drive(schedule, FALLING) == []
+    # Steps 40-42 jump to 0.5: after step 40 the window (1/38, 1/39, 1/40, 0.5) means 0.144, over
+    # twice 0.0257, so the teleport comes before step 41; the loss is back by step 43 and the
+    # window holds none of the spike when the cooldown ends (step 50).
+    spiking = FALLING + [0.5] * 3 + [0.02] * 20
+    schedule = SpikeSchedule(factor=2.0, window=4, cooldown=10, batches=2, steps=3)
+    assert drive(schedule, spiking) == [41]
+    assert SpikeSchedule(window=4, cooldown=10).template == TeleportPlan(1, 8)
+    # A loss that stays high teleports once per cooldown.
+    assert drive(SpikeSchedule(factor=2.0, window=4, cooldown=10), FALLING + [0.5] * 25) == [41, 51, 61]
+    # Below the factor, nothing: 0.0257 -> a window mean under 0.0514.
+    assert drive(SpikeSchedule(factor=2.0, window=4, cooldown=10), FALLING + [0.04] * 25) == []
+
+
+def test_the_spike_schedule_does_not_count_non_finite_losses():
+    with_nan = list(FALLING)
+    with_nan[20] = float("nan")
+    with_nan[30] = float("inf")
+    tail = [0.5] * 3 + [0.02] * 20
+    clean = FALLING[:20] + FALLING[21:30] + FALLING[31:]
+    # (the two skipped steps still count towards the cooldown, which has long passed)
+    assert drive(SpikeSchedule(window=4, cooldown=10), with_nan + tail) == [41]
+    assert drive(SpikeSchedule(window=4, cooldown=10), clean + tail) == [39]
+
+
+@given(
+    losses=st.lists(st.floats(0.01, 10.0), max_size=60),
+    split=st.integers(0, 60),
+    window=st.integers(1, 6),
+    cooldown=st.integers(0, 12),
+)
+def test_the_spike_schedule_resumes_from_its_state(losses, split, window, cooldown):
+    whole = drive(SpikeSchedule(factor=1.5, window=window, cooldown=cooldown), losses)
+    first = SpikeSchedule(factor=1.5, window=window, cooldown=cooldown)
+    planned = drive(first, losses[:split])
+    resumed = SpikeSchedule(factor=1.5, window=window, cooldown=cooldown)
+    resumed.load_state_dict(first.state_dict())
+    planned += [split + step for step in drive(resumed, losses[split:])]
+    assert planned == whole
+
+
+@pytest.mark.parametrize("options", [{"factor": 1.0}, {"window": 0}, {"cooldown": -1}, {"steps": 0}])
+def test_the_spike_schedule_refuses_options_that_cannot_work(options):
+    with pytest.raises(ValueError, match="must exceed 1|at least"):
+        SpikeSchedule(**options)
+
+
+class HearingLoss(EveryStepsSchedule):
+    """Never teleports; logs the losses it hears (``hears``: whether it asks for them)."""
+
+    def __init__(self, hears: bool) -> None:
+        super().__init__(every=10**9, warmup=10**9)
+        self.hears_loss, self.heard = hears, []
+
+    def observe_loss(self, loss: float) -> None:
+        self.heard.append(loss)
+
+
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_the_trainer_tells_a_schedule_that_hears_the_loss_each_optimizer_step_s_mean_loss(accumulation):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+    data = [(torch.randn(6, 4), torch.randint(0, 3, (6,))) for _ in range(6)]
+    for hears in (True, False):
+        schedule = HearingLoss(hears)
+        trainer = TeleportTrainer(
+            model, nn.functional.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+            schedule=schedule, accumulation_steps=accumulation,
+        )
+        losses = [trainer.step(*batch).loss for batch in data]
+        windows = [losses[i : i + accumulation] for i in range(0, len(losses), accumulation)]
+        expected = [sum(window) / accumulation for window in windows] if hears else []
+        assert schedule.heard == pytest.approx(expected, rel=1e-15)

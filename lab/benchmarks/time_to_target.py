@@ -12,7 +12,10 @@ of a seed share the initialisation and the batch order:
   arm teleported, at the same rate and seed (the control: how much of a teleport arm's effect is the
   reset alone; the same as ``none`` for plain SGD, which keeps no state);
 * ``sharpness``: teleports that descend the sharpness objective instead (a flatter point, at which a
-  larger rate may stay stable), where ``sharpness_pairs`` and ``sharpness_optimizers`` say.
+  larger rate may stay stable), where ``sharpness_pairs`` and ``sharpness_optimizers`` say;
+* ``spike``: the same sharpness-descent teleports, only when the training loss spikes
+  (:class:`~torch_teleport.plugins.schedules.SpikeSchedule`: its mean over 25 steps reaches twice its
+  lowest), the stabilising teleport at a rate near the edge of stability.
 
 Figures per run: the whole training set's loss after every epoch and the CPU seconds of the training
 loop (process time, teleports included). Per pair, optimizer and arm the *best rate* has the lowest
@@ -48,6 +51,7 @@ from torch_teleport.lab.benchmarks.common import (
 from torch_teleport.lab.config import ConfigError
 from torch_teleport.lab.experiment import save_figure
 from torch_teleport.objectives.sharpness import Sharpness
+from torch_teleport.plugins.schedules import SpikeSchedule
 from torch_teleport.registry import default_registry
 
 NAME = "time_to_target"
@@ -76,7 +80,7 @@ FULL = {
     "multipliers": [1.0, 2.5, 5.0, 10.0, 25.0, 50.0],
     "seeds": [0, 1, 2],
     "epochs": 10,
-    "arms": ["none", "teleport", "reset", "sharpness"],
+    "arms": ["none", "teleport", "reset", "sharpness", "spike"],
     "sharpness_pairs": ["mlp-256 / digits", "mlp-256 / mnist1d"],
     "sharpness_optimizers": ["sgd", "adam"],
 }
@@ -86,7 +90,7 @@ TINY = {
     "multipliers": [1.0, 5.0],
     "seeds": [0],
     "epochs": 1,
-    "arms": ["none", "teleport", "reset", "sharpness"],
+    "arms": ["none", "teleport", "reset", "sharpness", "spike"],
     "sharpness_pairs": ["mlp-256 / digits"],
     "sharpness_optimizers": ["sgd"],
 }
@@ -133,9 +137,14 @@ def _measured(path: Path, options: dict[str, Any]) -> dict[str, Any]:
     return dict(partial.get("pairs", {}))
 
 
+ARMS = ("none", "teleport", "reset", "sharpness", "spike")
+
+
 def _check(options: dict[str, Any]) -> None:
     if len(options["multipliers"]) < 2 or min(options["multipliers"]) <= 0:
         raise ConfigError("multipliers: give two or more positive numbers", key="multipliers")
+    if "none" not in options["arms"] or not set(options["arms"]) <= set(ARMS):
+        raise ConfigError(f"arms: plain training (none) and any of {list(ARMS)}", key="arms")
     for key, known in (("pairs", PAIRS), ("optimizers", OPTIMIZERS)):
         unknown = sorted(set(options[key]) - set(known))
         if unknown:
@@ -212,8 +221,10 @@ def _teleport_options(arm: str, model: nn.Module, dataset, seed: int) -> dict[st
         return {}
     teleport_data = DataLoader(dataset, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed + 100))
     options: dict[str, Any] = {"teleport_data": teleport_data}
-    if arm == "sharpness":
+    if arm in ("sharpness", "spike"):
         options["teleporter"] = tt.Teleporter(model, F.cross_entropy, objective=Sharpness(direction="descend"))
+    if arm == "spike":
+        options["schedule"] = SpikeSchedule()
     return options
 
 
@@ -276,12 +287,12 @@ def _plot(results: dict[str, Any], figure: Path) -> None:
     rows = max(1, -(-len(panels) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
     for ax, (pair, optimizer, summary) in zip(axes.flat, panels, strict=False):
-        for arm, style in (("none", "-"), ("teleport", "--"), ("sharpness", ":")):
+        for arm, style, color in (("none", "-", "C0"), ("teleport", "--", "C1"), ("sharpness", ":", "C2"), ("spike", "-.", "C3")):
             if arm not in summary["arms"]:
                 continue
             rate = summary["arms"][arm]["best_lr"]
             for i, run in enumerate(summary["runs"][arm][f"{rate:g}"]):
-                ax.plot(run["cpu_seconds"], run["train_loss"], style, color={"none": "C0", "teleport": "C1", "sharpness": "C2"}[arm], label=f"{arm} lr {rate:g}" if i == 0 else None)
+                ax.plot(run["cpu_seconds"], run["train_loss"], style, color=color, label=f"{arm} lr {rate:g}" if i == 0 else None)
         ax.set_yscale("log")
         ax.set_title(f"{pair}, {optimizer}", fontsize=8)
         ax.set_xlabel("CPU s", fontsize=7)

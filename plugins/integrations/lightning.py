@@ -98,6 +98,7 @@ class TeleportCallback(Callback):
         self.reports: list[TeleportReport] = []
         self._pending_state: dict[str, Any] | None = None
         self._last_step_end: float | None = None  # when the previous optimizer step's events ended
+        self._losses: list[float] = []  # the training losses of the micro-batches since then
 
     def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
         target = self.module(pl_module) if self.module is not None else pl_module
@@ -134,7 +135,9 @@ class TeleportCallback(Callback):
         ):  # not the first micro-batch of an optimizer step
             return
         if self._last_step_end is not None:
-            self.events.observe(train_seconds=time.perf_counter() - self._last_step_end)
+            loss = sum(self._losses) / len(self._losses) if self._losses else None
+            self.events.observe(train_seconds=time.perf_counter() - self._last_step_end, loss=loss)
+        self._losses = []
         inputs, targets = (batch[0], batch[1]) if self.teleport_data is None else (None, None)
         reports, failures = self.events.before_step(
             trainer.optimizers[0],
@@ -149,6 +152,17 @@ class TeleportCallback(Callback):
             pl_module.log_dict(
                 _metrics(reports, failures), on_step=True, on_epoch=False, batch_size=1
             )
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Keep the micro-batch's training loss (``training_step``'s tensor or its ``"loss"``) for
+        a schedule that watches the loss (others are spared the device sync)."""
+        if not self.schedule.hears_loss:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, Tensor) and loss.numel() == 1:
+            self._losses.append(float(loss.detach()))
 
     def state_dict(self) -> dict[str, Any]:
         if self.events is not None:
