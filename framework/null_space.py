@@ -22,7 +22,13 @@ route for the shape:
   thin SVD's memory (no float64 copy of ``R``, no LAPACK work space of
   ``d x N``); where only the strong directions count (``leading``), one such
   eigendecomposition without the rest;
-* otherwise the thin SVD of ``R`` (``d x N``).
+* for float32 and narrower representations with between one and two samples
+  per dimension (a feed-forward layer at a few more tokens than its width),
+  the eigendecomposition of the ``d x d`` Gram matrix ``R R^T``, and, in the
+  space its directions below the Gram's noise floor span, a second Gram of
+  ``R``'s part there: the thin SVD's rank and core space without its ``d x N``
+  work space;
+* otherwise (float64) the thin SVD of ``R`` (``d x N``).
 
 No dense ``d x d`` projector is ever formed; when the Gram route yields the
 whole eigenbasis and the null space is the smaller side, the projection is
@@ -114,8 +120,8 @@ def spectrum(representation: Tensor, *, leading: bool = False) -> Spectrum:
         return gram_spectrum(float64_gram(representation), samples, representation.dtype)
     if leading and samples < dims:
         return _sample_gram_spectrum(representation.double(), representation.dtype)
-    if 0 < samples < dims and representation.dtype != torch.float64:
-        found = _wide_spectrum(representation)
+    if representation.dtype != torch.float64 and samples:
+        found = _tall_spectrum(representation) if samples >= dims else _wide_spectrum(representation)
         if found is not None:
             return found
     wide = representation.double()
@@ -132,6 +138,32 @@ def _sample_gram_spectrum(wide: Tensor, dtype: torch.dtype) -> Spectrum:
     scale = torch.where(values > floor, values.sqrt(), torch.ones_like(values))
     vectors = (wide @ right) / scale.unsqueeze(-2) * (values > floor).unsqueeze(-2)
     return Spectrum(vectors, values * (values > floor), False, wide.shape[-1], dtype, from_gram=True)
+
+
+def _tall_spectrum(representation: Tensor) -> Spectrum:
+    """The spectrum of a float32 ``R`` with between one and two samples per dimension, to the thin
+    SVD's rank tolerance, from float64 eigendecompositions of ``dims x dims`` Gram matrices: the
+    eigenvectors of ``R R^T`` above its noise floor, then, in the space ``W`` the others span, those
+    of ``(W^T R)(W^T R)^T`` (formed a block of samples at a time), whose floor lies as far below the
+    first's. A complete orthonormal basis; the directions about the first floor, where the two sets
+    meet, stand far above the rank tolerance, so their order does not decide the rank."""
+    groups, dims, samples = representation.shape
+    values, vectors = torch.linalg.eigh(float64_gram(representation))
+    values, vectors = values.flip(-1).clamp_min(0), vectors.flip(-1)
+    floors = values[:, 0] * max(dims, samples) * torch.finfo(torch.float64).eps
+    for group in range(groups):
+        strong = int((values[group] > floors[group]).sum())
+        if strong == dims:
+            continue
+        weak = vectors[group, :, strong:]
+        gram = weak.new_zeros(dims - strong, dims - strong)
+        for block in sample_blocks(representation[group : group + 1]):
+            part = weak.transpose(-1, -2) @ block[0].double()
+            gram.addmm_(part, part.transpose(-1, -2))
+        rest, rotation = torch.linalg.eigh(gram)
+        vectors[group, :, strong:] = weak @ rotation.flip(-1)
+        values[group, strong:] = rest.flip(-1).clamp_min(0)
+    return Spectrum(vectors, values, True, samples, representation.dtype)
 
 
 def _wide_spectrum(representation: Tensor) -> Spectrum | None:

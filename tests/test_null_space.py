@@ -214,6 +214,46 @@ def test_wide_float32_representations_get_the_svds_core_space(seed, groups, dims
         assert torch.linalg.matrix_norm(wide - core @ (core.T @ wide)) <= 1e-13 * torch.linalg.matrix_norm(wide)
 
 
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    groups=st.integers(1, 3),
+    dims=st.integers(2, 40),
+    extra=st.floats(0.0, 0.99),
+    rank=st.integers(0, 40),
+    kind=st.sampled_from(["integer", "product", "graded"]),
+)
+def test_float32_representations_with_one_to_two_samples_per_dimension_get_the_svds_core_space(
+    seed, groups, dims, extra, rank, kind
+):
+    """Between one and two samples per dimension, float32: the Gram route with a second Gram in
+    what the first leaves below its floor finds the thin SVD's numerical rank, a complete orthonormal
+    basis, and a core space that holds every sample to float64 rounding (a float32 product of
+    low-rank factors, whose rounding spans every direction, needs the second Gram); samples are
+    summed a few at a time."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = dims + int(extra * (dims - 1))
+    rank = min(rank, dims)
+    if kind == "integer":
+        parts = [integer_matrix(generator, dims, samples, rank, torch.float32) for _ in range(groups)]
+    else:
+        scale = torch.logspace(0, -12, rank) if kind == "graded" else torch.ones(rank)
+        parts = [
+            (torch.randn(dims, rank, generator=generator) * scale) @ torch.randn(rank, samples, generator=generator)
+            for _ in range(groups)
+        ]
+    with mock.patch.object(null_space_module, "GRAM_BLOCK", 3 * dims), mock.patch.object(null_space_module, "GRAM_MIN_WIDTH", 3):
+        found = null_space_module.spectrum(torch.stack(parts))
+    assert found.complete and found.vectors.shape == (groups, dims, dims)
+    ranks = found.numerical_rank().tolist()
+    for group, part in enumerate(parts):
+        singular = torch.linalg.svdvals(part.double())
+        assert ranks[group] == int((singular > singular[0] * samples * torch.finfo(torch.float64).eps).sum())
+        basis = found.vectors[group]
+        torch.testing.assert_close(basis.T @ basis, torch.eye(dims, dtype=torch.float64), rtol=0, atol=1e-12)
+        core, wide = basis[:, : ranks[group]], part.double()
+        assert torch.linalg.matrix_norm(wide - core @ (core.T @ wide)) <= 1e-13 * torch.linalg.matrix_norm(wide)
+
+
 @given(seed=st.integers(0, 2**16), groups=st.integers(1, 3), dims=st.integers(1, 9), samples=st.integers(1, 40))
 def test_the_float64_gram_summed_a_block_at_a_time_equals_the_whole_product(seed, groups, dims, samples):
     generator = torch.Generator().manual_seed(seed)
