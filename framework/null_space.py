@@ -28,7 +28,8 @@ route for the shape:
   space its directions below the Gram's noise floor span, a second Gram of
   ``R``'s part there: the thin SVD's rank and core space without its ``d x N``
   work space;
-* otherwise (float64) the thin SVD of ``R`` (``d x N``).
+* otherwise (float64, or where the orthonormal passes fail) the thin SVD of
+  ``R`` (``d x N``).
 
 No dense ``d x d`` projector is ever formed; when the Gram route yields the
 whole eigenbasis and the null space is the smaller side, the projection is
