@@ -166,6 +166,7 @@ class Ascent:
             outcome.last = evaluation = after
             search.accept()
             recorded = False
+            del applied  # (a final step's update need not sit beside the next one's making)
         return taken
 
     def _judge(

@@ -215,6 +215,7 @@ class ProjectedClimb(Climb):
 
     def _step_at(self, evaluation: Evaluation) -> ProjectedStep:
         if self._at is None or self._at[0] is not evaluation:  # (step() released the earlier point)
+            self._at = None  # a step from a new point: the last point's step is no longer needed
             step = ProjectedStep(self.path.update(evaluation, self.weights, self.bases), self.weights)
             if evaluation is self.first and step.norm == 0 and self.path.probes_curvature:
                 step = self._curvature_step() or step
