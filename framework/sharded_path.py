@@ -46,6 +46,8 @@ from .structured import (
     StructuredEvaluation,
     capable_sites,
     forward_mode,
+    gradient_listener,
+    heard_gradients,
     tangent_recorder,
     write_site,
 )
@@ -154,13 +156,13 @@ class ShardedPath(GradientPath):
         """
         params = self.batch.parameters
         kept = [p.grad for p in params]
-        outputs: dict[tuple[str, str], list[list]] = {}
+        outputs: dict[tuple[str, str], list] = defaultdict(list)
         handles = []
         try:
             for p in params:
                 p.grad = None
             for covered in {id(c): c for c, _ in self.sites}.values():
-                handles += covered.projector.capture_outputs(covered.module, _gradient_recorder(outputs, covered.name))
+                handles += covered.projector.capture_outputs(covered.module, gradient_listener(outputs, set(), covered.name))
             loss = self.batch.loss()
             for handle in handles:
                 handle.remove()
@@ -174,7 +176,7 @@ class ShardedPath(GradientPath):
         plain = {str(i): g for i, g in enumerate(grads) if not is_sharded(g)}
         for key, summed in self.context.replicas.sum(plain).items():
             grads[int(key)] = summed / self.ranks
-        deltas = {key: [slot[0].to(self.dtype) for slot in slots] for key, slots in outputs.items()}
+        deltas = {key: [grad.to(self.dtype) for grad in heard_gradients(slots)] for key, slots in outputs.items()}
         return loss.detach(), [g.detach() for g in grads], deltas
 
     def _tangent_streams(self, evaluation: StructuredEvaluation) -> dict[tuple[str, str], list[Tensor]]:
@@ -241,20 +243,6 @@ def _units(model: nn.Module, names: dict[int, str]) -> dict[nn.Module, list[tupl
 
     visit(model, model)
     return slots
-
-
-def _gradient_recorder(store: dict, module_name: str):
-    """A ``capture_outputs`` record that keeps, per call, the gradient its output gets in the backward
-    (zeros when none reaches it). A tensor hook holds the gradient of the output as recorded, also
-    when an in-place activation changes the tensor afterwards."""
-
-    def record(site: str, tensor: Tensor) -> None:
-        slot = [torch.zeros_like(tensor.detach())]
-        store.setdefault((module_name, site), []).append(slot)
-        if tensor.requires_grad:
-            tensor.register_hook(lambda grad: slot.__setitem__(0, grad.detach()))
-
-    return record
 
 
 def _parameter_names(model: nn.Module) -> dict[int, str]:

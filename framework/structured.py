@@ -120,6 +120,8 @@ class StructuredPath(GradientPath):
         self.owners = owners  # how many sites each moved parameter belongs to
         self.evaluator = StructuredEvaluator(context, batch, capable_sites(coverage))
         self.first_tangents: dict[tuple[str, str], list[Tensor]] | None = None
+        self._calls: dict[tuple[str, str], int] | None = None  # each stream's records in the capture
+        self._needed: dict[tuple[str, str], int] | None = None  # the streams the steps read, and how many
 
     def restrict(self, moving: set[SiteKey]) -> None:
         """Keep output gradients and tangents only where a site moves: a fixed site's are never read
@@ -129,14 +131,29 @@ class StructuredPath(GradientPath):
             self.evaluator.moving = moving
             self._first, self.first_tangents = None, None
 
+    def forget_inputs(self) -> None:
+        if self.captured is not None:
+            self._calls = {key: len(tensors) for key, tensors in self.captured.items()}
+        super().forget_inputs()
+
     def _evaluate_first(self) -> StructuredEvaluation:
         """The first evaluation, and its tangents: the forward-mode pass that raises
-        ``NotImplementedError`` where an op of the model has no forward-mode derivative."""
+        ``NotImplementedError`` where an op of the model has no forward-mode derivative.
+
+        Every tangent pass stops once the streams the moving sites read are recorded (what the
+        model computes after them is not needed): as many records as the capture made, where that
+        matches the outputs each site recorded (one record per call), else the first pass goes
+        to the end and the later ones stop at its count."""
         first = self.evaluator(self.batch)
         self.sites = self.evaluator.sites  # those whose outputs were recorded
         moving = self.evaluator.moving
-        self.modules = list({id(c): c for c, s in self.sites if moving is None or (c.name, s.name) in moving}.values())
-        self.first_tangents = tangent_streams(self.batch, first.direction, self.modules) if self.modules else None
+        kept = [(c, s) for c, s in self.sites if moving is None or (c.name, s.name) in moving]
+        self.modules = list({id(c): c for c, _ in kept}.values())
+        calls = {(c.name, s.stream): len(first.deltas.get((c.name, s.name), ())) for c, s in kept}
+        until = calls if self._calls is not None and all(n and self._calls.get(k) == n for k, n in calls.items()) else None
+        self.first_tangents = tangent_streams(self.batch, first.direction, self.modules, until) if self.modules else None
+        if self.first_tangents is not None:
+            self._needed = {key: len(self.first_tangents[key]) for key in calls if key in self.first_tangents}
         first.direction = {}  # (the tangents hold what the steps need of it)
         return first
 
@@ -170,7 +187,7 @@ class StructuredPath(GradientPath):
         needs nothing else of it, and the update it is about to build need not sit beside it."""
         if evaluation is self._first:
             return self.first_tangents
-        tangents = tangent_streams(self.batch, evaluation.direction, self.modules)
+        tangents = tangent_streams(self.batch, evaluation.direction, self.modules, until=self._needed)
         evaluation.direction = {}
         return tangents
 
@@ -241,45 +258,71 @@ def first_order_pass(
     in ``keep`` where given).
 
     One forward with the projectors' output hooks and one first-order backward.
-    Returns the detached loss, the gradients (zeros where unused), each
-    kept site's output gradients, one tensor per call, and the sites that
-    recorded outputs: a site whose module computed its map without calling
-    the hooked submodule (it multiplies the weight itself) records nothing
-    and is left out.
+    Each output is heard by a gradient hook registered as it is recorded, so
+    no output is held beyond what autograd itself saves, and the gradient is
+    the one at the site's output as computed, before any in-place operation
+    changes it (a ``ReLU(inplace=True)`` after the layer). Returns the detached
+    loss, the gradients (zeros where unused), each kept site's output
+    gradients, one tensor per call, and the sites that recorded outputs: a
+    site whose module computed its map without calling the hooked submodule
+    (it multiplies the weight itself) records nothing and is left out.
     """
-    outputs: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
+    heard: dict[SiteKey, list[Tensor | tuple]] = defaultdict(list)  # a gradient, or (shape, dtype, device)
+    seen: set[SiteKey] = set()
     handles = []
     try:
         for covered in {id(c): c for c, _ in sites}.values():
-            handles += covered.projector.capture_outputs(covered.module, _recorder(outputs, covered.name)) or []
+            handles += covered.projector.capture_outputs(covered.module, gradient_listener(heard, seen, covered.name, keep)) or []
         loss = batch.loss()
     finally:
         for handle in handles:
             handle.remove()
-    seen = {key for key, tensors in outputs.items() if tensors}
-    recorded = [(key, tensor) for key, tensors in outputs.items() if keep is None or key in keep for tensor in tensors]
-    del outputs, handles  # (the records of sites not kept go with them)
-    wanted = [t for _, t in recorded if t.requires_grad]
-    grads = torch.autograd.grad(loss, [*batch.parameters, *wanted], allow_unused=True)
+    grads = torch.autograd.grad(loss, list(batch.parameters), allow_unused=True)
     param_grads = [
         (g if g is not None else torch.zeros_like(p)).detach()
-        for g, p in zip(grads[: len(batch.parameters)], batch.parameters, strict=True)
+        for g, p in zip(grads, batch.parameters, strict=True)
     ]
-    output_grads = iter(grads[len(batch.parameters) :])
-    by_site: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
-    for key, tensor in recorded:
-        grad = next(output_grads) if tensor.requires_grad else None
-        by_site[key].append(torch.zeros_like(tensor) if grad is None else grad.detach())
     deltas = {
-        (covered.name, site.name): by_site[(covered.name, site.name)]
+        (covered.name, site.name): heard_gradients(heard[(covered.name, site.name)])
         for covered, site in sites
-        if by_site[(covered.name, site.name)]
+        if heard.get((covered.name, site.name))
     }
     return loss.detach(), param_grads, deltas, seen
 
 
+def gradient_listener(heard: dict, seen: set[SiteKey], module_name: str, keep: set[SiteKey] | None = None):
+    """A ``capture_outputs`` record that notes the site as seen and, for a kept site (every site where
+    ``keep`` is ``None``), has the gradient its output gets in the backward written into ``heard``, one
+    slot per call: a tensor hook, registered as the output is recorded, hears the gradient of the
+    output as computed, also when an in-place activation changes the tensor afterwards, and holds
+    nothing of the output (its shape, dtype and device stand in the slot until then:
+    :func:`heard_gradients` gives zeros where no gradient reached it)."""
+
+    def record(site: str, tensor: Tensor) -> None:
+        key = (module_name, site)
+        seen.add(key)
+        if keep is not None and key not in keep:
+            return
+        slots = heard[key]
+        index = len(slots)
+        slots.append((tuple(tensor.shape), {"dtype": tensor.dtype, "device": tensor.device}))
+        if tensor.requires_grad:
+
+            def hear(grad: Tensor) -> None:
+                slots[index] = grad.detach()
+
+            tensor.register_hook(hear)
+
+    return record
+
+
+class _AllRecorded(Exception):
+    """Every stream a tangent pass was asked for is recorded: the rest of the forward is not needed."""
+
+
 def tangent_streams(
-    batch: Batch, direction: dict[str, Tensor], modules: Sequence[CoveredModule]
+    batch: Batch, direction: dict[str, Tensor], modules: Sequence[CoveredModule],
+    until: dict[tuple[str, str], int] | None = None,
 ) -> dict[tuple[str, str], list[Tensor]]:
     """The forward-mode tangents of every input stream of ``modules`` in the parameter direction.
 
@@ -287,6 +330,10 @@ def tangent_streams(
     gives them) to tangents. One forward-mode pass through
     :func:`torch.func.functional_call`, with the projectors' own capture hooks
     recording tangents instead of values (a zero tangent where none flowed).
+    With ``until`` (stream -> records, as a full pass of the same batch
+    recorded them) the pass ends once those are recorded: what the model
+    computes after its last moving layer's inputs (a language model's head
+    and its logits) is not needed.
     """
     tangents: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
     handles = []
@@ -295,17 +342,34 @@ def tangent_streams(
     owned = [(module, dict(module._parameters)) for module in batch.model.modules()]
     try:
         for covered in modules:
-            handles += covered.projector.capture(covered.module, tangent_recorder(tangents, covered.name))
+            record = tangent_recorder(tangents, covered.name)
+            handles += covered.projector.capture(covered.module, _until(record, tangents, until) if until else record)
         with forward_mode():
             duals = {name: fwAD.make_dual(p.detach(), direction[name]) for name, p in _named(batch, direction)}
             args, kwargs = as_call(batch.inputs)
             functional_call(batch.model, duals, args, kwargs, strict=False)
+    except _AllRecorded:
+        pass
     finally:
         for handle in handles:
             handle.remove()
         for module, parameters in owned:
             module._parameters.update(parameters)
     return tangents
+
+
+def _until(record, tangents: dict[tuple[str, str], list[Tensor]], until: dict[tuple[str, str], int]):
+    """``record``, ending the pass (:class:`_AllRecorded`) once every stream in ``until`` holds its
+    records; nothing is recorded after that (should the model swallow the signal and go on)."""
+
+    def recording(stream: str, tensor: Tensor) -> None:
+        if all(len(tangents.get(key, ())) >= count for key, count in until.items()):
+            return
+        record(stream, tensor)
+        if all(len(tangents.get(key, ())) >= count for key, count in until.items()):
+            raise _AllRecorded
+
+    return recording
 
 
 def tangent_recorder(tangents: dict[tuple[str, str], list[Tensor]], module_name: str):
@@ -338,8 +402,6 @@ def _named(batch: Batch, direction: dict[str, Tensor]):
     return [(name, p) for name, p in batch.model.named_parameters() if name in direction]
 
 
-def _recorder(store: dict, module_name: str):
-    def record(site: str, tensor: Tensor) -> None:
-        store[(module_name, site)].append(tensor)
-
-    return record
+def heard_gradients(slots: list) -> list[Tensor]:
+    """The gradients a :func:`gradient_listener` heard, zeros for an output no gradient reached."""
+    return [slot if isinstance(slot, Tensor) else torch.zeros(slot[0], **slot[1]) for slot in slots]

@@ -85,6 +85,22 @@ def test_both_gradient_norm_objectives_and_several_steps(objective):
     assert float((moved[0] - moved[1]).norm()) <= 1e-10 * float((moved[1] - start).detach().norm())
 
 
+@pytest.mark.parametrize("layers", ["linear", "conv"])
+def test_an_in_place_activation_after_a_site_leaves_its_output_gradient_as_computed(layers):
+    """``ReLU(inplace=True)`` rewrites the layer's output after the site recorded it: the output
+    gradient must be the one at the layer's output (before the mask), as the full path takes it."""
+    torch.manual_seed(0)
+    if layers == "linear":
+        model = nn.Sequential(nn.Linear(5, 24), nn.ReLU(inplace=True), nn.Linear(24, 24), nn.ReLU(inplace=True), nn.Linear(24, 3))
+        inputs = torch.randn(12, 5, dtype=torch.float64)
+    else:
+        model = nn.Sequential(nn.Conv2d(2, 8, 3), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(8 * 2 * 2, 3))
+        inputs = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    targets = torch.randint(0, 3, (len(inputs),))
+    report = assert_structured_matches_full(model.double(), F.cross_entropy, inputs, targets)
+    assert all(layer.gradient == "structured" for layer in report.layers)
+
+
 def test_batch_norm_in_training_mode_keeps_its_buffers():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 3))
