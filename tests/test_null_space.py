@@ -174,6 +174,29 @@ def test_wide_layers_get_a_thin_basis(dtype):
     assert basis.ranks == (samples,) and basis.null_dim == dims - samples
 
 
+def float32_parts(generator: torch.Generator, kind: str, groups: int, dims: int, samples: int, rank: int) -> list:
+    """``groups`` float32 ``dims x samples`` matrices of rank ``rank``: exact integers, a float32 product
+    of low-rank factors (whose rounding spans every direction), or such a product with a graded spectrum."""
+    if kind == "integer":
+        return [integer_matrix(generator, dims, samples, rank, torch.float32) for _ in range(groups)]
+    scale = torch.logspace(0, -12, rank) if kind == "graded" else torch.ones(rank)
+    return [
+        (torch.randn(dims, rank, generator=generator) * scale) @ torch.randn(rank, samples, generator=generator)
+        for _ in range(groups)
+    ]
+
+
+def assert_the_svds_core_space(part: torch.Tensor, core: torch.Tensor) -> None:
+    """``core`` has the thin SVD's numerical rank of ``part``, orthonormal columns, and holds every
+    sample of ``part`` to float64 rounding."""
+    dims, samples = part.shape
+    singular = torch.linalg.svdvals(part.double())
+    assert core.shape[1] == int((singular > singular[0] * max(dims, samples) * torch.finfo(torch.float64).eps).sum())
+    torch.testing.assert_close(core.T @ core, torch.eye(core.shape[1], dtype=torch.float64), rtol=0, atol=1e-12)
+    wide = part.double()
+    assert torch.linalg.matrix_norm(wide - core @ (core.T @ wide)) <= 1e-13 * torch.linalg.matrix_norm(wide)
+
+
 @given(
     seed=st.integers(0, 2**31 - 1),
     groups=st.integers(1, 3),
@@ -191,27 +214,14 @@ def test_wide_float32_representations_get_the_svds_core_space(seed, groups, dims
     generator = torch.Generator().manual_seed(seed)
     samples = max(1, min(dims - 1, int(fraction * dims)))
     rank = min(rank, samples)
-    if kind == "integer":
-        parts = [integer_matrix(generator, dims, samples, rank, torch.float32) for _ in range(groups)]
-    else:
-        scale = torch.logspace(0, -12, rank) if kind == "graded" else torch.ones(rank)
-        parts = [
-            (torch.randn(dims, rank, generator=generator) * scale) @ torch.randn(rank, samples, generator=generator)
-            for _ in range(groups)
-        ]
+    parts = float32_parts(generator, kind, groups, dims, samples, rank)
     representation = torch.stack(parts)
     with mock.patch.object(null_space_module, "GRAM_BLOCK", 3 * samples):
         found = null_space_module.spectrum(representation)
     ranks = found.numerical_rank().tolist()
     assert found.vectors.shape[-1] == max(ranks)  # the Gram route ran: only the directions found
     for group, part in enumerate(parts):
-        singular = torch.linalg.svdvals(part.double())
-        rank = int((singular > singular[0] * max(dims, samples) * torch.finfo(torch.float64).eps).sum())
-        assert ranks[group] == rank
-        core = found.vectors[group, :, :rank]
-        torch.testing.assert_close(core.T @ core, torch.eye(rank, dtype=torch.float64), rtol=0, atol=1e-12)
-        wide = part.double()
-        assert torch.linalg.matrix_norm(wide - core @ (core.T @ wide)) <= 1e-13 * torch.linalg.matrix_norm(wide)
+        assert_the_svds_core_space(part, found.vectors[group, :, : ranks[group]])
 
 
 @given(
@@ -233,25 +243,15 @@ def test_float32_representations_with_one_to_two_samples_per_dimension_get_the_s
     generator = torch.Generator().manual_seed(seed)
     samples = dims + int(extra * (dims - 1))
     rank = min(rank, dims)
-    if kind == "integer":
-        parts = [integer_matrix(generator, dims, samples, rank, torch.float32) for _ in range(groups)]
-    else:
-        scale = torch.logspace(0, -12, rank) if kind == "graded" else torch.ones(rank)
-        parts = [
-            (torch.randn(dims, rank, generator=generator) * scale) @ torch.randn(rank, samples, generator=generator)
-            for _ in range(groups)
-        ]
+    parts = float32_parts(generator, kind, groups, dims, samples, rank)
     with mock.patch.object(null_space_module, "GRAM_BLOCK", 3 * dims), mock.patch.object(null_space_module, "GRAM_MIN_WIDTH", 3):
         found = null_space_module.spectrum(torch.stack(parts))
     assert found.complete and found.vectors.shape == (groups, dims, dims)
     ranks = found.numerical_rank().tolist()
     for group, part in enumerate(parts):
-        singular = torch.linalg.svdvals(part.double())
-        assert ranks[group] == int((singular > singular[0] * samples * torch.finfo(torch.float64).eps).sum())
         basis = found.vectors[group]
         torch.testing.assert_close(basis.T @ basis, torch.eye(dims, dtype=torch.float64), rtol=0, atol=1e-12)
-        core, wide = basis[:, : ranks[group]], part.double()
-        assert torch.linalg.matrix_norm(wide - core @ (core.T @ wide)) <= 1e-13 * torch.linalg.matrix_norm(wide)
+        assert_the_svds_core_space(part, basis[:, : ranks[group]])
 
 
 @given(seed=st.integers(0, 2**16), groups=st.integers(1, 3), dims=st.integers(1, 9), samples=st.integers(1, 40))
