@@ -137,14 +137,11 @@ def _measured(path: Path, options: dict[str, Any]) -> dict[str, Any]:
     return dict(partial.get("pairs", {}))
 
 
-ARMS = ("none", "teleport", "reset", "sharpness", "spike")
-
-
 def _check(options: dict[str, Any]) -> None:
     if len(options["multipliers"]) < 2 or min(options["multipliers"]) <= 0:
         raise ConfigError("multipliers: give two or more positive numbers", key="multipliers")
-    if "none" not in options["arms"] or not set(options["arms"]) <= set(ARMS):
-        raise ConfigError(f"arms: plain training (none) and any of {list(ARMS)}", key="arms")
+    if "none" not in options["arms"] or not set(options["arms"]) <= set(FULL["arms"]):
+        raise ConfigError(f"arms: plain training (none) and any of {FULL['arms']}", key="arms")
     for key, known in (("pairs", PAIRS), ("optimizers", OPTIMIZERS)):
         unknown = sorted(set(options[key]) - set(known))
         if unknown:

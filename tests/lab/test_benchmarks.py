@@ -188,6 +188,13 @@ def test_time_to_target(tmp_path):
         assert [r["train_loss"] for r in seeds] == [r["train_loss"] for r in sgd["reset"][rate]]
 
 
+@pytest.mark.parametrize("arms", [["teleport", "spike"], ["none", "warp"]])
+def test_time_to_target_refuses_a_grid_without_plain_training_or_with_an_unknown_arm(arms):
+    options = settings({"kind": "bench.time_to_target", "size": "tiny", "arms": arms}, time_to_target.FULL, time_to_target.TINY)
+    with pytest.raises(ConfigError, match="arms: plain training"):
+        time_to_target._check(options)
+
+
 def test_time_to_target_goes_on_from_what_an_interrupted_run_measured(tmp_path, capsys):
     """A partial file made with the same options keeps its pairs; one made with others is ignored."""
     first = run_tiny("time_to_target", tmp_path / "first")
