@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -33,6 +35,24 @@ def leave_launch() -> None:
     """Leave the process group :func:`join_launch` joined, once every rank is done."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def local_group(rank: int, world: int, port: int, backend: str = "gloo", timeout: timedelta = timedelta(minutes=5)) -> Iterator[None]:
+    """This spawned process as rank ``rank`` of ``world`` on localhost (the store on ``port``), torn down after.
+
+    A rank that finished waits for the others before it tears its connections down: a rank
+    still finishing its last collective then never meets a peer already gone (a gloo rank torn
+    down under a peer's traffic can abort its process). After an error no rank waits.
+    """
+    dist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timeout
+    )
+    try:
+        yield
+        dist.barrier()
+    finally:
         dist.destroy_process_group()
 
 

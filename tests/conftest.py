@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -22,6 +21,7 @@ from torch import nn
 
 import torch_teleport as tt
 from torch_teleport.distributed import Replicas
+from torch_teleport.lab.launch import local_group
 from torch_teleport.limits import Guard
 from torch_teleport.null_space import uses_gram_route
 
@@ -252,13 +252,8 @@ def free_port() -> int:
 def gloo_group(rank: int, world: int, port: int):
     """This spawned rank in a gloo process group of ``world`` on localhost, one thread, torn down after."""
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    try:
+    with local_group(rank, world, port, timeout=timedelta(seconds=60)):
         yield
-    finally:
-        dist.destroy_process_group()
 
 
 def spawn_ranks(worker, world: int, out_dir: Path) -> list:

@@ -23,7 +23,6 @@ import json
 import os
 import statistics
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -65,18 +64,15 @@ def one_process(case: str, seed: int) -> tuple[float, float]:
 
 
 def _sharded_worker(rank: int, world: int, port: int, seeds: int, out: str) -> None:
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     import torch_teleport as tt
+    from torch_teleport.lab.launch import local_group
     from torch_teleport.sharding import gathered_parameters
 
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(minutes=5)
-    )
-    try:
+    with local_group(rank, world, port):
         mesh, policy = init_device_mesh("cpu", (world,)), MixedPrecisionPolicy(param_dtype=torch.bfloat16)
         rows = []
         for seed in range(seeds):
@@ -93,8 +89,6 @@ def _sharded_worker(rank: int, world: int, port: int, seeds: int, out: str) -> N
             rows.append((drift, report.gain))
         if rank == 0:
             Path(out).write_text(json.dumps(rows))
-    finally:
-        dist.destroy_process_group()
 
 
 def sharded(seeds: int) -> list[tuple[float, float]]:

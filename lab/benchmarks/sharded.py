@@ -47,20 +47,15 @@ WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
 
 def _worker(rank: int, world: int, port: int, size: str, device_type: str, out: str) -> None:
     import torch
-    import torch.distributed as dist
+
+    from torch_teleport.lab.launch import local_group
 
     torch.set_num_threads(1)
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank, world_size=world, timeout=timedelta(minutes=30),
-    )  # fmt: skip
-    try:
+    with local_group(rank, world, port, "nccl" if device.type == "cuda" else "gloo", timedelta(minutes=30)):
         Path(out, f"rank{rank}.json").write_text(json.dumps(_measure(rank, world, SIZES[size], device)))
-    finally:
-        dist.destroy_process_group()
 
 
 def _measure(rank: int, world: int, size: dict, device) -> dict:
