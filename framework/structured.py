@@ -33,12 +33,13 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import get_total_norm
 
@@ -119,7 +120,7 @@ class StructuredPath(GradientPath):
         super().__init__(context, batch, coverage)
         self.owners = owners  # how many sites each moved parameter belongs to
         self.evaluator = StructuredEvaluator(context, batch, capable_sites(coverage))
-        self.first_tangents: dict[tuple[str, str], list[Tensor]] | None = None
+        self.first_parts: dict[SiteKey, SitePart] | None = None  # the first evaluation's, kept for every climb
         self._calls: dict[tuple[str, str], int] | None = None  # each stream's records in the capture
         self._needed: dict[tuple[str, str], int] | None = None  # the streams the steps read, and how many
 
@@ -129,7 +130,7 @@ class StructuredPath(GradientPath):
         other sites is taken again."""
         if moving != self.evaluator.moving:
             self.evaluator.moving = moving
-            self._first, self.first_tangents = None, None
+            self._first, self.first_parts = None, None
 
     def forget_inputs(self) -> None:
         if self.captured is not None:
@@ -137,7 +138,7 @@ class StructuredPath(GradientPath):
         super().forget_inputs()
 
     def _evaluate_first(self) -> StructuredEvaluation:
-        """The first evaluation, and its tangents: the forward-mode pass that raises
+        """The first evaluation, and its sites' unprojected updates: the forward-mode pass that raises
         ``NotImplementedError`` where an op of the model has no forward-mode derivative.
 
         Every tangent pass stops once the streams the moving sites read are recorded (what the
@@ -151,10 +152,10 @@ class StructuredPath(GradientPath):
         self.modules = list({id(c): c for c, _ in kept}.values())
         calls = {(c.name, s.stream): len(first.deltas.get((c.name, s.name), ())) for c, s in kept}
         until = calls if self._calls is not None and all(n and self._calls.get(k) == n for k, n in calls.items()) else None
-        self.first_tangents = tangent_streams(self.batch, first.direction, self.modules, until) if self.modules else None
-        if self.first_tangents is not None:
-            self._needed = {key: len(self.first_tangents[key]) for key in calls if key in self.first_tangents}
-        first.direction = {}  # (the tangents hold what the steps need of it)
+        if self.modules:
+            counts: dict[tuple[str, str], int] = {}
+            self.first_parts = self._site_parts(first, kept, until, counts)
+            self._needed = {key: count for key, count in counts.items() if key in calls}
         return first
 
     def evaluate(self) -> StructuredEvaluation:
@@ -167,12 +168,12 @@ class StructuredPath(GradientPath):
         dense = autograd_gradient(self.context.evaluate(self.batch), weights.params, rest) if rest else {}
         factored: list[FactoredSite] = []
         if moving:
-            tangents = self._tangents(evaluation)
-            coefficient = self.context.objective.slope(evaluation.local_squared) * evaluation.share
+            parts = self.first_parts if evaluation is self._first else self._site_parts(evaluation, moving, self._needed)
             for covered, site in moving:
-                part = self._site_update(covered, site, evaluation, tangents, coefficient, bases)
-                if isinstance(part, FactoredSite):
-                    factored.append(part)
+                key = (covered.name, site.name)
+                part = parts[key]
+                if isinstance(part, Factors):
+                    factored.append(FactoredSite.projected(covered, site, part.left, part.right, bases.of[key]))
                 else:
                     write_site(dense, weights.params, covered, site, part)
         return self.finished(dense, factored, bases)
@@ -180,31 +181,60 @@ class StructuredPath(GradientPath):
     def release(self, evaluation: StructuredEvaluation) -> None:
         evaluation.deltas, evaluation.direction = {}, {}
         if evaluation is self._first:
-            self.first_tangents = None
+            self.first_parts = None
 
-    def _tangents(self, evaluation: StructuredEvaluation) -> dict[tuple[str, str], list[Tensor]]:
-        """The tangents along ``evaluation``'s direction, which is dropped once they exist: the step
-        needs nothing else of it, and the update it is about to build need not sit beside it."""
-        if evaluation is self._first:
-            return self.first_tangents
-        tangents = tangent_streams(self.batch, evaluation.direction, self.modules, until=self._needed)
+    def _site_parts(
+        self, evaluation: StructuredEvaluation, sites: list[SiteRef], until: dict[tuple[str, str], int] | None,
+        counts: dict[tuple[str, str], int] | None = None,
+    ) -> dict[SiteKey, SitePart]:
+        """Each of ``sites``' ``2 f'(s) delta^T lambda``, unprojected, from one tangent pass of the moving
+        modules along ``evaluation``'s direction (``counts``: each stream's records, filled in).
+
+        A site's part is built as soon as its stream's records are in (with ``until``), and its
+        output gradients and tangents are dropped then: a pass does not hold every site's at once.
+        The evaluation's direction is dropped after the pass: the step needs nothing else of it."""
+        coefficient = self.context.objective.slope(evaluation.local_squared) * evaluation.share
+        readers: dict[tuple[str, str], list[SiteRef]] = defaultdict(list)
+        for covered, site in sites:
+            readers[(covered.name, site.stream)].append((covered, site))
+        parts: dict[SiteKey, SitePart] = {}
+
+        def build(stream: tuple[str, str], records: list[Tensor]) -> None:
+            if counts is not None:
+                counts[stream] = len(records)
+            for covered, site in readers.get(stream, ()):
+                grads = evaluation.deltas.pop((covered.name, site.name))
+                parts[(covered.name, site.name)] = self._site_part(covered, site, grads, records, coefficient)
+
+        left = tangent_streams(self.batch, evaluation.direction, self.modules, until, build if until else None)
         evaluation.direction = {}
-        return tangents
+        for stream, records in left.items():
+            build(stream, records)
+        return parts
 
-    def _site_update(
-        self, covered: CoveredModule, site: Site, evaluation: StructuredEvaluation, tangents: dict,
-        coefficient: Tensor, bases: Bases,
-    ) -> FactoredSite | Tensor:
-        """The site's ``2 f'(s) delta^T lambda``: factored and projected where that is cheaper, else
-        as one ``(groups, rows, inputs)`` tensor (the folded bias last), projected later."""
-        grads, streams = evaluation.deltas[(covered.name, site.name)], tangents[(covered.name, site.stream)]
+    def _site_part(
+        self, covered: CoveredModule, site: Site, grads: list[Tensor], streams: list[Tensor], coefficient: Tensor
+    ) -> SitePart:
+        """The site's ``2 f'(s) delta^T lambda``: as its two factors where projecting the tangent factor
+        is cheaper, else as one ``(groups, rows, inputs)`` tensor (the folded bias last)."""
         names = [covered.qualified(p) for p in (site.weight, site.bias) if p]
         module, projector = covered.module, covered.projector
         if self.context.replicas.size == 1 and _factored_is_cheaper(covered, site, grads, names, self.owners):
             left = projector.output_representation(module, site, grads) * coefficient
             right = tangent_representation(projector, module, site, streams).transpose(-1, -2)
-            return FactoredSite.projected(covered, site, left, right, bases.of[(covered.name, site.name)])
+            return Factors(left, right)
         return projector.structured_gradient(module, site, grads, streams) * coefficient
+
+
+class Factors(NamedTuple):
+    """A site's unprojected structured update ``left @ right`` as its factors (see :class:`FactoredSite`)."""
+
+    left: Tensor
+    right: Tensor
+
+
+SitePart = Factors | Tensor
+"""A site's unprojected structured update: its factors, or the ``(groups, rows, inputs)`` tensor."""
 
 
 def write_site(dense: dict[str, Tensor], params: dict, covered: CoveredModule, site: Site, product: Tensor) -> None:
@@ -323,6 +353,7 @@ class _AllRecorded(Exception):
 def tangent_streams(
     batch: Batch, direction: dict[str, Tensor], modules: Sequence[CoveredModule],
     until: dict[tuple[str, str], int] | None = None,
+    complete: Callable[[tuple[str, str], list[Tensor]], None] | None = None,
 ) -> dict[tuple[str, str], list[Tensor]]:
     """The forward-mode tangents of every input stream of ``modules`` in the parameter direction.
 
@@ -333,17 +364,24 @@ def tangent_streams(
     With ``until`` (stream -> records, as a full pass of the same batch
     recorded them) the pass ends once those are recorded: what the model
     computes after its last moving layer's inputs (a language model's head
-    and its logits) is not needed.
+    and its logits) is not needed. With ``complete`` too, a stream is handed
+    to ``complete(stream, records)`` as soon as its records are in, and not
+    returned.
     """
     tangents: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
+    counts: Counter = Counter()
     handles = []
     # functional_call leaves plain tensors behind in a module the model calls from two places;
     # every module's own parameters are put back afterwards.
-    owned = [(module, dict(module._parameters)) for module in batch.model.modules()]
+    owned = {id(module): (module, dict(module._parameters)) for module in batch.model.modules()}
     try:
         for covered in modules:
             record = tangent_recorder(tangents, covered.name)
-            handles += covered.projector.capture(covered.module, _until(record, tangents, until) if until else record)
+            if until:
+                own = [owned[id(module)] for module in covered.module.modules()]
+                handed = _with_own_parameters(complete, own) if complete is not None else None
+                record = _until(record, covered.name, counts, until, tangents, handed)
+            handles += covered.projector.capture(covered.module, record)
         with forward_mode():
             duals = {name: fwAD.make_dual(p.detach(), direction[name]) for name, p in _named(batch, direction)}
             args, kwargs = as_call(batch.inputs)
@@ -353,20 +391,48 @@ def tangent_streams(
     finally:
         for handle in handles:
             handle.remove()
-        for module, parameters in owned:
+        for module, parameters in owned.values():
             module._parameters.update(parameters)
     return tangents
 
 
-def _until(record, tangents: dict[tuple[str, str], list[Tensor]], until: dict[tuple[str, str], int]):
-    """``record``, ending the pass (:class:`_AllRecorded`) once every stream in ``until`` holds its
-    records; nothing is recorded after that (should the model swallow the signal and go on)."""
+def _with_own_parameters(complete: Callable, own: list[tuple[nn.Module, dict]]) -> Callable:
+    """``complete``, called with the modules ``own`` names holding their own parameters, not the pass's
+    duals (a projector reads its module's parameters), the duals put back after."""
+
+    def handing(stream: tuple[str, str], records: list[Tensor]) -> None:
+        duals = [(module, dict(module._parameters)) for module, _ in own]
+        try:
+            for module, parameters in own:
+                module._parameters.update(parameters)
+            complete(stream, records)
+        finally:
+            for module, parameters in duals:
+                module._parameters.update(parameters)
+
+    return handing
+
+
+def _until(
+    record, module_name: str, counts: Counter, until: dict[tuple[str, str], int],
+    tangents: dict[tuple[str, str], list[Tensor]], complete: Callable | None,
+):
+    """``record``, counting each stream's records (``counts``), handing a stream whose records are in
+    to ``complete`` and ending the pass (:class:`_AllRecorded`) once every stream in ``until`` holds
+    its records; nothing is recorded after that (should the model swallow the signal and go on)."""
+
+    def all_in() -> bool:
+        return all(counts[key] >= count for key, count in until.items())
 
     def recording(stream: str, tensor: Tensor) -> None:
-        if all(len(tangents.get(key, ())) >= count for key, count in until.items()):
+        key = (module_name, stream)
+        if all_in() or (complete is not None and counts[key] == until.get(key)):  # (handed over already)
             return
         record(stream, tensor)
-        if all(len(tangents.get(key, ())) >= count for key, count in until.items()):
+        counts[key] += 1
+        if complete is not None and counts[key] == until.get(key):
+            complete(key, tangents.pop(key))
+        if all_in():
             raise _AllRecorded
 
     return recording

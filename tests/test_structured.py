@@ -186,3 +186,29 @@ def test_the_first_structured_teleport_of_a_process_warns_of_nothing_of_torchs_o
     )
     done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_tangent_pass_hands_each_stream_over_as_soon_as_its_records_are_in():
+    """With the records each stream takes, a tangent pass hands a stream to ``complete`` before the
+    model goes on (a site's update is built then, and its tangents need not wait for the rest of
+    the pass), and stops once every stream is in: the layers after the last moving one never run."""
+    from torch_teleport.coverage import find_coverage
+    from torch_teleport.objective import Batch
+    from torch_teleport.structured import tangent_streams
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    coverage = find_coverage(model, tt.default_registry())
+    moving = [covered for covered in coverage.modules if covered.name in ("2", "4")]
+    streams = {(covered.name, site.stream): 1 for covered in moving for site in covered.sites}
+    batch = Batch(model, F.cross_entropy, torch.randn(7, 4), torch.randint(0, 3, (7,)), list(model.parameters()))
+    direction = {name: torch.randn_like(p) for name, p in model.named_parameters()}
+    handed, entered = [], []
+    for index, layer in enumerate(model):
+        layer.register_forward_pre_hook(lambda module, args, index=index: entered.append((index, len(handed))))
+    left = tangent_streams(batch, direction, moving, until=streams, complete=lambda key, records: handed.append((key, len(records))))
+    assert left == {} and handed == [(key, 1) for key in streams]
+    assert (3, 1) in entered  # layer 2's stream handed over before the model went on past layer 2
+    assert max(index for index, _ in entered) == 4  # the pass ended at the last moving layer's input ...
+    full = tangent_streams(batch, direction, moving)  # ... and a pass without counts records the same
+    assert set(full) == set(streams)
