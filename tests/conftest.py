@@ -5,7 +5,6 @@ imports another."""
 from __future__ import annotations
 
 import contextlib
-import socket
 import sys
 import time
 from datetime import timedelta
@@ -21,7 +20,7 @@ from torch import nn
 
 import torch_teleport as tt
 from torch_teleport.distributed import Replicas
-from torch_teleport.lab.launch import local_group
+from torch_teleport.lab.launch import free_port, local_group
 from torch_teleport.limits import Guard
 from torch_teleport.null_space import uses_gram_route
 
@@ -239,13 +238,6 @@ def rank_deficient(draw, dtypes=(torch.float64, torch.float32)):
 DEADLINE_SECONDS = 120
 """Wall-clock bound of one spawned group of processes: a hang fails the test instead of stalling
 the suite."""
-
-
-def free_port() -> int:
-    """A TCP port on localhost that nothing listens on now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

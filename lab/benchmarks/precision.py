@@ -92,17 +92,15 @@ def _sharded_worker(rank: int, world: int, port: int, seeds: int, out: str) -> N
 
 
 def sharded(seeds: int) -> list[tuple[float, float]]:
-    import socket
     import tempfile
 
     import torch.multiprocessing as mp
 
-    with tempfile.TemporaryDirectory() as folder, socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        sock.close()
+    from torch_teleport.lab.launch import free_port
+
+    with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "rows.json")
-        mp.start_processes(_sharded_worker, args=(2, port, seeds, out), nprocs=2, start_method="spawn")
+        mp.start_processes(_sharded_worker, args=(2, free_port(), seeds, out), nprocs=2, start_method="spawn")
         return [tuple(row) for row in json.loads(Path(out).read_text())]
 
 

@@ -162,16 +162,13 @@ def run(ranks: list[int], size: str, device: str) -> dict:
 
 def _run_ranks(world: int, size: str, device: str) -> dict:
     """One rank count: its ranks' rows and the seconds the whole run took."""
-    import socket
-
     import torch.multiprocessing as mp
 
+    from torch_teleport.lab.launch import free_port
+
     with tempfile.TemporaryDirectory() as out:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
         started = time.perf_counter()
-        mp.start_processes(_worker, args=(world, port, size, device, out), nprocs=world, start_method="spawn")
+        mp.start_processes(_worker, args=(world, free_port(), size, device, out), nprocs=world, start_method="spawn")
         rows = [json.loads(Path(out, f"rank{rank}.json").read_text()) for rank in range(world)]
     return {"ranks": rows, "seconds": time.perf_counter() - started}
 

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DEADLINE_SECONDS, free_port
+from conftest import DEADLINE_SECONDS
+
+from torch_teleport.lab.launch import free_port
 
 TORCHRUN_CONFIG = """
 kind = "train"
