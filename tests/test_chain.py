@@ -118,13 +118,12 @@ def test_the_closed_form_takes_the_structured_step_and_the_projected_full_one(pr
     """One plain step (lr = 1), then four normalised ones: the same moves parameter by parameter, to
     1e-10 of the largest move, or of the objective's gradient before projection where the projection
     cut it to less (the projection subtracts from that gradient: each path's rounding scales with it)."""
-    unprojected = unprojected_gradient_norm(problem)
-    for options in ({"steps": 1, "lr": 1.0, "normalize": False}, {"steps": 4, "lr": 0.05}):
+    plain, normalised = {"steps": 1, "lr": 1.0, "normalize": False}, {"steps": 4, "lr": 0.05}
+    for options, floor in ((plain, unprojected_gradient_norm(problem)), (normalised, 0.0)):
         closed = one_step(problem.model, problem, "closed_form", **options)
         for other in ("structured", "full"):
             reference = one_step(problem.model, problem, other, **options)
-            scale = max(float(change.norm()) for change in reference.values())
-            scale = max(scale, unprojected * options["lr"]) if options.get("normalize") is False else scale
+            scale = max(floor, *(float(change.norm()) for change in reference.values()))
             for name, change in reference.items():
                 assert float((closed[name] - change).norm()) <= 1e-10 * scale, (other, name)
 
