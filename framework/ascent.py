@@ -213,7 +213,12 @@ class Ascent:
         while True:
             while broken - good > 1:
                 low, high = shares[good][breach.reason], shares[broken][breach.reason]
-                middle = _predicted(reach, good, broken, low, high)
+                # A point measured within, where the steps have used more of the limit than at the start,
+                # is kept without measuring the next one where that one is predicted to break it.
+                rising = good > 0 and low > shares[0][breach.reason]
+                middle = _predicted(reach, good, broken, low, high, keeps_good=rising)
+                if middle == good:
+                    break
                 at = self._measure(climb, check, taken, at, middle, outcome)
                 found = check.broken(outcome.last)
                 shares[middle] = check.shares(outcome.last)
@@ -274,12 +279,16 @@ SMALLEST = 1e-30
 """Distances below this are taken as this one (a logarithm of zero is of no use)."""
 
 
-def _predicted(reach: list[float], good: int, broken: int, low: float, high: float) -> int:
+def _predicted(
+    reach: list[float], good: int, broken: int, low: float, high: float, keeps_good: bool = False
+) -> int:
     """The point strictly between ``good`` and ``broken`` nearest (in log distance) to where a limit's
     share, ``low`` at the one and ``high`` at the other, is predicted to reach 1, as a power of the
     distance travelled (``reach``, in step sizes from the first point): fitted through both shares
     where the lower is not zero, else second order in the distance from ``good``. The middle point
-    where the shares do not bracket 1."""
+    where the shares do not bracket 1. With ``keeps_good`` (``good`` is a point measured within the
+    limits, not the start) ``good`` itself is a candidate: the answer where the prediction is nearer
+    it than the point after it, whose measurement would then only confirm the breach."""
     near, far = reach[good], reach[broken]
     if not low < 1 < high:  # nothing to predict from (a start past a series' baseline): bisection
         return (good + broken) // 2
@@ -288,4 +297,5 @@ def _predicted(reach: list[float], good: int, broken: int, low: float, high: flo
     else:
         crossing = near + (far - near) * math.sqrt((1 - low) / (high - low))
     crossing = max(crossing, SMALLEST)
-    return min(range(good + 1, broken), key=lambda k: abs(math.log(max(reach[k], SMALLEST) / crossing)))
+    candidates = range(good if keeps_good else good + 1, broken)
+    return min(candidates, key=lambda k: abs(math.log(max(reach[k], SMALLEST) / crossing)))

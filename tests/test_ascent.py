@@ -323,16 +323,26 @@ def test_a_climb_not_measuring_its_loss_is_checked_at_the_end_and_undone_from_th
 
 @pytest.mark.parametrize("way_back", [False, True])
 def test_the_end_check_measures_where_the_limit_is_predicted_to_break(way_back):
-    """Steps doubling from 1 (distances 1, 3, 7, ..., 127) along a drift of (distance / 15.5)^2: the
-    second-order prediction from the end points at 15 (point 4, kept, the limit used up), the fit
-    through 4 and the end at 31 (point 5, broken): two points measured where bisection over 7 steps
-    measures three. A climb with a way back to the weights measured at 4 goes back exactly; one without
-    walks back and measures again."""
-    line = Line(loss=lambda x: 1.0 + (x / 15.5) ** 2, measures_loss=False, way_back=way_back)
+    """Eight steps of 1 along a drift of (distance / 3.8)^3: the second-order prediction from the end
+    points at 3 (kept), the fit through 3 and the end at 3.8, nearer 4 (broken) than 3: two points
+    measured where bisection measures three. A climb with a way back to the weights measured at 3
+    goes back exactly; one without walks back and measures again."""
+    line = Line(loss=lambda x: 1.0 + (x / 3.8) ** 3, measures_loss=False, way_back=way_back)
+    outcome = run(line, fixed(1.0), 8, drift=1.0)
+    assert line.scales == [1.0] * 8
+    assert (outcome.steps, outcome.stopped, line.x) == (3, "drift", 3.0)
+    assert line.finals == (3 if way_back else 4)  # the end, 3 and 4 (and 3 again)
+
+
+def test_the_end_check_keeps_a_point_within_when_the_next_is_predicted_to_break():
+    """Along a drift of (distance / 15.5)^2 the prediction from the end points at 15 (point 4, kept,
+    the limit used up) and the fit through 4 and the end at 15.5, nearer 15 than 31 (point 5): the
+    ascent ends at 4 without measuring 5, the end and 4 measured once each."""
+    line = Line(loss=lambda x: 1.0 + (x / 15.5) ** 2, measures_loss=False)
     outcome = run(line, searched(initial=1.0, growth=2.0, max_length=64.0), 7, drift=1.0)
     assert line.scales == [2.0**k for k in range(7)]
     assert (outcome.steps, outcome.stopped, line.x) == (4, "drift", 15.0)
-    assert line.finals == (3 if way_back else 4)  # the end, 4 and 5 (and 4 again)
+    assert line.finals == 2
 
 
 @pytest.mark.parametrize(
