@@ -358,6 +358,20 @@ def test_the_predicted_point_is_strictly_between_the_two_measured(reach, low, hi
     assert _predicted(reach, 0, len(reach) - 1, low, high) == expected
 
 
+@pytest.mark.parametrize(
+    ("low", "keeps_good", "expected"),
+    [
+        (0.9, True, 1),  # 1 at 1.05: nearer the point measured within than the next
+        (0.9, False, 2),  # the same prediction, the point within not a candidate
+        (0.3, True, 2),  # 1 at 1.49: nearer the next point, which is measured
+    ],
+)
+def test_a_point_measured_within_is_the_answer_where_the_limit_is_predicted_to_break_right_after_it(
+    low, keeps_good, expected
+):
+    assert _predicted([0.0, 1.0, 2.0, 3.0, 4.0], 1, 4, low, 20.0, keeps_good=keeps_good) == expected
+
+
 def test_a_climb_that_does_not_measure_its_loss_keeps_every_step_within_the_limits():
     line = Line(loss=lambda x: 1.0 + x, measures_loss=False)
     outcome = run(line, fixed(0.125), 2, drift=0.3)
