@@ -213,10 +213,11 @@ class Ascent:
         while True:
             while broken - good > 1:
                 low, high = shares[good][breach.reason], shares[broken][breach.reason]
-                # A point measured within, where the steps have used more of the limit than at the start,
-                # is kept without measuring the next one where that one is predicted to break it.
-                rising = good > 0 and low > shares[0][breach.reason]
-                middle = _predicted(reach, good, broken, low, high, keeps_good=rising)
+                # A point measured within that the steps have brought to USED_UP of the limit ends the
+                # climb (no retry goes on from it): the next point is not measured where the fit
+                # predicts it breaks the limit, since the measurement would only confirm it.
+                ends_here = good > 0 and low >= USED_UP and low > shares[0][breach.reason]
+                middle = _predicted(reach, good, broken, low, high, keeps_good=ends_here)
                 if middle == good:
                     break
                 at = self._measure(climb, check, taken, at, middle, outcome)

@@ -345,6 +345,15 @@ def test_the_end_check_keeps_a_point_within_when_the_next_is_predicted_to_break(
     assert line.finals == 2
 
 
+def test_a_point_with_room_left_has_its_next_point_measured_even_where_the_fit_says_it_breaks():
+    """A drift that grows by 0.2 a step to 0.8 at 4, then hits a wall: at 3 (0.6 used) the fit through
+    3 and the end puts the crossing at 3.4, nearer 3 than 4, but a point with that much of the limit
+    left is not where the climb ends: 4 is measured, found within (0.8), and kept."""
+    line = Line(loss=lambda x: 1.0 + (0.2 * x if x <= 4 else 0.8 + 10.0 * (x - 4)), measures_loss=False)
+    outcome = run(line, fixed(1.0), 8, drift=1.0)
+    assert (outcome.steps, outcome.stopped, line.x) == (4, "drift", 4.0)
+
+
 @pytest.mark.parametrize(
     ("reach", "low", "high", "expected"),
     [
