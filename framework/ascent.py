@@ -73,7 +73,8 @@ def check_start(first: Evaluation) -> None:
 
 USED_UP = 0.9
 """A closed form's climb walked back to a point that has used this share of the limit its next step
-broke ends there: what is left is too little for another step to be worth its measurements."""
+broke ends there: what is left is too little for another step to be worth its measurements (nor,
+where the fit predicts the next point breaks the limit, for measuring that point)."""
 
 
 class Ascent:
