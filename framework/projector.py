@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -145,6 +146,19 @@ class Projector(ABC):
         delta = self.output_representation(module, site, output_grads)
         return delta @ tangent_representation(self, module, site, input_tangents).transpose(-1, -2)
 
+    def output_tangent(self, module: nn.Module) -> Callable[[Tensor], Tensor] | None:
+        """The tangent of ``module``'s output as a function of its dual input, for a forward-mode pass in
+        which its parameters are dual tensors, computed without the output itself.
+
+        Optional: the structured path then hands the module the output the
+        evaluation at the same weights computed, instead of having forward mode
+        compute it again beside the tangent (a third of a bilinear layer's work
+        in the pass). ``None`` (the default) runs the module as it is; a
+        projector returns ``None`` too where the module's forward is not the
+        map it knows (a subclass that overrides it).
+        """
+        return None
+
     def input_dim(self, module: nn.Module, site: Site) -> int:
         """Inputs of one group of ``site``, the folded bias included."""
         weight = module.get_parameter(site.weight)
@@ -160,6 +174,21 @@ def tangent_representation(
         representation = representation.clone()
         representation[:, -1, :] = 0
     return representation
+
+
+def bilinear_tangent(map_: Callable[[Tensor, Tensor, Tensor | None], Tensor], inputs: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The forward-mode tangent of ``map_(inputs, weight, bias)``, linear in ``inputs`` and in
+    ``(weight, bias)`` (a Linear or convolution layer), from the duals' parts without the primal output:
+    ``map_(x', W, None) + map_(x, W', b')``."""
+    x, x_tangent = fwAD.unpack_dual(inputs)
+    w, w_tangent = fwAD.unpack_dual(weight)
+    b_tangent = fwAD.unpack_dual(bias).tangent if bias is not None else None
+    if w_tangent is None:
+        w_tangent = torch.zeros_like(w)
+    tangent = map_(x, w_tangent, b_tangent)
+    if x_tangent is not None:
+        tangent = tangent + map_(x_tangent, w, None)
+    return tangent
 
 
 def site_view(tensor: Tensor, site: Site, *, bias: bool = False) -> Tensor:

@@ -49,6 +49,7 @@ from .gradient_path import GradientPath, autograd_gradient
 from .inputs import as_call
 from .method import MethodContext
 from .objective import Batch, Evaluation
+from .output_reuse import ReusedOutputs
 from .projector import Projector, Site, site_view, tangent_representation
 from .update import FactoredSite, MovedWeights, ProjectedUpdate
 
@@ -65,6 +66,7 @@ class StructuredEvaluation(Evaluation):
     direction: dict[str, Tensor] = field(default_factory=dict)
     local_squared: Tensor | None = None  # this rank's ||g||^2, where its objective's slope is taken
     share: float = 1.0  # this rank's weight in the mean of the ranks' objectives
+    outputs: ReusedOutputs | None = None  # the layer outputs its forward computed, for the tangent pass
 
 
 class StructuredEvaluator:
@@ -72,20 +74,25 @@ class StructuredEvaluator:
 
     ``sites`` starts as every site whose projector can record outputs and,
     after the first call, keeps those whose outputs were recorded. Output
-    gradients are kept for the sites in ``moving`` only (every site where ``None``).
+    gradients are kept for the sites in ``moving`` only (every site where ``None``), layer outputs
+    for the tangent pass at the layers in ``reusing`` (none until a pass has said which it reaches;
+    see :mod:`~torch_teleport.output_reuse`).
     """
 
     def __init__(self, context: MethodContext, batch: Batch, sites: list) -> None:
         self.context = context
         self.sites = sites
         self.moving: set[SiteKey] | None = None
+        self.layers = list({id(c): c for c, _ in sites}.values())
+        self.reusing: set[int] | None = None
         self._probed = False
         names = {id(p): name for name, p in context.model.named_parameters()}
         self.param_names = [names[id(p)] for p in batch.parameters]
 
     def __call__(self, batch: Batch) -> StructuredEvaluation:
         context = self.context
-        loss, grads, deltas, recorded = first_order_pass(batch, self.sites, self.moving)
+        outputs = ReusedOutputs(self.layers, self.reusing)
+        loss, grads, deltas, recorded = first_order_pass(batch, self.sites, self.moving, outputs)
         if not self._probed:
             self.sites = [(c, s) for c, s in self.sites if (c.name, s.name) in recorded]
             self._probed = True
@@ -97,6 +104,7 @@ class StructuredEvaluator:
             deltas=deltas,
             direction=dict(zip(self.param_names, grads, strict=True)),
             local_squared=squared,
+            outputs=outputs,
         )
         if context.replicas.size > 1:
             evaluation = context.replicas.combine_structured(evaluation, batch, grads)
@@ -154,8 +162,11 @@ class StructuredPath(GradientPath):
         until = calls if self._calls is not None and all(n and self._calls.get(k) == n for k, n in calls.items()) else None
         if self.modules:
             counts: dict[tuple[str, str], int] = {}
+            outputs = first.outputs
             self.first_parts = self._site_parts(first, kept, until, counts)
             self._needed = {key: count for key, count in counts.items() if key in calls}
+            if outputs is not None:  # from now on, keep outputs where a pass takes them (not past its end)
+                self.evaluator.reusing = outputs.reached
         return first
 
     def evaluate(self) -> StructuredEvaluation:
@@ -179,7 +190,7 @@ class StructuredPath(GradientPath):
         return self.finished(dense, factored, bases)
 
     def release(self, evaluation: StructuredEvaluation) -> None:
-        evaluation.deltas, evaluation.direction = {}, {}
+        evaluation.deltas, evaluation.direction, evaluation.outputs = {}, {}, None
         if evaluation is self._first:
             self.first_parts = None
 
@@ -192,7 +203,8 @@ class StructuredPath(GradientPath):
 
         A site's part is built as soon as its stream's records are in (with ``until``), and its
         output gradients and tangents are dropped then: a pass does not hold every site's at once.
-        The evaluation's direction is dropped after the pass: the step needs nothing else of it."""
+        The evaluation's direction and layer outputs are dropped after the pass: the step needs nothing
+        else of them."""
         coefficient = self.context.objective.slope(evaluation.local_squared) * evaluation.share
         readers: dict[tuple[str, str], list[SiteRef]] = defaultdict(list)
         for covered, site in sites:
@@ -206,8 +218,10 @@ class StructuredPath(GradientPath):
                 grads = evaluation.deltas.pop((covered.name, site.name))
                 parts[(covered.name, site.name)] = self._site_part(covered, site, grads, records, coefficient)
 
-        left = tangent_streams(self.batch, evaluation.direction, self.modules, until, build if until else None)
-        evaluation.direction = {}
+        left = tangent_streams(
+            self.batch, evaluation.direction, self.modules, until, build if until else None, evaluation.outputs
+        )
+        evaluation.direction, evaluation.outputs = {}, None
         for stream, records in left.items():
             build(stream, records)
         return parts
@@ -282,10 +296,11 @@ def capable_sites(coverage: Coverage) -> list[SiteRef]:
 
 
 def first_order_pass(
-    batch: Batch, sites: Sequence[tuple[CoveredModule, Site]], keep: set[SiteKey] | None = None
+    batch: Batch, sites: Sequence[tuple[CoveredModule, Site]], keep: set[SiteKey] | None = None,
+    outputs: ReusedOutputs | None = None,
 ) -> tuple[Tensor, list[Tensor], dict[SiteKey, list[Tensor]], set[SiteKey]]:
     """The loss, its gradient for ``batch.parameters`` and the output gradients of ``sites`` (of those
-    in ``keep`` where given).
+    in ``keep`` where given); with ``outputs``, the layer outputs it keeps for a tangent pass.
 
     One forward with the projectors' output hooks and one first-order backward.
     Each output is heard by a gradient hook registered as it is recorded, so
@@ -303,6 +318,8 @@ def first_order_pass(
     try:
         for covered in {id(c): c for c, _ in sites}.values():
             handles += covered.projector.capture_outputs(covered.module, gradient_listener(heard, seen, covered.name, keep)) or []
+        if outputs is not None:
+            handles += outputs.listen()
         loss = batch.loss()
     finally:
         for handle in handles:
@@ -354,6 +371,7 @@ def tangent_streams(
     batch: Batch, direction: dict[str, Tensor], modules: Sequence[CoveredModule],
     until: dict[tuple[str, str], int] | None = None,
     complete: Callable[[tuple[str, str], list[Tensor]], None] | None = None,
+    outputs: ReusedOutputs | None = None,
 ) -> dict[tuple[str, str], list[Tensor]]:
     """The forward-mode tangents of every input stream of ``modules`` in the parameter direction.
 
@@ -366,7 +384,8 @@ def tangent_streams(
     computes after its last moving layer's inputs (a language model's head
     and its logits) is not needed. With ``complete`` too, a stream is handed
     to ``complete(stream, records)`` as soon as its records are in, and not
-    returned.
+    returned. With ``outputs`` (an evaluation's at the same weights), the layers
+    that can take them back do not compute their outputs again.
     """
     tangents: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
     counts: Counter = Counter()
@@ -382,7 +401,7 @@ def tangent_streams(
                 handed = _with_own_parameters(complete, own) if complete is not None else None
                 record = _until(record, covered.name, counts, until, tangents, handed)
             handles += covered.projector.capture(covered.module, record)
-        with forward_mode():
+        with outputs.reused() if outputs is not None else contextlib.nullcontext(), forward_mode():
             duals = {name: fwAD.make_dual(p.detach(), direction[name]) for name, p in _named(batch, direction)}
             args, kwargs = as_call(batch.inputs)
             functional_call(batch.model, duals, args, kwargs, strict=False)

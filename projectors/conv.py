@@ -10,7 +10,7 @@ circular) and strided and dilated the same way.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from torch_teleport import Projector, Site, hookimpl
-from torch_teleport.projector import Record, first_input_hook, output_hook
+from torch_teleport.projector import Record, bilinear_tangent, first_input_hook, output_hook
 
 ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
@@ -78,6 +78,11 @@ class ConvProjector(Projector):
             columns = F.pad(columns, (0, 1))  # the folded 1 has no tangent: a zero bias column
         return columns
 
+    def output_tangent(self, module: ConvNd) -> Callable[[Tensor], Tensor] | None:
+        if type(module).forward not in _STOCK_FORWARDS or "forward" in vars(module):
+            return None
+        return lambda inputs: bilinear_tangent(module._conv_forward, inputs, module.weight, module.bias)
+
     def output_representation(self, module: ConvNd, site: Site, outputs: Sequence[Tensor]) -> Tensor:
         """Per group ``(rows, batch * positions)``, in the order of :meth:`representation`'s columns."""
         spatial = len(module.kernel_size)
@@ -88,6 +93,9 @@ class ConvProjector(Projector):
             columns.append(rearrange(y.flatten(2), "n (g r) p -> g r (n p)", g=module.groups))
         return torch.cat(columns, dim=-1)
 
+
+_STOCK_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+"""The forwards that compute ``_conv_forward(input, weight, bias)`` and nothing else."""
 
 PATCH_BLOCK = 2**18
 """Elements of unfolded patches cut at a time for a representation (1 MiB in float32; at least one

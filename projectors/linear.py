@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from torch_teleport import Projector, Site, hookimpl
-from torch_teleport.projector import Record, append_ones, first_input_hook, output_hook
+from torch_teleport.projector import (
+    Record,
+    append_ones,
+    bilinear_tangent,
+    first_input_hook,
+    output_hook,
+)
 
 
 class LinearProjector(Projector):
@@ -32,6 +39,11 @@ class LinearProjector(Projector):
 
     def output_representation(self, module: nn.Linear, site: Site, outputs: Sequence[Tensor]) -> Tensor:
         return torch.cat([y.reshape(-1, module.out_features) for y in outputs]).T.unsqueeze(0)
+
+    def output_tangent(self, module: nn.Linear) -> Callable[[Tensor], Tensor] | None:
+        if type(module).forward is not nn.Linear.forward or "forward" in vars(module):
+            return None
+        return lambda inputs: bilinear_tangent(F.linear, inputs, module.weight, module.bias)
 
 
 @hookimpl
