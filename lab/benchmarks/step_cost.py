@@ -10,7 +10,10 @@ For every registered model with a known input shape (the paper's MLP
   projection and update remain; once with the default gradient path (the
   chain closed form or the structured path, first derivatives only) and
   once with ``gradient="full"`` (the double backward: the engine before the
-  structured path), so the JSON holds the ratio before and after;
+  structured path), so the JSON holds the ratio before and after; the same
+  difference in floating-point operations (``torch.utils.flop_counter``:
+  matrix products and convolutions) against an SGD step's, a ratio free of
+  the machine's timing noise;
 * teleport: a whole default teleport of ``steps`` steps (capture, basis,
   steps, final check) against ``steps`` SGD steps;
 * basis: the null space's bases of every site's representation (built
@@ -35,6 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from torch_teleport import Teleporter, hookimpl
 from torch_teleport.lab.benchmarks.common import (
@@ -179,6 +184,7 @@ def run_step_cost(config: dict[str, Any], out_dir: Path) -> None:
             print(
                 f"{row['model']:>24}: ascent step {row['ascent_over_sgd']:.2f}x SGD step "
                 f"({row['ascent_seconds'] * 1e3:.1f} ms vs {row['sgd_seconds'] * 1e3:.1f} ms; "
+                f"{row['ascent_flops_over_sgd']:.2f}x its FLOPs; "
                 f"{row['paths']}), full path {row['full_ascent_over_sgd']:.2f}x, whole teleport "
                 f"{row['teleport_over_sgd_steps']:.2f}x its steps' SGD steps, "
                 f"basis {row['basis_over_sgd']:.2f}x ({row['null_space']}, tau = {row['tau']:g})"
@@ -231,6 +237,7 @@ def _measure(
         tasks["defaults"] = defaults
     medians = interleaved_medians(tasks, repeats=options["repeats"], warmup=options["warmup"], device=device)
     ascent = (medians["many"] - medians["one"]) / (options["steps"] - 1)
+    flops = {task: _flops(tasks[task]) for task in ("sgd", "one", "many")}
     full_ascent = (medians["full_many"] - medians["full_one"]) / (options["steps"] - 1)
     paths = sorted({layer.gradient for layer in first.layers})
     extra = {}
@@ -259,10 +266,36 @@ def _measure(
         "full_ascent_seconds": full_ascent,
         "basis_seconds": medians["basis"],
         "ascent_over_sgd": ascent / medians["sgd"],
+        "ascent_flops_over_sgd": (flops["many"] - flops["one"]) / (options["steps"] - 1) / flops["sgd"],
         "full_ascent_over_sgd": full_ascent / medians["sgd"],
         "teleport_over_sgd_steps": medians["many"] / (options["steps"] * medians["sgd"]),
         "basis_over_sgd": medians["basis"] / medians["sgd"],
     }
+
+
+def _flops(task: Callable[[], Any]) -> int:
+    """The floating-point operations of one run of ``task`` by ``torch.utils.flop_counter``'s formulas
+    (matrix products and convolutions): the work, whatever the machine's timing noise."""
+    with _FlopCount() as counter:
+        task()
+    return counter.total
+
+
+class _FlopCount(TorchDispatchMode):
+    """``FlopCounterMode``'s count without its module tracker, whose backward hooks fail inside the
+    ``torch.autograd.grad`` calls of a teleport."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
 
 
 def _defaults(model, probe: Probe, generator: torch.Generator, options: dict, device: torch.device):

@@ -71,6 +71,7 @@ def test_step_cost(tmp_path):
     )
     numbers(paper["ascent_over_sgd"], paper["basis_over_sgd"], data["target_ascent_over_sgd"])
     numbers(paper["full_ascent_over_sgd"], paper["teleport_over_sgd_steps"])
+    assert 0 < paper["ascent_flops_over_sgd"] < 10  # the closed form's products, counted
     assert paper["paths"] == "closed_form"
     assert paper["null_space"] == "exact" and paper["moved_sites"] == paper["sites"] == 3
     numbers(paper["defaults_seconds"], paper["defaults_over_sgd_steps"], paper["defaults_report"]["gain"])
