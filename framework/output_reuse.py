@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch.autograd.forward_ad as fwAD
@@ -46,16 +46,27 @@ class _Kept:
     weights: tuple[int, ...]  # the versions of the layer's own parameters
 
 
-class ReusedOutputs:
-    """The outputs of one evaluation's forward at the layers of ``modules`` that can take them back,
-    kept at the layers in ``keeping`` (their ``id``; none where ``None``)."""
+Layers = dict[int, tuple[nn.Module, Callable[[Tensor], Tensor]]]
+"""Layers that can take their outputs back, by ``id``: each module and its output's tangent alone."""
 
-    def __init__(self, modules: Sequence[CoveredModule], keeping: set[int] | None) -> None:
-        self._layers: dict[int, tuple[nn.Module, Callable[[Tensor], Tensor]]] = {}
-        for covered in modules:
-            tangent = covered.projector.output_tangent(covered.module)
-            if tangent is not None:
-                self._layers[id(covered.module)] = (covered.module, tangent)
+
+def taking_back(modules: Iterable[CoveredModule]) -> Layers:
+    """The layers of ``modules`` whose projector gives their output's tangent alone
+    (:meth:`~torch_teleport.Projector.output_tangent`); asked once per teleport, not per evaluation."""
+    layers = {}
+    for covered in modules:
+        tangent = covered.projector.output_tangent(covered.module)
+        if tangent is not None:
+            layers[id(covered.module)] = (covered.module, tangent)
+    return layers
+
+
+class ReusedOutputs:
+    """The outputs of one evaluation's forward at ``layers`` (see :func:`taking_back`), kept at the
+    layers in ``keeping`` (their ``id``; none where ``None``)."""
+
+    def __init__(self, layers: Layers, keeping: set[int] | None) -> None:
+        self._layers = layers
         self._keeping = keeping or set()
         self._kept: dict[int, list[_Kept]] = defaultdict(list)
         self.reached: set[int] = set()  # the layers (``id``) a pass ran

@@ -49,7 +49,7 @@ from .gradient_path import GradientPath, autograd_gradient
 from .inputs import as_call
 from .method import MethodContext
 from .objective import Batch, Evaluation
-from .output_reuse import ReusedOutputs
+from .output_reuse import ReusedOutputs, taking_back
 from .projector import Projector, Site, site_view, tangent_representation
 from .update import FactoredSite, MovedWeights, ProjectedUpdate
 
@@ -83,7 +83,7 @@ class StructuredEvaluator:
         self.context = context
         self.sites = sites
         self.moving: set[SiteKey] | None = None
-        self.layers = list({id(c): c for c, _ in sites}.values())
+        self.layers = taking_back({id(c): c for c, _ in sites}.values())
         self.reusing: set[int] | None = None
         self._probed = False
         names = {id(p): name for name, p in context.model.named_parameters()}
@@ -165,8 +165,7 @@ class StructuredPath(GradientPath):
             outputs = first.outputs
             self.first_parts = self._site_parts(first, kept, until, counts)
             self._needed = {key: count for key, count in counts.items() if key in calls}
-            if outputs is not None:  # from now on, keep outputs where a pass takes them (not past its end)
-                self.evaluator.reusing = outputs.reached
+            self.evaluator.reusing = outputs.reached  # from now on, keep outputs where a pass takes them
         return first
 
     def evaluate(self) -> StructuredEvaluation:

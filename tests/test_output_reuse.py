@@ -23,7 +23,7 @@ from torch.nn import functional as F
 import torch_teleport as tt
 from torch_teleport.coverage import find_coverage
 from torch_teleport.objective import Batch
-from torch_teleport.output_reuse import ReusedOutputs
+from torch_teleport.output_reuse import ReusedOutputs, taking_back
 from torch_teleport.structured import first_order_pass, tangent_streams
 
 
@@ -115,7 +115,7 @@ def test_the_first_evaluation_keeps_nothing_and_its_pass_names_the_layers_it_ran
     """A pass that ends at the last moving layer's inputs runs only the layers before it: later
     evaluations keep only their outputs (a language model's logits are never kept)."""
     model, batch, modules, direction = _problem("linear")
-    outputs = ReusedOutputs(modules, None)
+    outputs = ReusedOutputs(taking_back(modules), None)
     first_order_pass(batch, [(c, s) for c in modules for s in c.sites], outputs=outputs)
     moving = [c for c in modules if c.name == "2"]
     streams = {(c.name, s.stream): 1 for c in moving for s in c.sites}
@@ -154,7 +154,7 @@ def _problem(kind: str, model: nn.Module | None = None):
 
 
 def _evaluated(batch: Batch, modules) -> ReusedOutputs:
-    outputs = ReusedOutputs(modules, {id(c.module) for c in modules})
+    outputs = ReusedOutputs(taking_back(modules), {id(c.module) for c in modules})
     first_order_pass(batch, [(c, s) for c in modules for s in c.sites], outputs=outputs)
     return outputs
 
